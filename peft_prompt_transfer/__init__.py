@@ -1,0 +1,22 @@
+"""peft-prompt-transfer: residual prompt tuning, ComPT and Bayesian prompt transfer as peft plugins.
+
+Importing this package registers its methods with peft (idempotently), so that peft's own API
+(`get_peft_model`, `PeftModel.from_pretrained`, `AutoPeftModel*`, `save_pretrained`, the
+transformers Trainer, `generate`) works with them unchanged.
+"""
+
+__version__ = "0.1.0"
+
+from . import _peft_integration
+from .export import export_prompt_tuning
+from .residual import RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder
+
+_peft_integration.install()
+_peft_integration.register_method(RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder)
+
+__all__ = [
+    "__version__",
+    "ResidualPromptConfig",
+    "ResidualPromptEncoder",
+    "export_prompt_tuning",
+]

@@ -1,0 +1,377 @@
+"""Every place where peft_prompt_transfer hooks into peft's internals.
+
+peft has a public plugin entry point, `register_peft_method`, but a prompt-learning method needs
+more than that today:
+
+1. `PeftType` is a closed enum, so our peft types are added to it (`_add_peft_type`).
+2. `PeftModel._setup_prompt_encoder` only builds encoders for peft's own prompt types; for ours
+   it runs peft's code on a stand-in `PromptTuningConfig` (freezing the base model, finding the
+   word embeddings and the transformer backbone) and then swaps in our encoder.
+3. `PeftModel.get_prompt` branches on peft's types; ours ask their encoder, which takes
+   `task_ids` (ComPT) and needs no `prompt_tokens`.
+4. `PeftModelForSeq2SeqLM.forward` / `generate` only put prompts on the encoder for
+   `PROMPT_TUNING` / `P_TUNING`; ours take the same path, with `task_ids`.
+5. `PeftModel.get_prompt_embedding_to_save` feeds token indices to the encoder; ours ask it for
+   the prompt that inference uses.
+6. `PeftModel.create_or_update_model_card` gets our package's tag and install/import lines, so
+   that someone without the plugin learns what to install.
+7. peft < 0.21 has no `BasePromptEncoder` save/load hooks: `get_peft_model_state_dict` /
+   `set_peft_model_state_dict` are wrapped so that our encoders' hooks run there too.
+
+Every patch checks the active config's `peft_type` and calls peft's original function for
+anything that is not ours, so peft's own methods behave exactly as without the plugin. The
+patches are installed once (`install`), and re-importing is a no-op. The supported peft range
+is declared in `pyproject.toml` and `SUPPORTED_PEFT` below; the test suite runs against its
+oldest and newest releases.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any, Callable, Optional
+
+import peft
+import peft.peft_model as peft_model_module
+import torch
+from packaging.version import Version
+from peft import PeftModel, PeftModelForSeq2SeqLM, PromptTuningConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners import tuners_utils
+from peft.utils import PeftType, register_peft_method
+from peft.utils import save_and_load
+from peft.utils.other import _get_batch_size
+
+PACKAGE_NAME = "peft-prompt-transfer"
+IMPORT_LINE = "import peft_prompt_transfer"
+SUPPORTED_PEFT = (Version("0.20.0"), Version("0.22.0"))  # [min, max)
+
+PEFT_VERSION = Version(peft.__version__)
+# peft >= 0.21 routes prompt-learning save/load through these encoder hooks; older versions
+# hard-code them, and `_wrap_state_dict_functions` supplies the same dispatch.
+BasePromptEncoder = getattr(tuners_utils, "BasePromptEncoder", torch.nn.Module)
+HAS_PROMPT_ENCODER_HOOKS = hasattr(tuners_utils, "BasePromptEncoder")
+
+# peft type value -> our encoder class; filled by `register_method`.
+_OUR_ENCODERS: dict[str, type] = {}
+_PATCH_MARKER = "_peft_prompt_transfer_original"
+
+
+def is_ours(config: Any) -> bool:
+    """Whether `config` belongs to one of this package's methods."""
+    peft_type = getattr(config, "peft_type", None)
+    return getattr(peft_type, "value", peft_type) in _OUR_ENCODERS
+
+
+def _check_peft_version() -> None:
+    low, high = SUPPORTED_PEFT
+    if not low <= PEFT_VERSION < high:
+        warnings.warn(
+            f"{PACKAGE_NAME} is tested with peft>={low},<{high} but peft {PEFT_VERSION} is installed; "
+            "it hooks into peft internals that may have changed. Install a supported peft version "
+            f"(pip install 'peft>={low},<{high}') if anything fails.",
+            stacklevel=3,
+        )
+
+
+def _add_peft_type(name: str) -> PeftType:
+    """Add `name` as a member of peft's closed `PeftType` str-enum (idempotent)."""
+    if name in PeftType._member_map_:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = PeftType
+    if hasattr(member, "_sort_order_"):
+        member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+def peft_type_for(name: str) -> PeftType:
+    """The `PeftType` member for one of our methods, created on first use."""
+    return _add_peft_type(name)
+
+
+def register_method(peft_type: str, config_cls: type, encoder_cls: type) -> None:
+    """Register one of our methods with peft through its public `register_peft_method`.
+
+    Idempotent: registering the same classes again (re-import, `importlib.reload`) is a no-op.
+    """
+    member = _add_peft_type(peft_type)
+    _OUR_ENCODERS[peft_type] = encoder_cls
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(member) is not None:
+        registered = PEFT_TYPE_TO_CONFIG_MAPPING[member]
+        if registered.__qualname__ != config_cls.__qualname__:
+            raise KeyError(f"peft already has a different method registered as {peft_type}: {registered}")
+        # a reload of our modules: point peft at the fresh classes
+        PEFT_TYPE_TO_CONFIG_MAPPING[member] = config_cls
+        PEFT_TYPE_TO_TUNER_MAPPING[member] = encoder_cls
+        return
+    register_peft_method(name=peft_type.lower(), config_cls=config_cls, model_cls=encoder_cls)
+
+
+# ----------------------------------------------------------------------------------------------
+# PeftModel patches
+# ----------------------------------------------------------------------------------------------
+
+
+def _patch(owner: Any, name: str, make_wrapper: Callable[[Callable], Callable]) -> None:
+    original = getattr(owner, name)
+    if getattr(original, _PATCH_MARKER, None) is not None:
+        return  # already installed
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapper, _PATCH_MARKER, original)
+    setattr(owner, name, wrapper)
+
+
+def _stand_in_prompt_tuning_config(config) -> PromptTuningConfig:
+    """A peft PromptTuningConfig with our config's shape, for peft's own set-up code."""
+    return PromptTuningConfig(
+        task_type=config.task_type,
+        num_virtual_tokens=config.num_virtual_tokens,
+        token_dim=config.token_dim,
+        num_transformer_submodules=config.num_transformer_submodules,
+        num_attention_heads=config.num_attention_heads,
+        num_layers=config.num_layers,
+        inference_mode=True,  # the stand-in embedding is thrown away: skip its initialisation
+    )
+
+
+def _wrap_setup_prompt_encoder(original):
+    def _setup_prompt_encoder(self, adapter_name: str):
+        config = self.peft_config[adapter_name]
+        if not is_ours(config):
+            return original(self, adapter_name)
+        # peft's own code freezes the base model, finds the transformer backbone and the word
+        # embeddings (including under DeepSpeed ZeRO-3) and registers `prompt_tokens`.
+        self.peft_config[adapter_name] = _stand_in_prompt_tuning_config(config)
+        try:
+            original(self, adapter_name)
+        finally:
+            self.peft_config[adapter_name] = config
+        encoder = _OUR_ENCODERS[config.peft_type.value](config, self.word_embeddings)
+        self.prompt_encoder[adapter_name] = encoder.to(self.device)
+
+    return _setup_prompt_encoder
+
+
+def _wrap_get_prompt(original):
+    def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None, max_cache_len=None):
+        if not is_ours(self.active_peft_config):
+            return original(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
+        return self.prompt_encoder[self.active_adapter](batch_size, task_ids)
+
+    return get_prompt
+
+
+def _wrap_get_prompt_embedding_to_save(original):
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        if not is_ours(self.peft_config[adapter_name]):
+            return original(self, adapter_name)
+        return self.prompt_encoder[adapter_name].adapter_state_dict()["prompt_embeddings"].detach().cpu()
+
+    return get_prompt_embedding_to_save
+
+
+def _prepend_prompt(model, inputs_embeds, attention_mask, task_ids):
+    """Prepend the active adapter's prompt to the encoder inputs (and extend the mask)."""
+    batch_size = inputs_embeds.shape[0]
+    num_virtual_tokens = model.active_peft_config.num_virtual_tokens
+    prompts = model.get_prompt(batch_size=batch_size, task_ids=task_ids).to(inputs_embeds.dtype)
+    inputs_embeds = torch.cat((prompts, inputs_embeds), dim=1)
+    if attention_mask is not None:
+        prefix = attention_mask.new_ones(batch_size, num_virtual_tokens)
+        attention_mask = torch.cat((prefix, attention_mask), dim=1)
+    return inputs_embeds, attention_mask
+
+
+def _wrap_seq2seq_forward(original):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        decoder_inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
+        peft_config = self.active_peft_config
+        if not is_ours(peft_config):
+            return original(
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_attention_mask,
+                decoder_inputs_embeds=decoder_inputs_embeds,
+                labels=labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                task_ids=task_ids,
+                **kwargs,
+            )
+        # Our prompts live on the encoder only (as peft's PROMPT_TUNING); the decoder is untouched.
+        _get_batch_size(input_ids, inputs_embeds)  # peft's check that one of the two is given
+        self._adjust_prompt_learning_kwargs(peft_config, kwargs=kwargs)
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        inputs_embeds, attention_mask = _prepend_prompt(self, inputs_embeds, attention_mask, task_ids)
+        return self.base_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
+        )
+
+    return forward
+
+
+def _wrap_seq2seq_generate(original):
+    def generate(self, **kwargs):
+        peft_config = self.active_peft_config
+        if not is_ours(peft_config):
+            return original(self, **kwargs)
+        if "input_ids" not in kwargs:
+            raise ValueError("input_ids must be provided for Peft model generation")
+        if "encoder_outputs" in kwargs:
+            raise ValueError(
+                "`encoder_outputs` cannot be passed to `generate` with a prompt-learning adapter: the prompt is "
+                "part of the encoder input. Pass `input_ids` instead."
+            )
+        self._adjust_prompt_learning_kwargs(peft_config, kwargs=kwargs)
+        task_ids = kwargs.pop("task_ids", None)
+        input_ids = kwargs.pop("input_ids")
+        inputs_embeds, attention_mask = _prepend_prompt(
+            self, self.word_embeddings(input_ids), kwargs.pop("attention_mask", None), task_ids
+        )
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return self.base_model.generate(inputs_embeds=inputs_embeds, **kwargs)
+
+    return generate
+
+
+def model_card_section(peft_type: str) -> str:
+    """Model-card text telling a reader without the plugin how to load the adapter."""
+    return (
+        "## Loading this adapter\n\n"
+        f"This is a `{peft_type}` adapter from [{PACKAGE_NAME}](https://pypi.org/project/{PACKAGE_NAME}/), "
+        "a plugin that adds this method to peft. Install and import it before loading:\n\n"
+        "```python\n"
+        f"# pip install {PACKAGE_NAME}\n"
+        f"{IMPORT_LINE}  # registers {peft_type} with peft\n"
+        "from peft import AutoPeftModel\n"
+        "model = AutoPeftModel.from_pretrained(ADAPTER_PATH_OR_REPO_ID)\n"
+        "```\n"
+    )
+
+
+def _wrap_create_or_update_model_card(original):
+    def create_or_update_model_card(self, output_dir: str):
+        original(self, output_dir)
+        if not is_ours(self.active_peft_config):
+            return
+        peft_type = self.active_peft_config.peft_type.value
+        from huggingface_hub import ModelCard
+
+        filename = os.path.join(output_dir, "README.md")
+        card = ModelCard.load(filename)
+        card.data["tags"] = sorted(set(card.data.get("tags") or []) | {PACKAGE_NAME, peft_type.lower()})
+        if "## Loading this adapter" not in card.text:
+            card.text = model_card_section(peft_type) + "\n" + card.text
+        card.save(filename)
+
+    return create_or_update_model_card
+
+
+# ----------------------------------------------------------------------------------------------
+# peft < 0.21: state-dict dispatch that newer peft does through BasePromptEncoder hooks
+# ----------------------------------------------------------------------------------------------
+
+
+def _wrap_get_peft_model_state_dict(original):
+    def get_peft_model_state_dict(model, state_dict=None, adapter_name="default", *args, **kwargs):
+        result = original(model, state_dict, adapter_name, *args, **kwargs)
+        config = model.peft_config[adapter_name]
+        if is_ours(config):
+            result.update(model.prompt_encoder[adapter_name].adapter_state_dict())
+        return result
+
+    return get_peft_model_state_dict
+
+
+def _wrap_set_peft_model_state_dict(original):
+    def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name="default", *args, **kwargs):
+        config = model.peft_config[adapter_name]
+        if not is_ours(config):
+            return original(model, peft_model_state_dict, adapter_name, *args, **kwargs)
+        encoder = model.prompt_encoder[adapter_name]
+        encoder.check_adapter_state_dict(peft_model_state_dict)
+        # peft's own code loads `prompt_embeddings` into `encoder.embedding` and the
+        # modules_to_save weights; then the encoder loads the rest of its state.
+        result = original(model, peft_model_state_dict, adapter_name, *args, **kwargs)
+        encoder._load_adapter_state_dict(peft_model_state_dict)
+        return result
+
+    return set_peft_model_state_dict
+
+
+def _wrap_state_dict_functions() -> None:
+    for name, make_wrapper in (
+        ("get_peft_model_state_dict", _wrap_get_peft_model_state_dict),
+        ("set_peft_model_state_dict", _wrap_set_peft_model_state_dict),
+    ):
+        _patch(save_and_load, name, make_wrapper)
+        wrapped = getattr(save_and_load, name)
+        # modules that imported the function by name before we patched it
+        for module in (peft_model_module, peft.utils, peft):
+            if hasattr(module, name):
+                setattr(module, name, wrapped)
+
+
+def install() -> None:
+    """Install all patches (idempotent)."""
+    _check_peft_version()
+    _patch(PeftModel, "_setup_prompt_encoder", _wrap_setup_prompt_encoder)
+    _patch(PeftModel, "get_prompt", _wrap_get_prompt)
+    _patch(PeftModel, "get_prompt_embedding_to_save", _wrap_get_prompt_embedding_to_save)
+    _patch(PeftModel, "create_or_update_model_card", _wrap_create_or_update_model_card)
+    _patch(PeftModelForSeq2SeqLM, "forward", _wrap_seq2seq_forward)
+    _patch(PeftModelForSeq2SeqLM, "generate", _wrap_seq2seq_generate)
+    if not HAS_PROMPT_ENCODER_HOOKS:
+        _wrap_state_dict_functions()
+
+
+def installed_patches() -> dict[str, Callable]:
+    """The patched callables and peft's originals they delegate to (for tests and debugging)."""
+    owners = [
+        (PeftModel, "_setup_prompt_encoder"),
+        (PeftModel, "get_prompt"),
+        (PeftModel, "get_prompt_embedding_to_save"),
+        (PeftModel, "create_or_update_model_card"),
+        (PeftModelForSeq2SeqLM, "forward"),
+        (PeftModelForSeq2SeqLM, "generate"),
+    ]
+    if not HAS_PROMPT_ENCODER_HOOKS:
+        owners += [(save_and_load, "get_peft_model_state_dict"), (save_and_load, "set_peft_model_state_dict")]
+    return {f"{getattr(o, '__name__', o)}.{n}": getattr(getattr(o, n), _PATCH_MARKER, None) for o, n in owners}
+

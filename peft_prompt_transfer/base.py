@@ -1,0 +1,170 @@
+"""Pieces shared by the three methods: the config base class and the prompt-encoder protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from peft import PromptLearningConfig
+from peft.tuners.prompt_tuning import PromptEmbedding, PromptTuningInit
+
+from . import __version__
+from ._peft_integration import IMPORT_LINE, PACKAGE_NAME, BasePromptEncoder
+
+
+def _plugin_record() -> dict:
+    return {"package": PACKAGE_NAME, "version": __version__, "import": IMPORT_LINE}
+
+
+@dataclass
+class TransferPromptLearningConfig(PromptLearningConfig):
+    """
+    Base configuration of this package's prompt-learning methods.
+
+    It adds to peft's [`PromptLearningConfig`] the prompt initialisation options of peft's
+    [`PromptTuningConfig`] and a record of the plugin needed to load the adapter, which is saved in
+    `adapter_config.json` so that a reader without the plugin learns what to install.
+
+    Args:
+        prompt_tuning_init (Union[`PromptTuningInit`, `str`]):
+            `"RANDOM"` (default), `"SAMPLE_VOCAB"` (embeddings of random vocabulary tokens) or `"TEXT"`
+            (embeddings of `prompt_tuning_init_text`, repeated or cut to the prompt length).
+        prompt_tuning_init_text (`str`, *optional*): The text for `"TEXT"` initialisation.
+        tokenizer_name_or_path (`str`, *optional*): The tokenizer for `"TEXT"` initialisation.
+        tokenizer_kwargs (`dict`, *optional*): Keyword arguments for `AutoTokenizer.from_pretrained`.
+        peft_plugin (`dict`): Which package provides this method and how to load it. Filled in automatically.
+    """
+
+    prompt_tuning_init: Union[PromptTuningInit, str] = field(
+        default=PromptTuningInit.RANDOM,
+        metadata={"help": "How to initialise the prompt: RANDOM, SAMPLE_VOCAB or TEXT."},
+    )
+    prompt_tuning_init_text: Optional[str] = field(
+        default=None, metadata={"help": "Text to initialise the prompt from (prompt_tuning_init='TEXT')."}
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer for prompt_tuning_init='TEXT'."}
+    )
+    tokenizer_kwargs: Optional[dict] = field(
+        default=None, metadata={"help": "Keyword arguments for AutoTokenizer.from_pretrained (TEXT init only)."}
+    )
+    peft_plugin: dict = field(
+        default_factory=_plugin_record,
+        metadata={
+            "help": (
+                f"This adapter needs the `{PACKAGE_NAME}` plugin: `pip install {PACKAGE_NAME}` and "
+                f"`{IMPORT_LINE}` before loading it with peft."
+            )
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_virtual_tokens is None or isinstance(self.num_virtual_tokens, bool) or not (
+            isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0
+        ):
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
+        # Our prompts go on the encoder only (as peft's PROMPT_TUNING does for seq2seq models).
+        if self.num_transformer_submodules is None:
+            self.num_transformer_submodules = 1
+        if self.num_transformer_submodules != 1:
+            raise ValueError(
+                f"num_transformer_submodules must be 1 (the prompt is prepended to the encoder input only), "
+                f"got {self.num_transformer_submodules}. Leave it unset."
+            )
+        valid_inits = [init.value for init in PromptTuningInit]
+        init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)
+        if init not in valid_inits:
+            raise ValueError(f"prompt_tuning_init must be one of {valid_inits}, got {self.prompt_tuning_init!r}.")
+        self.prompt_tuning_init = PromptTuningInit(init)
+        if self.prompt_tuning_init == PromptTuningInit.TEXT:
+            if not self.tokenizer_name_or_path:
+                raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (the tokenizer to encode the text).")
+            if not self.prompt_tuning_init_text:
+                raise ValueError("prompt_tuning_init='TEXT' needs a non-empty prompt_tuning_init_text.")
+        elif self.tokenizer_kwargs:
+            raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it or use TEXT.")
+
+
+def initial_prompt(config: TransferPromptLearningConfig, word_embeddings: torch.nn.Module, num_tokens: int) -> torch.Tensor:
+    """A [num_tokens, token_dim] prompt initialised as `config.prompt_tuning_init` says.
+
+    Delegates to peft's `PromptEmbedding`, so RANDOM / SAMPLE_VOCAB / TEXT behave exactly as for
+    peft's PROMPT_TUNING (including DeepSpeed ZeRO-3 gathering of the word embeddings).
+    """
+
+    class _Shape:  # the attributes PromptEmbedding reads
+        num_virtual_tokens = num_tokens
+        num_transformer_submodules = 1
+        token_dim = config.token_dim
+        prompt_tuning_init = config.prompt_tuning_init
+        prompt_tuning_init_text = config.prompt_tuning_init_text
+        tokenizer_name_or_path = config.tokenizer_name_or_path
+        tokenizer_kwargs = dict(config.tokenizer_kwargs or {})
+        inference_mode = config.inference_mode
+
+    return PromptEmbedding(_Shape, word_embeddings).embedding.weight.detach().clone()
+
+
+class TransferPromptEncoder(BasePromptEncoder):
+    """
+    Base class of this package's prompt encoders.
+
+    peft calls an encoder through `_peft_integration`:
+
+    - `forward(batch_size, task_ids)` returns the prompts `[batch_size, num_virtual_tokens, token_dim]`
+      that are prepended to the input embeddings;
+    - `adapter_state_dict()` returns what `save_pretrained` writes: always `prompt_embeddings`
+      (the prompt inference uses, shaped like `self.embedding.weight`), plus whatever the method
+      needs to resume training exactly;
+    - `_load_adapter_state_dict(state_dict)` loads it back (peft's `BasePromptEncoder` hook);
+    - `inference_prompt(task)` is the `[num_virtual_tokens, token_dim]` prompt that
+      `export_prompt_tuning` writes as a plain peft PROMPT_TUNING adapter.
+    """
+
+    embedding: torch.nn.Embedding
+
+    def __init__(self, config: TransferPromptLearningConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inference_prompt(self, task: Optional[Union[int, str]] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_adapter_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- peft's BasePromptEncoder hooks (peft >= 0.21; `_peft_integration` calls them on older peft)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        return model.prompt_encoder[adapter_name].adapter_state_dict()
+
+    def _load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.check_adapter_state_dict(state_dict)
+        self.load_adapter_state(state_dict)
+
+    def check_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Raise a clear error if `state_dict` cannot belong to this encoder."""
+        if "prompt_embeddings" not in state_dict:
+            raise ValueError(
+                f"The adapter weights have no 'prompt_embeddings' entry (found: {sorted(state_dict)[:8]}); "
+                f"this is not a {self.config.peft_type} adapter, or the file is damaged. Save it again with "
+                "`model.save_pretrained(...)`."
+            )
+        expected = tuple(self.embedding.weight.shape)
+        found = tuple(state_dict["prompt_embeddings"].shape)
+        if found != expected:
+            raise ValueError(
+                f"'prompt_embeddings' has shape {found} but this model expects {expected} "
+                f"(num_virtual_tokens={self.config.num_virtual_tokens}, token_dim={self.config.token_dim}). "
+                "The adapter was trained for a base model with a different hidden size or a different prompt "
+                "length: load it onto the base model named in its adapter_config.json (base_model_name_or_path)."
+            )
