@@ -125,8 +125,16 @@ class TransferPromptEncoder(BasePromptEncoder):
 
     embedding: torch.nn.Embedding
 
-    def __init__(self, config: TransferPromptLearningConfig):
+    def __init__(self, config: TransferPromptLearningConfig, word_embeddings: torch.nn.Module):
         super().__init__()
+        hidden_size = word_embeddings.weight.shape[-1]
+        if config.token_dim != hidden_size:
+            raise ValueError(
+                f"This {config.peft_type.value} adapter was made for a base model with token_dim={config.token_dim}, "
+                f"but this base model's word embeddings have hidden size {hidden_size}. Load the adapter onto the "
+                "base model it was trained on (base_model_name_or_path in its adapter_config.json: "
+                f"{config.base_model_name_or_path!r})."
+            )
         self.config = config
 
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

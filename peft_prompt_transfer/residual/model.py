@@ -115,7 +115,7 @@ class ResidualPromptEncoder(TransferPromptEncoder):
     """
 
     def __init__(self, config: ResidualPromptConfig, word_embeddings: nn.Module):
-        super().__init__(config)
+        super().__init__(config, word_embeddings)
         num_tokens = config.num_virtual_tokens
         self.embedding = nn.Embedding(num_tokens, config.token_dim)
         self.reparameterization: Optional[ResidualMLP] = None
