@@ -1,0 +1,170 @@
+"""The peft integration layer: registration, delegation to peft's own methods, plugin-less loading."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from conftest import TINY_MODELS, logits, make_batch
+from peft import (
+    LoraConfig,
+    MultitaskPromptTuningConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+
+import peft_prompt_transfer
+from peft_prompt_transfer import ResidualPromptConfig, ResidualPromptEncoder, _peft_integration
+
+
+def test_peft_type_and_mappings_are_registered():
+    assert PeftType.RESIDUAL_PROMPT_TUNING == "RESIDUAL_PROMPT_TUNING"
+    assert PeftType("RESIDUAL_PROMPT_TUNING") is PeftType.RESIDUAL_PROMPT_TUNING
+    assert "RESIDUAL_PROMPT_TUNING" in list(PeftType)
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["RESIDUAL_PROMPT_TUNING"] is ResidualPromptConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING["RESIDUAL_PROMPT_TUNING"] is ResidualPromptEncoder
+    assert ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2).is_prompt_learning
+
+
+def test_registration_is_idempotent():
+    members_before = list(PeftType)
+    _peft_integration.install()
+    _peft_integration.register_method("RESIDUAL_PROMPT_TUNING", ResidualPromptConfig, ResidualPromptEncoder)
+    importlib.reload(peft_prompt_transfer)
+    assert list(PeftType) == members_before
+    # every patch wraps peft's original exactly once
+    for name, original in _peft_integration.installed_patches().items():
+        assert original is not None, name
+        assert getattr(original, _peft_integration._PATCH_MARKER, None) is None, f"{name} is wrapped twice"
+    # after the reload peft builds the current classes
+    model = get_peft_model(TINY_MODELS["gpt2"].build(), peft_prompt_transfer.ResidualPromptConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=2, bottleneck_size=4))
+    assert type(model.prompt_encoder["default"]) is peft_prompt_transfer.ResidualPromptEncoder
+
+
+def test_a_different_method_under_our_name_is_refused():
+    class Impostor(ResidualPromptConfig):
+        pass
+
+    with pytest.raises(KeyError, match="different method registered as RESIDUAL_PROMPT_TUNING"):
+        _peft_integration.register_method("RESIDUAL_PROMPT_TUNING", Impostor, ResidualPromptEncoder)
+
+
+PEFT_METHODS = {
+    "prompt_tuning": lambda task: PromptTuningConfig(task_type=task, num_virtual_tokens=4),
+    "p_tuning": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=4, encoder_hidden_size=8),
+    "multitask": lambda task: MultitaskPromptTuningConfig(task_type=task, num_virtual_tokens=4, num_tasks=2),
+    "prefix": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=4),
+    "lora": lambda task: LoraConfig(task_type=task, r=2, target_modules="all-linear"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PEFT_METHODS))
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_peft_methods_behave_as_without_the_plugin(method, name, tmp_path):
+    """With the plugin imported, peft's own methods run peft's original code paths and give the same outputs."""
+    tiny = TINY_MODELS[name]
+    torch.manual_seed(0)
+    model = get_peft_model(tiny.build(), PEFT_METHODS[method](tiny.task_type)).eval()
+    batch = make_batch(tiny)
+    kwargs = {"task_ids": torch.tensor([0, 1, 0, 1])} if method == "multitask" else {}
+    # seq2seq: decoder inputs come from the labels (peft's MPT path needs that)
+    inputs = batch if tiny.kind == "seq2seq" else {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        patched = model(**inputs, **kwargs).logits
+        originals = _peft_integration.installed_patches()
+        if tiny.kind == "seq2seq":
+            unpatched = originals["PeftModelForSeq2SeqLM.forward"](model, **inputs, **kwargs).logits
+        else:
+            unpatched = patched
+        if model.peft_config["default"].is_prompt_learning and method != "prefix":
+            torch.testing.assert_close(
+                model.get_prompt(4, **kwargs), originals["PeftModel.get_prompt"](model, 4, **kwargs)
+            )
+    torch.testing.assert_close(patched, unpatched)
+    # and a save/load round trip still works for them
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny.build(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs, **kwargs).logits, patched, atol=1e-5, rtol=0)
+
+
+def test_our_adapter_and_peft_adapters_in_one_process(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    batch = make_batch(tiny)
+    ours = get_peft_model(tiny.build(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    theirs = get_peft_model(tiny.build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    for folder, model in (("ours", ours), ("theirs", theirs)):
+        loaded = PeftModel.from_pretrained(tiny.build(), tmp_path / folder)
+        torch.testing.assert_close(logits(loaded, batch), logits(model, batch), atol=1e-5, rtol=0)
+
+
+def test_two_residual_adapters_on_one_model(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    batch = make_batch(tiny)
+    model = get_peft_model(tiny.build(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.add_adapter("other", ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8))
+    model.eval()
+    first = logits(model, batch)
+    model.set_adapter("other")
+    second = logits(model, batch)
+    assert not torch.allclose(first, second)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny.build(), tmp_path / "other", adapter_name="other")
+    torch.testing.assert_close(logits(loaded, batch), second, atol=1e-5, rtol=0)
+
+
+def test_saved_files_tell_how_to_load_without_the_plugin(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    model = get_peft_model(tiny.saved(tmp_path), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "RESIDUAL_PROMPT_TUNING"
+    assert config["peft_plugin"] == {
+        "package": "peft-prompt-transfer",
+        "version": peft_prompt_transfer.__version__,
+        "import": "import peft_prompt_transfer",
+    }
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "library_name: peft" in card and "- peft-prompt-transfer" in card and "- residual_prompt_tuning" in card
+    assert "pip install peft-prompt-transfer" in card and "import peft_prompt_transfer" in card
+    assert str(tmp_path / "base-gpt2-32") in card  # base_model
+    model.save_pretrained(tmp_path / "adapter")  # saving again does not duplicate the section
+    assert (tmp_path / "adapter" / "README.md").read_text().count("## Loading this adapter") == 1
+
+
+def test_plugin_free_process_gets_peft_error_and_plugin_fixes_it(tmp_path):
+    """Without the import, peft fails on the unknown type; the same files load once the plugin is imported."""
+    tiny = TINY_MODELS["gpt2"]
+    get_peft_model(tiny.build(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
+    script = "from peft import PeftConfig; PeftConfig.from_pretrained({!r})".format(str(tmp_path))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    without = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert without.returncode != 0 and "RESIDUAL_PROMPT_TUNING" in without.stderr
+    with_plugin = subprocess.run(
+        [sys.executable, "-c", "import peft_prompt_transfer; " + script], capture_output=True, text=True, env=env
+    )
+    assert with_plugin.returncode == 0, with_plugin.stderr[-2000:]
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), ResidualPromptConfig)
+
+
+def test_supported_peft_range_matches_pyproject():
+    pyproject = (os.path.dirname(os.path.dirname(__file__)) + "/pyproject.toml")
+    low, high = _peft_integration.SUPPORTED_PEFT
+    assert f'"peft>={low},<{str(high)[:-2]}"' in open(pyproject).read()
+    assert low <= _peft_integration.PEFT_VERSION < high, f"peft {peft.__version__} is outside the supported range"
