@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from . import _peft_integration
 from .export import export_prompt_tuning
+from .multitask import check_task_ids, combine_tasks
 from .residual import RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder
 
 _peft_integration.install()
@@ -18,5 +19,7 @@ __all__ = [
     "__version__",
     "ResidualPromptConfig",
     "ResidualPromptEncoder",
+    "check_task_ids",
+    "combine_tasks",
     "export_prompt_tuning",
 ]

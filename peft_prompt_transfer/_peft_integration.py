@@ -326,9 +326,11 @@ def _wrap_set_peft_model_state_dict(original):
             return original(model, peft_model_state_dict, adapter_name, *args, **kwargs)
         encoder = model.prompt_encoder[adapter_name]
         encoder.check_adapter_state_dict(peft_model_state_dict)
-        # peft's own code loads `prompt_embeddings` into `encoder.embedding` and the
-        # modules_to_save weights; then the encoder loads the rest of its state.
-        result = original(model, peft_model_state_dict, adapter_name, *args, **kwargs)
+        # peft's own code loads the modules_to_save weights, and copies `prompt_embeddings` into
+        # `encoder.embedding`: hand it the encoder's current weight so that copy changes nothing,
+        # then let the encoder load its whole state, as peft >= 0.21 does.
+        for_peft = dict(peft_model_state_dict, prompt_embeddings=encoder.embedding.weight.detach().clone())
+        result = original(model, for_peft, adapter_name, *args, **kwargs)
         encoder._load_adapter_state_dict(peft_model_state_dict)
         return result
 

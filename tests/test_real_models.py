@@ -1,0 +1,45 @@
+"""Residual prompt tuning on the real packaged all-MiniLM-L6-v2 and real SST-2 data (marked slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import train_losses
+from peft import PeftModel, get_peft_model
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+from benchmarks.models import load_classifier
+from benchmarks.tasks import load_split
+from peft_prompt_transfer import ResidualPromptConfig, export_prompt_tuning
+
+pytestmark = pytest.mark.slow
+
+
+def test_minilm_sst2_train_save_load_export(tmp_path):
+    tokenizer, base = load_classifier("minilm", num_labels=2, seed=0)
+    data = load_split("sst2", "kshot-train", seed=42)
+    data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=48), batched=True,
+                    remove_columns=["text", "text_pair"]).rename_column("label", "labels")
+    model = get_peft_model(base, ResidualPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=8, bottleneck_size=64))
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_train_epochs=6,
+                               learning_rate=3e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                               seed=0, disable_tqdm=False),
+        train_dataset=data,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    trainer.train()
+    losses = train_losses(trainer)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+
+    batch = DataCollatorWithPadding(tokenizer)([{k: data[i][k] for k in ("input_ids", "attention_mask")} for i in range(8)])
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path / "adapter")
+    export_prompt_tuning(model, tmp_path / "exported")
+    for folder in ("adapter", "exported"):
+        loaded = PeftModel.from_pretrained(load_classifier("minilm", num_labels=2, seed=1)[1], tmp_path / folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
