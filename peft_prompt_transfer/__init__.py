@@ -8,15 +8,31 @@ transformers Trainer, `generate`) works with them unchanged.
 __version__ = "0.1.0"
 
 from . import _peft_integration
+from .compt import (
+    COMPT,
+    ComPTConfig,
+    ComPTEncoder,
+    add_tasks,
+    compt_parameter_groups,
+    create_compt_optimizer,
+    plot_routing_weights,
+)
 from .export import export_prompt_tuning
 from .multitask import check_task_ids, combine_tasks
 from .residual import RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder
 
 _peft_integration.install()
 _peft_integration.register_method(RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder)
+_peft_integration.register_method(COMPT, ComPTConfig, ComPTEncoder)
 
 __all__ = [
     "__version__",
+    "ComPTConfig",
+    "ComPTEncoder",
+    "add_tasks",
+    "compt_parameter_groups",
+    "create_compt_optimizer",
+    "plot_routing_weights",
     "ResidualPromptConfig",
     "ResidualPromptEncoder",
     "check_task_ids",

@@ -178,7 +178,7 @@ def stack_collator(rows):
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def make_trainer(model, output_dir, dataset, **overrides) -> Trainer:
+def make_trainer(model, output_dir, dataset, optimizers=(None, None), **overrides) -> Trainer:
     args = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=4,
@@ -200,6 +200,7 @@ def make_trainer(model, output_dir, dataset, **overrides) -> Trainer:
         args=TrainingArguments(**args),
         train_dataset=dataset,
         data_collator=stack_collator,
+        optimizers=optimizers,
     )
 
 
@@ -213,3 +214,26 @@ def logits(model, batch: dict) -> torch.Tensor:
         inputs["decoder_input_ids"] = torch.tensor([[model.config.decoder_start_token_id, 5, 7]] * len(batch["input_ids"]))
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def greedy_reference(model, batch, steps, **forward_kwargs):
+    """Greedy decoding with full forward passes (no cache), the reference for generate(min_new_tokens=steps),
+    which never picks the end-of-sequence token."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    eos = model.config.eos_token_id
+    if model.config.is_encoder_decoder:
+        out = torch.full((len(input_ids), 1), model.config.decoder_start_token_id)
+        for _ in range(steps):
+            with torch.no_grad():
+                step = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=out, **forward_kwargs).logits[:, -1]
+            step[:, eos] = float("-inf")
+            out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
+        return out[:, 1:]
+    out = input_ids
+    for _ in range(steps):
+        with torch.no_grad():
+            step = model(input_ids=out, attention_mask=mask, **forward_kwargs).logits[:, -1]
+        step[:, eos] = float("-inf")
+        out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return out[:, input_ids.shape[1] :]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_MODELS, ListDataset, logits, make_batch, make_trainer, train_losses
+from conftest import TINY_MODELS, ListDataset, greedy_reference, logits, make_batch, make_trainer, train_losses
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -188,29 +188,6 @@ def test_resume_from_checkpoint_matches_uninterrupted_training(name, tmp_path):
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
 
 
-def _greedy(model, batch, steps):
-    """Greedy decoding with full forward passes (no cache), the reference for generate(min_new_tokens=steps),
-    which never picks the end-of-sequence token."""
-    input_ids, mask = batch["input_ids"], batch["attention_mask"]
-    eos = model.config.eos_token_id
-    if model.config.is_encoder_decoder:
-        out = torch.full((len(input_ids), 1), model.config.decoder_start_token_id)
-        for _ in range(steps):
-            with torch.no_grad():
-                step = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=out).logits[:, -1]
-            step[:, eos] = float("-inf")
-            out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
-        return out[:, 1:]
-    out = input_ids
-    for _ in range(steps):
-        with torch.no_grad():
-            step = model(input_ids=out, attention_mask=mask).logits[:, -1]
-        step[:, eos] = float("-inf")
-        out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return out[:, input_ids.shape[1] :]
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama", "t5", "bart"])
 def test_generate_uses_prompt(name, tmp_path):
     tiny = TINY_MODELS[name]
@@ -225,11 +202,11 @@ def test_generate_uses_prompt(name, tmp_path):
         generated = generated[:, batch["input_ids"].shape[1] :] if generated.shape[1] > steps else generated
     else:
         generated = generated[:, 1:]
-    assert torch.equal(generated[:, :steps], _greedy(model, batch, steps))
+    assert torch.equal(generated[:, :steps], greedy_reference(model, batch, steps))
     # after save/load the same tokens come out
     model.save_pretrained(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "adapter")
-    assert torch.equal(_greedy(loaded, batch, steps), _greedy(model, batch, steps))
+    assert torch.equal(greedy_reference(loaded, batch, steps), greedy_reference(model, batch, steps))
 
 
 def test_export_gives_same_logits(tiny, tmp_path):

@@ -1,0 +1,75 @@
+"""Separate learning rates for ComPT's source prompts, private prompts and router/gates."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft import PeftModel
+
+from .config import ComPTConfig
+
+
+def compt_parameter_groups(
+    model: PeftModel,
+    source_lr: float,
+    private_lr: float,
+    router_lr: float,
+    other_lr: Optional[float] = None,
+    weight_decay: float = 0.0,
+    adapter_name: Optional[str] = None,
+) -> list[dict]:
+    """Optimizer parameter groups that train ComPT's parts at different speeds, as the paper does.
+
+    Groups (only trainable parameters, each listed once): `source` (source prompts and the prompt MLP),
+    `private` (private prompts), `router` (router logits and gates) and `other` (anything else trainable, e.g. a
+    classification head from `modules_to_save`, at `other_lr`, default `source_lr`). Empty groups are left out.
+
+    Use them with any torch optimizer, and with the Trainer through `optimizers=`:
+
+    ```py
+    >>> optimizer = torch.optim.AdamW(compt_parameter_groups(model, source_lr=3e-1, private_lr=3e-2, router_lr=1e-2))
+    >>> trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
+    ```
+
+    The Trainer's learning-rate schedule then scales every group by the same factor.
+    """
+    adapter_name = adapter_name or model.active_adapter
+    if not isinstance(model.peft_config.get(adapter_name), ComPTConfig):
+        raise ValueError(f"compt_parameter_groups needs a ComPT adapter; {adapter_name!r} is not one.")
+    for name, lr in (("source_lr", source_lr), ("private_lr", private_lr), ("router_lr", router_lr)):
+        if not lr >= 0:
+            raise ValueError(f"{name} must be >= 0, got {lr}.")
+    encoder = model.prompt_encoder[adapter_name]
+    parts = {
+        "source": [encoder.embedding.weight]
+        + ([] if encoder.reparameterization is None else list(encoder.reparameterization.parameters())),
+        "private": [] if encoder.private is None else [encoder.private.trainable],
+        "router": [encoder.router.trainable] + ([] if encoder.gates is None else [encoder.gates.trainable]),
+    }
+    claimed = {id(p) for params in parts.values() for p in params}
+    parts["other"] = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
+    lrs = {"source": source_lr, "private": private_lr, "router": router_lr,
+           "other": source_lr if other_lr is None else other_lr}
+    groups = []
+    for name, params in parts.items():
+        params = [p for p in params if p.requires_grad]
+        if params:
+            groups.append({"name": name, "params": params, "lr": lrs[name], "weight_decay": weight_decay})
+    return groups
+
+
+def create_compt_optimizer(
+    model: PeftModel,
+    source_lr: float,
+    private_lr: float,
+    router_lr: float,
+    other_lr: Optional[float] = None,
+    weight_decay: float = 0.0,
+    optimizer_cls: type = torch.optim.AdamW,
+    adapter_name: Optional[str] = None,
+    **optimizer_kwargs,
+) -> torch.optim.Optimizer:
+    """`optimizer_cls` (AdamW by default) over [`compt_parameter_groups`]; pass it as `Trainer(optimizers=(opt, None))`."""
+    groups = compt_parameter_groups(model, source_lr, private_lr, router_lr, other_lr, weight_decay, adapter_name)
+    return optimizer_cls(groups, **optimizer_kwargs)

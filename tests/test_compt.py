@@ -1,0 +1,395 @@
+"""ComPT: normalisations, compositions, task ids, Trainer training, save/load/export, add-a-task, per-group LRs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_MODELS, ListDataset, greedy_reference, logits, make_batch, make_trainer, train_losses
+from peft import PeftConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from peft_prompt_transfer import (
+    ComPTConfig,
+    add_tasks,
+    compt_parameter_groups,
+    create_compt_optimizer,
+    export_prompt_tuning,
+    plot_routing_weights,
+)
+from peft_prompt_transfer.compt import sparsemax
+
+TASKS = ["alpha", "beta", "gamma"]
+
+
+def compt_config(tiny, **overrides) -> ComPTConfig:
+    kwargs = dict(task_type=tiny.task_type, task_names=TASKS, num_source_prompts=3, num_virtual_tokens=4)
+    kwargs.update(overrides)
+    return ComPTConfig(**kwargs)
+
+
+def task_batch(tiny, task_ids=(0, 1, 2, 1), seed=0):
+    batch = make_batch(tiny, seed=seed)
+    batch["task_ids"] = torch.tensor(task_ids)
+    return batch
+
+
+def trained(tiny, tmp_path, steps=5, task_ids=(0, 1, 2, 1), **overrides):
+    model = get_peft_model(tiny.saved(tmp_path), compt_config(tiny, **overrides))
+    trainer = make_trainer(model, tmp_path / "train", ListDataset(task_batch(tiny, task_ids)), max_steps=steps,
+                           remove_unused_columns=False)
+    trainer.train()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# sparsemax
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sparsemax_hand_computed_values():
+    # z = (1.0, 0.8, 0.1): support {0, 1}, tau = (1.8 - 1) / 2 = 0.4
+    torch.testing.assert_close(sparsemax(torch.tensor([1.0, 0.8, 0.1])), torch.tensor([0.6, 0.4, 0.0]))
+    torch.testing.assert_close(sparsemax(torch.tensor([3.0, 0.0, 0.0])), torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(sparsemax(torch.tensor([0.2, 0.2, 0.2, 0.2])), torch.full((4,), 0.25))
+    out = sparsemax(torch.tensor([[0.5, float("-inf"), 0.1], [0.0, 2.0, 1.5]]))  # rows independent, -inf -> 0
+    torch.testing.assert_close(out, torch.tensor([[0.7, 0.0, 0.3], [0.0, 0.75, 0.25]]))
+    assert (out == 0).sum() == 2  # exact zeros
+
+
+def test_sparsemax_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    for logits in (torch.tensor([[1.0, 0.8, 0.1, -0.5]]), torch.randn(5, 6) * 2):
+        z = logits.double().requires_grad_()
+        assert torch.autograd.gradcheck(sparsemax, (z,), eps=1e-6, atol=1e-6)
+    # hand-computed Jacobian on the support {0, 1}: d p / d z = I - 1/2
+    z = torch.tensor([1.0, 0.8, 0.1], requires_grad=True)
+    (sparsemax(z) * torch.tensor([1.0, 0.0, 0.0])).sum().backward()
+    torch.testing.assert_close(z.grad, torch.tensor([0.5, -0.5, 0.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# weights and composition
+# ---------------------------------------------------------------------------------------------
+
+
+def _encoder(tiny=TINY_MODELS["gpt2"], **overrides):
+    model = get_peft_model(tiny.build(), compt_config(tiny, **overrides))
+    encoder = model.prompt_encoder["default"]
+    with torch.no_grad():
+        encoder.router.trainable.copy_(torch.tensor([[2.0, 1.0, -1.0], [0.0, 0.5, 0.4], [-3.0, 3.0, 0.0]]))
+        if encoder.gates is not None:
+            encoder.gates.trainable.copy_(torch.tensor([[0.5, -0.5], [1.0, 0.0], [0.0, 2.0]]))
+    return model, encoder
+
+
+@pytest.mark.parametrize("normalization", ["sigmoid", "softmax", "sparsemax"])
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_normalisations(normalization, top_k):
+    _, encoder = _encoder(normalization=normalization, top_k=top_k)
+    logits = encoder.router.value().detach()
+    expected = {"sigmoid": torch.sigmoid, "softmax": lambda x: x.softmax(-1), "sparsemax": sparsemax}[normalization]
+    if top_k:
+        keep = logits >= logits.topk(top_k, dim=-1).values[:, -1:]
+        masked = logits.masked_fill(~keep, float("-inf"))
+        reference = torch.sigmoid(logits) * keep if normalization == "sigmoid" else expected(masked)
+        assert ((reference > 0).sum(-1) <= top_k).all()
+    else:
+        reference = expected(logits)
+    torch.testing.assert_close(encoder.source_weights(), reference)
+    if normalization == "sparsemax":
+        assert (encoder.source_weights() == 0).any()  # row 2: exact zeros
+    gates = torch.sigmoid(encoder.gates.value().detach())
+    torch.testing.assert_close(encoder.routing_weights(), gates[:, :1] * reference)
+
+
+@pytest.mark.parametrize("composition", ["sum", "concat"])
+@pytest.mark.parametrize("private", [True, False])
+def test_composition_formula(composition, private):
+    if composition == "concat" and not private:
+        with pytest.raises(ValueError, match="set private_prompt=True"):
+            compt_config(TINY_MODELS["gpt2"], composition=composition, private_prompt=private)
+        return
+    model, encoder = _encoder(composition=composition, private_prompt=private)
+    cfg = encoder.config
+    sources = encoder.embedding.weight.view(3, cfg.prompt_length, -1)
+    weights, gates = encoder.source_weights(), torch.sigmoid(encoder.gates.value())
+    shared = torch.einsum("ts,slh->tlh", weights * gates[:, :1], sources)
+    if not private:
+        expected = shared
+    else:
+        priv = gates[:, 1, None, None] * encoder.private.value()
+        expected = shared + priv if composition == "sum" else torch.cat([shared, priv], dim=1)
+    prompts = encoder.task_prompts()
+    assert prompts.shape == (3, 4, 32)
+    torch.testing.assert_close(prompts, expected)
+    # forward gathers each example's task prompt
+    torch.testing.assert_close(model.get_prompt(4, task_ids=torch.tensor([2, 0, 0, 1])), expected[[2, 0, 0, 1]])
+
+
+def test_fixed_gates_and_unnamed_tasks():
+    _, encoder = _encoder(learn_gates=False, task_names=None, num_tasks=3)
+    assert encoder.gates is None and torch.equal(encoder.gate_values(), torch.ones(3, 2))
+
+
+def test_relaxed_bernoulli_samples_while_training_and_anneals():
+    model, encoder = _encoder(relaxed_bernoulli=True, bernoulli_temperature=2.0, bernoulli_anneal_rate=0.5,
+                              bernoulli_min_temperature=0.5)
+    model.train()
+    first, second = encoder.task_prompts(), encoder.task_prompts()
+    assert not torch.allclose(first, second)  # sampled
+    assert int(encoder.sampling_step) == 2
+    assert encoder.temperature() == pytest.approx(2.0 * torch.exp(torch.tensor(-1.0)).item())
+    for _ in range(10):
+        encoder.task_prompts()
+    assert encoder.temperature() == 0.5  # the floor
+    model.eval()
+    torch.testing.assert_close(encoder.task_prompts(), encoder.task_prompts())  # deterministic
+    assert int(encoder.sampling_step) == 12  # evaluation does not anneal
+
+
+# ---------------------------------------------------------------------------------------------
+# task ids
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5", "bert"])
+def test_mixed_task_batch_equals_single_task_batches(name):
+    tiny = TINY_MODELS[name]
+    model = get_peft_model(tiny.build(), compt_config(tiny)).eval()
+    batch = task_batch(tiny, task_ids=(2, 0, 1, 0))
+    mixed = logits(model, batch)
+    for row, task in enumerate(batch["task_ids"].tolist()):
+        single = {k: v[row : row + 1] for k, v in batch.items()}
+        torch.testing.assert_close(logits(model, single)[0], mixed[row], atol=1e-5, rtol=0)
+    # the prompt depends on the task
+    other = dict(batch, task_ids=torch.tensor([0, 0, 0, 0]))
+    assert not torch.allclose(logits(model, other)[0], mixed[0])
+
+
+@pytest.mark.parametrize(
+    "task_ids, message",
+    [
+        (None, "COMPT needs task_ids"),
+        (torch.tensor([0, 1, 3, 0]), r"task_ids \[3\] are out of range: this adapter has 3 tasks"),
+        (torch.tensor([0, 1]), r"shape \[batch_size\] = \[4\]"),
+        (torch.tensor([0.0, 1.0, 1.0, 0.0]), "integer task indices"),
+    ],
+)
+def test_bad_task_ids_in_forward(task_ids, message):
+    tiny = TINY_MODELS["gpt2"]
+    model = get_peft_model(tiny.build(), compt_config(tiny))
+    batch = make_batch(tiny)
+    with pytest.raises(ValueError, match=message):
+        model(**batch, task_ids=task_ids)
+
+
+def test_trainer_with_default_arguments_says_what_to_set(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    model = get_peft_model(tiny.build(), compt_config(tiny))
+    trainer = make_trainer(model, tmp_path, ListDataset(task_batch(tiny)), max_steps=2)  # remove_unused_columns=True
+    with pytest.raises(ValueError, match=r"remove_unused_columns=False"):
+        trainer.train()
+
+
+# ---------------------------------------------------------------------------------------------
+# training, save/load, export, generation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5", "bert"])
+@pytest.mark.parametrize("composition", ["sum", "concat"])
+def test_trainer_loss_falls(name, composition, tmp_path):
+    tiny = TINY_MODELS[name]
+    model = get_peft_model(tiny.build(), compt_config(tiny, composition=composition))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = make_trainer(model, tmp_path, ListDataset(task_batch(tiny)), max_steps=30, remove_unused_columns=False,
+                           learning_rate=0.1)
+    trainer.train()
+    losses = train_losses(trainer)
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    for n, p in model.named_parameters():
+        if n in before and "classifier" not in n:
+            assert not torch.equal(p.detach(), before[n]), f"{n} did not train"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bart", "roberta"])
+@pytest.mark.parametrize("mlp", [None, 8])
+def test_save_load_and_export_logits_equal(name, mlp, tmp_path):
+    tiny = TINY_MODELS[name]
+    model = trained(tiny, tmp_path, normalization="sparsemax", prompt_mlp_bottleneck_size=mlp)
+    batch = task_batch(tiny, seed=1)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert saved["router_logits"].shape == (3, 3) and saved["private_prompt_embeddings"].shape == (12, 32)
+    assert ("raw_prompt_embeddings" in saved) == (mlp is not None)
+    assert isinstance(PeftConfig.from_pretrained(tmp_path / "adapter"), ComPTConfig)
+
+    loaded = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "adapter")
+    assert loaded.prompt_encoder["default"].reparameterization is None
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)
+
+    resumed = get_peft_model(tiny.saved(tmp_path), compt_config(tiny, normalization="sparsemax",
+                                                                prompt_mlp_bottleneck_size=mlp))
+    resumed.load_adapter(tmp_path / "adapter", adapter_name="default", is_trainable=True)
+    torch.testing.assert_close(logits(resumed.eval(), batch), expected, atol=1e-5, rtol=0)
+
+    for task_id, task in enumerate(TASKS):  # each task's composed prompt as a plain PROMPT_TUNING adapter
+        export_prompt_tuning(model, tmp_path / task, task=task)
+        plain = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / task)
+        rows = batch["task_ids"] == task_id
+        single = {k: v[rows] for k, v in batch.items() if k != "task_ids"}
+        torch.testing.assert_close(logits(plain, single), expected[rows], atol=1e-5, rtol=0)
+
+
+def test_export_needs_a_task(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    model = get_peft_model(tiny.build(), compt_config(tiny))
+    with pytest.raises(ValueError, match="pass task= one of"):
+        export_prompt_tuning(model, tmp_path)
+    with pytest.raises(ValueError, match="Unknown task 'delta'"):
+        export_prompt_tuning(model, tmp_path, task="delta")
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_training(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    data = ListDataset(task_batch(tiny), repeat=4)
+    overrides = dict(max_steps=8, save_strategy="steps", save_steps=4, remove_unused_columns=False)
+    config = dict(relaxed_bernoulli=True, prompt_mlp_bottleneck_size=8, normalization="sigmoid")
+
+    def run(output_dir, resume=None):
+        model = get_peft_model(tiny.build(), compt_config(tiny, **config))
+        trainer = make_trainer(model, output_dir, data, **overrides)
+        trainer.train(resume_from_checkpoint=resume)
+        return model.prompt_encoder["default"].adapter_state_dict()
+
+    full = run(tmp_path / "full")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))
+    assert int(full["sampling_step"]) == 8
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_generate_with_task_ids(name, tmp_path):
+    tiny = TINY_MODELS[name]
+    model = trained(tiny, tmp_path, steps=3)
+    batch = task_batch(tiny, task_ids=(1, 0, 2, 1), seed=2)
+    steps = 4
+    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"],
+                         max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    out = out[:, 1:] if model.config.is_encoder_decoder else out[:, batch["input_ids"].shape[1]:]
+    reference = greedy_reference(model, batch, steps, task_ids=batch["task_ids"])
+    assert torch.equal(out[:, :steps], reference)
+    with pytest.raises(ValueError, match="COMPT needs task_ids"):
+        model.generate(input_ids=batch["input_ids"], max_new_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# beyond the paper: routing weights, adding a task, per-group learning rates
+# ---------------------------------------------------------------------------------------------
+
+
+def test_routing_weights_plot(tmp_path):
+    model, encoder = _encoder(normalization="sparsemax")
+    ax = plot_routing_weights(model)
+    assert [t.get_text() for t in ax.get_yticklabels()] == TASKS
+    assert len(ax.texts) == 9 and ax.texts[0].get_text() == f"{float(encoder.routing_weights()[0, 0]):.2f}"
+    ax.figure.savefig(tmp_path / "routing.png")
+    assert (tmp_path / "routing.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name, mlp", [("gpt2", None), ("gpt2", 8), ("bert", None)])
+def test_added_task_trains_and_old_tasks_stay_bit_for_bit(name, mlp, tmp_path):
+    tiny = TINY_MODELS[name]
+    model = trained(tiny, tmp_path, steps=5, task_ids=(0, 1, 1, 0), task_names=TASKS[:2], prompt_mlp_bottleneck_size=mlp,
+                    relaxed_bernoulli=True)
+    old_batch = task_batch(tiny, task_ids=(0, 1, 1, 0), seed=4)
+    before = logits(model, old_batch)
+
+    add_tasks(model, ["gamma"])
+    config = model.peft_config["default"]
+    assert config.task_names == TASKS and config.num_frozen_tasks == 2
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "prompt_encoder.default.private.trainable", "prompt_encoder.default.router.trainable",
+        "prompt_encoder.default.gates.trainable",
+    }
+    new_data = ListDataset(task_batch(tiny, task_ids=(2, 2, 2, 2)))
+    trainer = make_trainer(model, tmp_path / "new", new_data, max_steps=20, remove_unused_columns=False, weight_decay=0.1)
+    trainer.train()
+    losses = train_losses(trainer)
+    assert losses[-1] < losses[0]
+    model.eval()
+    assert torch.equal(logits(model, old_batch), before)
+
+    model.save_pretrained(tmp_path / "extended")
+    loaded = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "extended")
+    assert loaded.peft_config["default"].num_frozen_tasks == 2
+    torch.testing.assert_close(logits(loaded, old_batch), before, atol=1e-5, rtol=0)
+
+
+def test_add_tasks_errors(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    model = trained(tiny, tmp_path, steps=1, prompt_mlp_bottleneck_size=8)
+    model.save_pretrained(tmp_path / "adapter")
+    inference = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "adapter")
+    with pytest.raises(ValueError, match="loaded for inference"):
+        add_tasks(inference, ["delta"])
+    with pytest.raises(ValueError, match="pass the new tasks' names"):
+        add_tasks(model, 1)
+    with pytest.raises(ValueError, match="task_names must be unique"):
+        add_tasks(model, ["alpha"])
+
+
+def test_trainer_uses_per_group_learning_rates(tmp_path):
+    tiny = TINY_MODELS["bert"]
+    model = get_peft_model(tiny.build(), compt_config(tiny))
+    encoder = model.prompt_encoder["default"]
+    groups = compt_parameter_groups(model, source_lr=0.1, private_lr=0.01, router_lr=0.0)
+    assert [g["name"] for g in groups] == ["source", "private", "router", "other"]
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    router_before = encoder.router.trainable.detach().clone()
+    sources_before = encoder.embedding.weight.detach().clone()
+    private_before = encoder.private.trainable.detach().clone()
+    optimizer = create_compt_optimizer(model, source_lr=0.1, private_lr=0.01, router_lr=0.0)
+    trainer = make_trainer(model, tmp_path, ListDataset(task_batch(tiny)), max_steps=1, remove_unused_columns=False,
+                           optimizers=(optimizer, None))
+    trainer.train()
+    assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is optimizer  # accelerate may wrap it
+    assert torch.equal(encoder.router.trainable, router_before)
+    # one Adam step moves each parameter by about its learning rate
+    source_step = float((encoder.embedding.weight - sources_before).abs().max())
+    private_step = float((encoder.private.trainable - private_before).abs().max())
+    assert source_step == pytest.approx(0.1, rel=0.05) and private_step == pytest.approx(0.01, rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# config validation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"task_names": None}, "needs the tasks"),
+        ({"task_names": ["a", "a"]}, "must be unique"),
+        ({"task_names": "abc"}, "non-empty list of non-empty strings"),
+        ({"task_names": ["a", "b"], "num_tasks": 3}, "num_tasks=3 but task_names has 2"),
+        ({"task_names": None, "num_tasks": 0}, "num_tasks must be a positive integer"),
+        ({"num_source_prompts": 0}, "num_source_prompts must be a positive integer"),
+        ({"composition": "product"}, "composition must be one of"),
+        ({"composition": "concat", "num_virtual_tokens": 5}, "must be even"),
+        ({"normalization": "relu"}, "normalization must be one of"),
+        ({"top_k": 4}, r"top_k must be None or an integer in \[1, num_source_prompts=3\]"),
+        ({"bernoulli_temperature": 0}, "bernoulli_temperature must be a positive number"),
+        ({"bernoulli_min_temperature": 2.0}, "must not exceed bernoulli_temperature"),
+        ({"bernoulli_anneal_rate": -1}, "bernoulli_anneal_rate must be a number >= 0"),
+        ({"prompt_mlp_bottleneck_size": 0}, "prompt_mlp_bottleneck_size must be None or a positive integer"),
+        ({"num_frozen_tasks": 3}, r"num_frozen_tasks must be an integer in \[0, num_tasks=3\)"),
+        ({"private_prompt": "no"}, "private_prompt must be True or False"),
+    ],
+)
+def test_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compt_config(TINY_MODELS["gpt2"], **overrides)
