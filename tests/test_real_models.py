@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import train_losses
@@ -13,6 +15,15 @@ from benchmarks.tasks import load_split
 from peft_prompt_transfer import ResidualPromptConfig, export_prompt_tuning
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def all_threads():
+    """The real model is big enough to use every core (conftest pins the tiny-model tests to one thread)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(previous)
 
 
 def test_minilm_sst2_train_save_load_export(tmp_path):
