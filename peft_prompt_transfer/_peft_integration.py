@@ -129,17 +129,18 @@ def _patch(owner: Any, name: str, make_wrapper: Callable[[Callable], Callable]) 
     setattr(owner, name, wrapper)
 
 
-def _stand_in_prompt_tuning_config(config) -> PromptTuningConfig:
-    """A peft PromptTuningConfig with our config's shape, for peft's own set-up code."""
-    return PromptTuningConfig(
+def prompt_tuning_config_like(config, **overrides) -> PromptTuningConfig:
+    """A peft `PromptTuningConfig` with the task type and prompt shape of one of our configs."""
+    fields = dict(
         task_type=config.task_type,
         num_virtual_tokens=config.num_virtual_tokens,
         token_dim=config.token_dim,
-        num_transformer_submodules=config.num_transformer_submodules,
+        num_transformer_submodules=1,  # our prompts go on the encoder only
         num_attention_heads=config.num_attention_heads,
         num_layers=config.num_layers,
-        inference_mode=True,  # the stand-in embedding is thrown away: skip its initialisation
     )
+    fields.update(overrides)
+    return PromptTuningConfig(**fields)
 
 
 def _wrap_setup_prompt_encoder(original):
@@ -149,7 +150,8 @@ def _wrap_setup_prompt_encoder(original):
             return original(self, adapter_name)
         # peft's own code freezes the base model, finds the transformer backbone and the word
         # embeddings (including under DeepSpeed ZeRO-3) and registers `prompt_tokens`.
-        self.peft_config[adapter_name] = _stand_in_prompt_tuning_config(config)
+        # (inference_mode: the stand-in's embedding is thrown away, so skip its initialisation)
+        self.peft_config[adapter_name] = prompt_tuning_config_like(config, inference_mode=True)
         try:
             original(self, adapter_name)
         finally:
@@ -191,56 +193,20 @@ def _prepend_prompt(model, inputs_embeds, attention_mask, task_ids):
 
 
 def _wrap_seq2seq_forward(original):
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        decoder_input_ids=None,
-        decoder_attention_mask=None,
-        decoder_inputs_embeds=None,
-        labels=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        task_ids=None,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, task_ids=None, **kwargs):
         peft_config = self.active_peft_config
         if not is_ours(peft_config):
             return original(
-                self,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds,
-                decoder_input_ids=decoder_input_ids,
-                decoder_attention_mask=decoder_attention_mask,
-                decoder_inputs_embeds=decoder_inputs_embeds,
-                labels=labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-                return_dict=return_dict,
-                task_ids=task_ids,
-                **kwargs,
+                self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                task_ids=task_ids, **kwargs
             )
-        # Our prompts live on the encoder only (as peft's PROMPT_TUNING); the decoder is untouched.
+        # Our prompts live on the encoder only (as peft's PROMPT_TUNING); the decoder arguments pass through.
         _get_batch_size(input_ids, inputs_embeds)  # peft's check that one of the two is given
         self._adjust_prompt_learning_kwargs(peft_config, kwargs=kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         inputs_embeds, attention_mask = _prepend_prompt(self, inputs_embeds, attention_mask, task_ids)
-        return self.base_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            decoder_inputs_embeds=decoder_inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            **kwargs,
-        )
+        return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     return forward
 

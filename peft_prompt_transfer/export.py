@@ -11,7 +11,7 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
-from ._peft_integration import PACKAGE_NAME, is_ours
+from ._peft_integration import PACKAGE_NAME, is_ours, prompt_tuning_config_like
 
 
 def export_prompt_tuning(
@@ -54,13 +54,8 @@ def export_prompt_tuning(
     }
     weights["prompt_embeddings"] = encoder.inference_prompt(task).detach().cpu().contiguous()
 
-    export_config = PromptTuningConfig(
-        task_type=config.task_type,
-        num_virtual_tokens=config.num_virtual_tokens,
-        token_dim=config.token_dim,
-        num_transformer_submodules=1,
-        num_attention_heads=config.num_attention_heads,
-        num_layers=config.num_layers,
+    export_config = prompt_tuning_config_like(
+        config,
         modules_to_save=config.modules_to_save,
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,

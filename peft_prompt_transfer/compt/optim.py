@@ -61,15 +61,12 @@ def compt_parameter_groups(
 
 def create_compt_optimizer(
     model: PeftModel,
-    source_lr: float,
-    private_lr: float,
-    router_lr: float,
-    other_lr: Optional[float] = None,
-    weight_decay: float = 0.0,
     optimizer_cls: type = torch.optim.AdamW,
-    adapter_name: Optional[str] = None,
-    **optimizer_kwargs,
+    optimizer_kwargs: Optional[dict] = None,
+    **group_kwargs,
 ) -> torch.optim.Optimizer:
-    """`optimizer_cls` (AdamW by default) over [`compt_parameter_groups`]; pass it as `Trainer(optimizers=(opt, None))`."""
-    groups = compt_parameter_groups(model, source_lr, private_lr, router_lr, other_lr, weight_decay, adapter_name)
-    return optimizer_cls(groups, **optimizer_kwargs)
+    """`optimizer_cls` (AdamW by default) over [`compt_parameter_groups`]`(model, **group_kwargs)`.
+
+    Pass it to the Trainer as `Trainer(..., optimizers=(optimizer, None))`.
+    """
+    return optimizer_cls(compt_parameter_groups(model, **group_kwargs), **(optimizer_kwargs or {}))
