@@ -181,7 +181,7 @@ def stack_collator(rows):
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def make_trainer(model, output_dir, dataset, optimizers=(None, None), **overrides) -> Trainer:
+def make_trainer(model, output_dir, dataset, optimizers=(None, None), eval_dataset=None, **overrides) -> Trainer:
     args = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=4,
@@ -202,6 +202,7 @@ def make_trainer(model, output_dir, dataset, optimizers=(None, None), **override
         model=model,
         args=TrainingArguments(**args),
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=stack_collator,
         optimizers=optimizers,
     )

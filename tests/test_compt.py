@@ -393,3 +393,15 @@ def test_trainer_uses_per_group_learning_rates(tmp_path):
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         compt_config(TINY_MODELS["gpt2"], **overrides)
+
+
+def test_trainer_evaluate_with_task_ids(tmp_path):
+    tiny = TINY_MODELS["bert"]
+    model = get_peft_model(tiny.build(), compt_config(tiny))
+    data = ListDataset(task_batch(tiny, task_ids=(2, 0, 1, 1)))
+    trainer = make_trainer(model, tmp_path, data, max_steps=4, remove_unused_columns=False)
+    trainer.train()
+    predictions = trainer.predict(data)
+    model.eval()
+    expected = logits(model, task_batch(tiny, task_ids=(2, 0, 1, 1)))
+    torch.testing.assert_close(torch.as_tensor(predictions.predictions), expected, atol=1e-5, rtol=0)

@@ -375,3 +375,17 @@ def test_sequence_classification_head_is_saved_and_exported(tmp_path):
     for folder in ("adapter", "exported"):
         keys = set(load_file(tmp_path / folder / "adapter_model.safetensors"))
         assert any(k.endswith("classifier.weight") for k in keys), (folder, keys)
+
+
+def test_trainer_evaluate_and_predict(tmp_path):
+    tiny = TINY_MODELS["bert"]
+    model = get_peft_model(tiny.build(), residual_config(tiny))
+    data = ListDataset(make_batch(tiny))
+    trainer = make_trainer(model, tmp_path, data, max_steps=10, eval_strategy="steps", eval_steps=5, eval_dataset=data)
+    trainer.train()
+    assert [e["step"] for e in trainer.state.log_history if "eval_loss" in e] == [5, 10]
+    metrics = trainer.evaluate()
+    predictions = trainer.predict(data)
+    model.eval()
+    torch.testing.assert_close(torch.as_tensor(predictions.predictions), logits(model, make_batch(tiny)), atol=1e-5, rtol=0)
+    assert metrics["eval_loss"] == pytest.approx(predictions.metrics["test_loss"])
