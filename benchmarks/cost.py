@@ -4,7 +4,8 @@ Each method runs in its own process (so peak memory is its own) on the same mode
 peft PROMPT_TUNING (the reference), P_TUNING (MLP reparameterisation), MULTITASK_PROMPT_TUNING, and this package's
 methods. Reported per method, as ratios to PROMPT_TUNING:
 
-- training step time (forward + backward + AdamW step): median of `--repeats` timed steps after `--warmup` steps;
+- training step time (forward + backward + AdamW step, which for the Bayesian source stage includes the SVGD
+  gradient transform): median of `--repeats` timed steps after `--warmup` steps;
 - peak memory while training: on CUDA `torch.cuda.max_memory_allocated`, on CPU the growth of the process's peak
   resident set size (ru_maxrss) over the size after the model is loaded;
 - inference latency (median forward time, no grad) of the saved adapter reloaded for inference with
@@ -26,7 +27,10 @@ import sys
 import tempfile
 import time
 
-METHODS = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "RESIDUAL_PROMPT_TUNING", "COMPT")
+METHODS = (
+    "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "RESIDUAL_PROMPT_TUNING", "COMPT", "BAYESIAN_PROMPT_TUNING"
+)
+OURS = ("RESIDUAL_PROMPT_TUNING", "COMPT", "BAYESIAN_PROMPT_TUNING")
 NUM_TASKS = 2
 
 
@@ -46,6 +50,8 @@ def _peft_config(method: str, args):
         return ppt.ResidualPromptConfig(**common, bottleneck_size=args.bottleneck_size)
     if method == "COMPT":
         return ppt.ComPTConfig(**common, num_tasks=NUM_TASKS, num_source_prompts=4)
+    if method == "BAYESIAN_PROMPT_TUNING":  # the source stage: 4 SVGD particles, one per quarter of the batch
+        return ppt.BayesianPromptConfig(**common, num_particles=4)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -112,7 +118,7 @@ def measure(method: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(os.path.join(tmp, "adapter"))
         folders = {"reloaded": os.path.join(tmp, "adapter")}
-        if method in ("RESIDUAL_PROMPT_TUNING", "COMPT"):
+        if method in OURS:
             ppt.export_prompt_tuning(model, os.path.join(tmp, "exported"), task=0 if method == "COMPT" else None)
             folders["exported"] = os.path.join(tmp, "exported")
         for name, folder in folders.items():

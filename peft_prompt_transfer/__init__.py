@@ -8,6 +8,14 @@ transformers Trainer, `generate`) works with them unchanged.
 __version__ = "0.1.0"
 
 from . import _peft_integration
+from .bayesian import (
+    BAYESIAN_PROMPT_TUNING,
+    BayesianPromptConfig,
+    BayesianPromptEncoder,
+    ParticleReplicationCollator,
+    ensemble_predict,
+    load_posterior,
+)
 from .compt import (
     COMPT,
     ComPTConfig,
@@ -24,9 +32,15 @@ from .residual import RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualProm
 _peft_integration.install()
 _peft_integration.register_method(RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder)
 _peft_integration.register_method(COMPT, ComPTConfig, ComPTEncoder)
+_peft_integration.register_method(BAYESIAN_PROMPT_TUNING, BayesianPromptConfig, BayesianPromptEncoder)
 
 __all__ = [
     "__version__",
+    "BayesianPromptConfig",
+    "BayesianPromptEncoder",
+    "ParticleReplicationCollator",
+    "ensemble_predict",
+    "load_posterior",
     "ComPTConfig",
     "ComPTEncoder",
     "add_tasks",

@@ -78,7 +78,7 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
     data term can still dwarf the repulsion for long prompts on wide models: lower `likelihood_scale` there
     (roughly in proportion to `sqrt(3840 / (num_virtual_tokens * token_dim))` keeps the measured balance), and
     raise it if the data is not being fitted. The prior's default scale, 10, is an L2 penalty of
-    `0.01/2 * ||P||^2` on the mean loss (the usual weight-decay strength). It matters with Adam, which scales every
+    `0.01/2 * ||P||^2` on the mean loss (a common weight-decay strength). It matters with Adam, which scales every
     coordinate's step to the learning rate and so turns the small repulsive gradient in directions the data does
     not constrain into full-size steps: in the run above the particles' norms stayed at about 12 (plain prompt
     tuning's prompt reached 15 in the same 150 steps) and their distances at 1.6 times their norms, while with
@@ -105,7 +105,8 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         target_init (`str`): Target: the initial prompt: `"mean"` (default: the posterior mean), `"particle:<k>"`
             (particle k), or `"sample"` (a draw from the Gaussian with the particles' mean and per-entry variance).
         regularization_weight (`float`): Target: the weight λ of `λ/2 * ||P - mean||^2` added to the mean loss.
-            Default 0.01. 0 turns the regulariser off.
+            Default 0.01: the source stage's default prior (`prior_scale=10`, an L2 penalty of 0.01), re-centred on
+            the posterior mean, i.e. the target prompt's prior is `N(mean, 10^2 I)`. 0 turns the regulariser off.
         prompt_tuning_init, prompt_tuning_init_text, tokenizer_name_or_path, tokenizer_kwargs:
             Source: how each particle is initialised, as in peft's `PromptTuningConfig` (each particle draws its own
             `RANDOM` / `SAMPLE_VOCAB` prompt).

@@ -72,7 +72,7 @@ def _apply_step_transforms(optimizer: torch.optim.Optimizer, args, kwargs) -> No
 # ----------------------------------------------------------------------------------------------
 
 
-def particle_assignment(batch_size: int, num_particles: int, device: Optional[torch.device] = None) -> torch.Tensor:
+def assign_particles(batch_size: int, num_particles: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """The particle of each row of a batch: row `b` goes to particle `b mod M`.
 
     Round robin (rather than contiguous blocks) keeps the assignment the same when a batch is split into
@@ -91,7 +91,7 @@ def expand_for_particles(batch: Mapping[str, Any], num_particles: int) -> dict[s
     """Repeat every example of a batch M times in a row, so that every particle sees every example.
 
     Row `b * M + m` of the result is example `b`, and the encoder gives it to particle `m`
-    ([`particle_assignment`]), so one forward pass over the expanded batch evaluates all M particles on all
+    ([`assign_particles`]), so one forward pass over the expanded batch evaluates all M particles on all
     examples. Every tensor whose first dimension is the batch size (`input_ids`, `attention_mask`, `labels`,
     `task_ids`, `decoder_input_ids`, ...) is expanded; other values are kept as they are.
     """
@@ -379,7 +379,7 @@ class BayesianPromptEncoder(TransferPromptEncoder):
                     f"data_collator=ParticleReplicationCollator({num_particles}, your_collator) to the Trainer (or "
                     "expand_for_particles(batch, num_particles) in your own loop)."
                 )
-        rows = particle_assignment(batch_size, num_particles, weight.device)
+        rows = assign_particles(batch_size, num_particles, weight.device)
         prompts = weight.index_select(0, rows)
         if batch_size % num_particles and torch.is_grad_enabled() and weight.requires_grad:
             # Particle j has n_j of the B rows; scaling its rows' gradient by B / (M n_j) makes M * dLoss/dP_j the
@@ -438,7 +438,7 @@ class BayesianPromptEncoder(TransferPromptEncoder):
         if task is not None:
             raise ValueError(f"{BAYESIAN_PROMPT_TUNING} has a single (shared) prompt; call without `task`.")
         if self.config.stage == "source":  # a plain prompt-tuning adapter can only hold one prompt: the mean
-            return self.mean().clone()
+            return self.mean()
         return self.embedding.weight.detach().clone()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -32,9 +32,9 @@ def pairwise_sq_distances(particles: torch.Tensor) -> torch.Tensor:
 def median_bandwidth(sq_distances: torch.Tensor) -> torch.Tensor:
     """The median heuristic `h = med / log(M + 1)` for the kernel `exp(-||x - y||^2 / h)`.
 
-    `med` is the median squared distance between distinct particles, so a typical pair has kernel value
-    `1 / (M + 1)`: the sum of the kernel over the other particles stays of order one however many there are
-    (Liu & Wang's reference code; `log(M + 1)` rather than `log M` keeps `M = 1` finite).
+    `med` is the median squared distance between distinct pairs of particles, so a typical pair has kernel value
+    `1 / (M + 1)` and the kernel summed over the other particles stays of order one however many there are
+    (Liu & Wang, 2016; `log(M + 1)` rather than `log M`, as in their reference code, keeps `M = 1` finite).
 
     When more than half of the pairs coincide the median is 0, which would make the kernel a point mass and its
     gradient 0/0; the mean squared distance is used instead, and when every particle coincides `h = 1` (the
