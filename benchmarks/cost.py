@@ -179,9 +179,10 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(measure(args.worker, args)))
         return []
 
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--output",)]
-    if args.output:
-        forwarded = [a for i, a in enumerate(forwarded) if not (i > 0 and forwarded[i - 1] == "--output")]
+    given = list(argv if argv is not None else sys.argv[1:])
+    # the workers get every option but --output (and its value)
+    forwarded = [a for i, a in enumerate(given)
+                 if a != "--output" and not a.startswith("--output=") and not (i and given[i - 1] == "--output")]
     records = []
     for method in args.methods:
         result = subprocess.run(

@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
             task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens, bottleneck_size=args.bottleneck_size
         ),
     }
-    results, residual = {}, None
+    results, residual, predictions = {}, None, {}
     for name, config in configs.items():
         _, base = load_classifier("minilm", num_labels=2, seed=args.seed)
         model = get_peft_model(base, config)
@@ -97,6 +97,7 @@ def main(argv=None) -> dict:
         seconds = time.perf_counter() - start
         model.eval()
         logits = predict(trainer, model, dev_set)
+        predictions[name] = logits.argmax(-1)
         results[name] = {"accuracy": metric("sst2", dev_set["labels"], logits.argmax(-1)), "train_seconds": seconds,
                          "trainable_params": model.get_nb_trainable_parameters()[0]}
         if isinstance(config, peft_prompt_transfer.ResidualPromptConfig):
@@ -118,6 +119,9 @@ def main(argv=None) -> dict:
     print(f"{'method':<26}{'accuracy':>10}{'train s':>10}{'trainable':>12}")
     for name, row in results.items():
         print(f"{name:<26}{row['accuracy']:>10.4f}{row['train_seconds']:>10.1f}{row['trainable_params']:>12,}")
+    first, second = predictions.values()
+    print(f"the two methods agree on {float((first == second).mean()):.1%} of the dev examples; "
+          f"{float(first.mean()):.1%} / {float(second.mean()):.1%} predicted positive")
     print(f"\nresidual adapter saved to {adapter_dir} and reloaded: max |logit diff| = {reload_diff:.2e}")
     print(f"exported to plain peft PROMPT_TUNING at {export_dir}: max |logit diff| = {export_diff:.2e}")
     if max(reload_diff, export_diff) > 1e-4:
