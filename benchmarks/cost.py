@@ -21,11 +21,9 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 METHODS = (
     "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "RESIDUAL_PROMPT_TUNING", "COMPT", "BAYESIAN_PROMPT_TUNING"
@@ -55,18 +53,6 @@ def _peft_config(method: str, args):
     raise ValueError(f"unknown method {method!r}")
 
 
-def _median_seconds(fn, warmup: int, repeats: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    quartiles = statistics.quantiles(times, n=4)
-    return statistics.median(times), quartiles[2] - quartiles[0]
-
-
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -78,6 +64,7 @@ def measure(method: str, args) -> dict:
     from peft import PeftModel, get_peft_model
 
     import peft_prompt_transfer as ppt
+    from benchmarks.harness import median_and_iqr, time_repeats
     from benchmarks.models import load_classifier
 
     torch.manual_seed(0)
@@ -107,7 +94,7 @@ def measure(method: str, args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    step, step_iqr = _median_seconds(train_step, args.warmup, args.repeats)
+    step, step_iqr = median_and_iqr(time_repeats(train_step, args.warmup, args.repeats))
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
@@ -131,7 +118,7 @@ def measure(method: str, args) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
-            latencies[name] = _median_seconds(infer, args.warmup, args.repeats)[0]
+            latencies[name] = median_and_iqr(time_repeats(infer, args.warmup, args.repeats))[0]
     return {
         "method": method,
         "model": args.model,

@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from typing import Optional
 
 import torch
@@ -24,14 +23,12 @@ from peft import PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import peft_prompt_transfer  # noqa: F401  (registers the methods)
+from benchmarks.harness import time_repeats
 from peft_prompt_transfer.bayesian import (
     BAYESIAN_PROMPT_TUNING,
     BayesianPromptConfig,
-    BayesianPromptEncoder,
     expand_for_particles,
 )
-
-# idempotent; needed until the package __init__ registers the method
 
 PARTICLES = (1, 2, 4, 8, 16)
 
@@ -55,15 +52,13 @@ def time_steps(model, batch: dict, args) -> list[float]:
     """Seconds per training step: `args.warmup` untimed steps, then `args.repeats` timed ones."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    times = []
-    for step in range(args.warmup + args.repeats):
-        start = time.perf_counter()
+
+    def step():
         model(**batch).loss.backward()
         optimizer.step()  # the SVGD transform runs here, in the optimizer's step pre-hook
         optimizer.zero_grad()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return times
+
+    return time_repeats(step, args.warmup, args.repeats)
 
 
 def run(args) -> dict:

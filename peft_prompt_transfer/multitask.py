@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import torch
+
+if TYPE_CHECKING:  # imported where it is used, so that the package itself does not need `datasets`
+    import datasets
 
 TASK_IDS_HELP = (
     "Pass `task_ids` (a LongTensor of shape [batch_size] with one task index per example) to forward() and "

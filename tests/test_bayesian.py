@@ -14,9 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_prompt_transfer import _peft_integration, combine_tasks, export_prompt_tuning
 from peft_prompt_transfer.bayesian import (
-    BAYESIAN_PROMPT_TUNING,
     BayesianPromptConfig,
-    BayesianPromptEncoder,
     ParticleReplicationCollator,
     assign_particles,
     ensemble_predict,

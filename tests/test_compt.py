@@ -58,8 +58,8 @@ def test_sparsemax_hand_computed_values():
 
 def test_sparsemax_gradient_matches_finite_differences():
     torch.manual_seed(0)
-    for logits in (torch.tensor([[1.0, 0.8, 0.1, -0.5]]), torch.randn(5, 6) * 2):
-        z = logits.double().requires_grad_()
+    for point in (torch.tensor([[1.0, 0.8, 0.1, -0.5]]), torch.randn(5, 6) * 2):
+        z = point.double().requires_grad_()
         assert torch.autograd.gradcheck(sparsemax, (z,), eps=1e-6, atol=1e-6)
     # hand-computed Jacobian on the support {0, 1}: d p / d z = I - 1/2
     z = torch.tensor([1.0, 0.8, 0.1], requires_grad=True)

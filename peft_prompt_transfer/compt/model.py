@@ -6,7 +6,6 @@ import math
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..base import TransferPromptEncoder, initial_prompt
