@@ -359,8 +359,8 @@ def test_trainer_uses_per_group_learning_rates(tmp_path):
     assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is optimizer  # accelerate may wrap it
     assert torch.equal(encoder.router.trainable, router_before)
     # one Adam step moves each parameter by about its learning rate
-    source_step = float((encoder.embedding.weight - sources_before).abs().max())
-    private_step = float((encoder.private.trainable - private_before).abs().max())
+    source_step = float((encoder.embedding.weight.detach() - sources_before).abs().max())
+    private_step = float((encoder.private.trainable.detach() - private_before).abs().max())
     assert source_step == pytest.approx(0.1, rel=0.05) and private_step == pytest.approx(0.01, rel=0.05)
 
 
