@@ -17,6 +17,13 @@ more than that today:
    that someone without the plugin learns what to install.
 7. peft < 0.21 has no `BasePromptEncoder` save/load hooks: `get_peft_model_state_dict` /
    `set_peft_model_state_dict` are wrapped so that our encoders' hooks run there too.
+8. `PeftModel.save_pretrained` writes our adapters into a staging folder beside the target and then moves
+   each file into place, so a failed or interrupted save leaves the previous adapter intact.
+9. `PeftModel.load_adapter` turns a truncated or corrupted `adapter_model.safetensors` of our adapters
+   into an error that names the file and the fix (peft raises a bare `SafetensorError`).
+10. `PeftConfigMixin.from_json_file` names the file and the fix when `adapter_config.json` is not valid
+   JSON. This is the one hook that acts on every adapter type (peft's too), since the type is in the file
+   it cannot read; it only changes the error message (a `ValueError`, as `JSONDecodeError` is).
 
 Every patch checks the active config's `peft_type` and calls peft's original function for
 anything that is not ours, so peft's own methods behave exactly as without the plugin. The
@@ -28,7 +35,10 @@ oldest and newest releases.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
+import tempfile
 import warnings
 from typing import Any, Callable, Optional
 
@@ -37,11 +47,13 @@ import peft.peft_model as peft_model_module
 import torch
 from packaging.version import Version
 from peft import PeftModel, PeftModelForSeq2SeqLM, PromptTuningConfig
+from peft.config import PeftConfigMixin
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners import tuners_utils
 from peft.utils import PeftType, register_peft_method
 from peft.utils import save_and_load
 from peft.utils.other import _get_batch_size
+from safetensors import SafetensorError
 
 PACKAGE_NAME = "peft-prompt-transfer"
 IMPORT_LINE = "import peft_prompt_transfer"
@@ -121,12 +133,13 @@ def register_method(peft_type: str, config_cls: type, encoder_cls: type) -> None
 
 
 def _patch(owner: Any, name: str, make_wrapper: Callable[[Callable], Callable]) -> None:
-    original = getattr(owner, name)
+    is_classmethod = isinstance(vars(owner).get(name), classmethod)
+    original = vars(owner)[name].__func__ if is_classmethod else getattr(owner, name)
     if getattr(original, _PATCH_MARKER, None) is not None:
         return  # already installed
     wrapper = functools.wraps(original)(make_wrapper(original))
     setattr(wrapper, _PATCH_MARKER, original)
-    setattr(owner, name, wrapper)
+    setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
 
 
 def prompt_tuning_config_like(config, **overrides) -> PromptTuningConfig:
@@ -269,6 +282,77 @@ def _wrap_create_or_update_model_card(original):
     return create_or_update_model_card
 
 
+def _move_into(staging: str, target: str) -> None:
+    """Move every file of `staging` into `target` (same file system), replacing files one by one."""
+    for root, _, files in os.walk(staging):
+        destination = os.path.join(target, os.path.relpath(root, staging))
+        os.makedirs(destination, exist_ok=True)
+        for name in files:
+            os.replace(os.path.join(root, name), os.path.join(destination, name))
+
+
+def _wrap_save_pretrained(original):
+    def save_pretrained(self, save_directory: str, *args, **kwargs):
+        if not any(is_ours(config) for config in self.peft_config.values()):
+            return original(self, save_directory, *args, **kwargs)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        parent = os.path.dirname(os.path.abspath(save_directory))
+        try:
+            os.makedirs(parent, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".saving-", dir=parent)
+        except OSError as err:
+            raise OSError(
+                f"Cannot save the adapter to {save_directory}: {err}. Choose a directory you can write to; "
+                "nothing was written and any adapter already there is unchanged."
+            ) from err
+        try:
+            card = os.path.join(save_directory, "README.md")
+            if os.path.exists(card):  # peft updates an existing model card rather than replacing it
+                shutil.copy2(card, os.path.join(staging, "README.md"))
+            original(self, staging, *args, **kwargs)
+            _move_into(staging, save_directory)
+        except OSError as err:
+            raise OSError(
+                f"Saving the adapter to {save_directory} failed: {err}. The files already there were each left "
+                "either as they were or fully replaced, never half-written; free space or fix permissions and save "
+                "again."
+            ) from err
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    return save_pretrained
+
+
+def _wrap_load_adapter(original):
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        try:
+            return original(self, model_id, adapter_name, *args, **kwargs)
+        except SafetensorError as err:
+            if not is_ours(self.peft_config.get(adapter_name)):
+                raise
+            raise ValueError(
+                f"Could not read the adapter weights (adapter_model.safetensors) of {str(model_id)!r}: {err}. The file "
+                "is truncated or corrupted. Save the adapter again, or, for a Hub adapter, delete it from the cache "
+                "(`hf cache delete` / huggingface-cli delete-cache) and download it again."
+            ) from err
+
+    return load_adapter
+
+
+def _wrap_from_json_file(original):
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        try:
+            return original(cls, path_json_file, **kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path_json_file} is not valid JSON ({err}): the adapter config is damaged or truncated. Save the "
+                "adapter again, or, for a Hub adapter, delete it from the cache and download it again."
+            ) from err
+
+    return from_json_file
+
+
 # ----------------------------------------------------------------------------------------------
 # peft < 0.21: state-dict dispatch that newer peft does through BasePromptEncoder hooks
 # ----------------------------------------------------------------------------------------------
@@ -325,6 +409,9 @@ def install() -> None:
     _patch(PeftModel, "create_or_update_model_card", _wrap_create_or_update_model_card)
     _patch(PeftModelForSeq2SeqLM, "forward", _wrap_seq2seq_forward)
     _patch(PeftModelForSeq2SeqLM, "generate", _wrap_seq2seq_generate)
+    _patch(PeftModel, "save_pretrained", _wrap_save_pretrained)
+    _patch(PeftModel, "load_adapter", _wrap_load_adapter)
+    _patch(PeftConfigMixin, "from_json_file", _wrap_from_json_file)
     if not HAS_PROMPT_ENCODER_HOOKS:
         _wrap_state_dict_functions()
 
@@ -338,6 +425,9 @@ def installed_patches() -> dict[str, Callable]:
         (PeftModel, "create_or_update_model_card"),
         (PeftModelForSeq2SeqLM, "forward"),
         (PeftModelForSeq2SeqLM, "generate"),
+        (PeftModel, "save_pretrained"),
+        (PeftModel, "load_adapter"),
+        (PeftConfigMixin, "from_json_file"),
     ]
     if not HAS_PROMPT_ENCODER_HOOKS:
         owners += [(save_and_load, "get_peft_model_state_dict"), (save_and_load, "set_peft_model_state_dict")]

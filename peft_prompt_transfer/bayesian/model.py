@@ -420,6 +420,13 @@ class BayesianPromptEncoder(TransferPromptEncoder):
         without a `torch.optim.Optimizer`.
         """
         weight = self.embedding.weight
+        if not torch.isfinite(grad).all():
+            # raised before the optimizer steps: the prompts keep their last finite values
+            raise FloatingPointError(
+                f"The {BAYESIAN_PROMPT_TUNING} prompt gradient has NaN or inf entries (the loss was probably not "
+                "finite), so the optimizer step was stopped and the prompts are unchanged. Lower the learning rate or "
+                "likelihood_scale, train in float32, or check the batch for empty or invalid labels."
+            )
         if self.config.stage == "source":
             return svgd_gradient(
                 weight,
