@@ -1,0 +1,92 @@
+"""Train one method with the stock Trainer, in one process or as one rank of a torchrun / accelerate launch.
+
+Used by tests/test_distributed.py: the same global batch (4 examples per step) is either one process's batch or
+2 processes x 2 examples (DDP, gloo backend on the CPU). Rank 0 writes the losses and the trained adapter state.
+
+    python tests/ddp_worker.py --method compt --out DIR --per-device-batch 4
+    torchrun --nproc_per_node 2 tests/ddp_worker.py --method compt --out DIR --per-device-batch 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from conftest import TINY_MODELS, ListDataset, stack_collator  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualPromptConfig  # noqa: E402
+
+CONFIGS = {
+    "residual": lambda: ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8),
+    "compt": lambda: ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, task_names=["a", "b", "c"],
+                                 num_source_prompts=2, normalization="sparsemax"),
+    "bayesian": lambda: BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2),
+}
+
+
+def dataset(method: str) -> ListDataset:
+    """4 examples of equal length (so a mean over 4 equals the mean of two means over 2).
+
+    The Trainer shuffles differently with one and with two processes, so every step must see all 4 examples;
+    for the SVGD source stage, where row b of a batch goes to particle b mod M, the 4 examples are identical so
+    that the pairing of examples with particles cannot depend on the order either.
+    """
+    generator = torch.Generator().manual_seed(0)
+    if method == "bayesian":
+        input_ids = torch.randint(3, 64, (1, 6), generator=generator).repeat(4, 1)
+    else:
+        input_ids = torch.randint(3, 64, (4, 6), generator=generator)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "labels": torch.full_like(input_ids, 5)}
+    if method == "compt":
+        batch["task_ids"] = torch.tensor([0, 2, 1, 2])  # batches mix tasks
+    return ListDataset(batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--per-device-batch", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    base = TINY_MODELS["gpt2"].build()
+    for module in base.modules():  # dropout masks differ between 1 and 2 processes; nothing else may
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model = get_peft_model(base, CONFIGS[args.method]())
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=args.out, per_device_train_batch_size=args.per_device_batch, max_steps=args.steps,
+            learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+            use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False,
+            ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+            ddp_find_unused_parameters=False,
+        ),
+        train_dataset=dataset(args.method),
+        data_collator=stack_collator,
+    )
+    trainer.train()
+    if trainer.is_world_process_zero():
+        state = {k: v.contiguous() for k, v in model.prompt_encoder["default"].adapter_state_dict().items()}
+        save_file(state, os.path.join(args.out, "state.safetensors"))
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        with open(os.path.join(args.out, "run.json"), "w") as f:
+            json.dump({"losses": losses, "world_size": trainer.args.world_size}, f)
+
+
+if __name__ == "__main__":
+    main()
