@@ -127,7 +127,8 @@ class TransferPromptEncoder(BasePromptEncoder):
 
     def __init__(self, config: TransferPromptLearningConfig, word_embeddings: torch.nn.Module):
         super().__init__()
-        hidden_size = word_embeddings.weight.shape[-1]
+        # under DeepSpeed ZeRO-3 the weight is a shape-[0] shard and the real shape is in `ds_shape`
+        hidden_size = tuple(getattr(word_embeddings.weight, "ds_shape", word_embeddings.weight.shape))[-1]
         if config.token_dim != hidden_size:
             raise ValueError(
                 f"This {config.peft_type.value} adapter was made for a base model with token_dim={config.token_dim}, "

@@ -170,3 +170,22 @@ def test_library_never_unpickles(tmp_path):
     source = "\n".join(p.read_text() for p in pathlib.Path(peft_prompt_transfer.__file__).parent.rglob("*.py"))
     assert "torch.load" not in source and "import pickle" not in source
 
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_zero3_partitioned_word_embeddings_are_measured_by_ds_shape(method):
+    """Under DeepSpeed ZeRO-3 a parameter is a shape-[0] shard with its real shape in `ds_shape` (peft issue #206)."""
+    embeddings = torch.nn.Embedding(64, 32)
+    sharded = torch.nn.Parameter(torch.empty(0))
+    sharded.ds_shape = torch.Size([64, 32])
+    embeddings.weight = sharded
+    config = CONFIGS[method]()
+    config.token_dim = 32
+    encoder_cls = {"residual": "ResidualPromptEncoder", "compt": "ComPTEncoder", "bayesian": "BayesianPromptEncoder"}
+    import peft_prompt_transfer
+
+    encoder = getattr(peft_prompt_transfer, encoder_cls[method])(config, embeddings)
+    assert encoder.embedding.weight.shape[-1] == 32
+    config.token_dim = 48
+    with pytest.raises(ValueError, match="token_dim=48.*hidden size 32"):
+        getattr(peft_prompt_transfer, encoder_cls[method])(config, embeddings)
