@@ -86,6 +86,9 @@ def main() -> None:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({"losses": losses, "world_size": trainer.args.world_size}, f)
+    if torch.distributed.is_initialized():
+        # tear the gloo group down before exit: left to interpreter shutdown it can abort the process
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
