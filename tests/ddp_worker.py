@@ -87,8 +87,13 @@ def main() -> None:
         with open(os.path.join(args.out, "run.json"), "w") as f:
             json.dump({"losses": losses, "world_size": trainer.args.world_size}, f)
     if torch.distributed.is_initialized():
-        # tear the gloo group down before exit: left to interpreter shutdown it can abort the process
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()  # rank 0 has written its files
+    # Exit without running destructors: tearing down DDP's gloo process group at interpreter exit can deadlock
+    # (the Reducer's destructor joins a gloo thread that waits for the GIL) or abort ("terminate called without
+    # an active exception"), a torch shutdown issue unrelated to training.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,8 +36,16 @@ def _free_port() -> int:
 def _launch(prefix: list[str], method: str, out: Path, per_device_batch: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1")
     command = [*prefix, str(WORKER), "--method", method, "--out", str(out), "--per-device-batch", str(per_device_batch)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # a session of its own, so that a hang can be ended with every worker the launcher started
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:4])} did not finish in 300 s:\n{stderr[-4000:]}")
+    assert process.returncode == 0, stderr[-4000:]
     run = json.loads((out / "run.json").read_text())
     run["state"] = load_file(out / "state.safetensors")
     return run
