@@ -21,7 +21,11 @@ more than that today:
    each file into place, so a failed or interrupted save leaves the previous adapter intact.
 9. `PeftModel.load_adapter` turns a truncated or corrupted `adapter_model.safetensors` of our adapters
    into an error that names the file and the fix (peft raises a bare `SafetensorError`).
-10. `PeftConfigMixin.from_json_file` names the file and the fix when `adapter_config.json` is not valid
+10. `PeftModel.push_to_hub` (transformers' `PushToHubMixin`) saves the folder and then overwrites its
+   `README.md` with the repo's card or a transformers template (`library_name: transformers`, no import
+   line). For our adapters the card is put right just before the upload (`_upload_modified_files`): a
+   template is replaced by the card `save_pretrained` writes, an existing repo card is updated as peft does.
+11. `PeftConfigMixin.from_json_file` names the file and the fix when `adapter_config.json` is not valid
    JSON. This is the one hook that acts on every adapter type (peft's too), since the type is in the file
    it cannot read; it only changes the error message (a `ValueError`, as `JSONDecodeError` is).
 
@@ -340,6 +344,42 @@ def _wrap_load_adapter(original):
     return load_adapter
 
 
+# transformers' template card for a repo that has none (transformers.utils.hub.create_and_tag_model_card)
+_TRANSFORMERS_TEMPLATE_MARK = "model card of a 🤗 transformers model that has been pushed on the Hub"
+
+
+def _wrap_push_to_hub(original):
+    def push_to_hub(self, *args, **kwargs):
+        if not any(is_ours(config) for config in self.peft_config.values()):
+            return original(self, *args, **kwargs)
+        from huggingface_hub import ModelCard
+
+        upload = self._upload_modified_files
+
+        def upload_with_our_card(working_dir, *upload_args, **upload_kwargs):
+            card_path = os.path.join(working_dir, "README.md")
+            card = ModelCard.load(card_path)
+            if card.data.get("library_name") == "transformers" and _TRANSFORMERS_TEMPLATE_MARK in card.text:
+                tags = list(card.data.get("tags") or [])  # the push_to_hub(tags=...) the user asked for
+                os.remove(card_path)
+                self.create_or_update_model_card(working_dir)  # what save_pretrained writes
+                if tags:
+                    card = ModelCard.load(card_path)
+                    card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags))
+                    card.save(card_path)
+            else:
+                self.create_or_update_model_card(working_dir)
+            return upload(working_dir, *upload_args, **upload_kwargs)
+
+        self._upload_modified_files = upload_with_our_card  # this call only
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self._upload_modified_files
+
+    return push_to_hub
+
+
 def _wrap_from_json_file(original):
     def from_json_file(cls, path_json_file: str, **kwargs):
         try:
@@ -411,6 +451,7 @@ def install() -> None:
     _patch(PeftModelForSeq2SeqLM, "generate", _wrap_seq2seq_generate)
     _patch(PeftModel, "save_pretrained", _wrap_save_pretrained)
     _patch(PeftModel, "load_adapter", _wrap_load_adapter)
+    _patch(PeftModel, "push_to_hub", _wrap_push_to_hub)
     _patch(PeftConfigMixin, "from_json_file", _wrap_from_json_file)
     if not HAS_PROMPT_ENCODER_HOOKS:
         _wrap_state_dict_functions()
@@ -427,6 +468,7 @@ def installed_patches() -> dict[str, Callable]:
         (PeftModelForSeq2SeqLM, "generate"),
         (PeftModel, "save_pretrained"),
         (PeftModel, "load_adapter"),
+        (PeftModel, "push_to_hub"),
         (PeftConfigMixin, "from_json_file"),
     ]
     if not HAS_PROMPT_ENCODER_HOOKS:

@@ -1,0 +1,227 @@
+"""The Hugging Face Hub: downloads from a real Hub-protocol server, and what push_to_hub uploads.
+
+Downloads: olah (see hub_server.py) serves git repositories, each holding two versions of an adapter as
+`save_pretrained` wrote them, offline on 127.0.0.1. A fresh interpreter with `HF_ENDPOINT` pointing at it loads
+`PeftModel.from_pretrained(base, "org/name", revision=...)` and must reproduce the logits of the version asked for.
+
+Uploads: no server here accepts them, so push_to_hub runs with `HfApi.create_repo` / `HfApi.create_commit`
+intercepted, and what it would upload is compared with what `save_pretrained` writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import hub_server
+import pytest
+import torch
+from conftest import TINY_MODELS, logits, make_batch
+from huggingface_hub import HfApi, ModelCard, RepoUrl, constants
+from peft import get_peft_model
+
+from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualPromptConfig
+from peft_prompt_transfer.bayesian import load_posterior
+
+N_TOKENS = 4
+
+
+@dataclass
+class Hub:
+    url: str
+    mirrors: Path
+
+    def publish(self, repo_id: str, versions: list[Path]) -> list[str]:
+        return hub_server.publish(self.mirrors, repo_id, versions)
+
+    def check(self, checks: list[dict], work_dir: Path) -> None:
+        """Run `checks` in a fresh interpreter against this Hub; every one must pass."""
+        spec = work_dir / "checks.pt"
+        torch.save(checks, spec)
+        result = hub_server.run_client(self.url, spec, work_dir)
+        assert result.returncode == 0, f"the Hub client failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        done = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+        assert done == [f"ok {check['name']}" for check in checks], result.stdout
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory) -> Iterator[Hub]:
+    if importlib.util.find_spec("olah") is None:
+        pytest.skip("olah (the local Hub server) is not installed: pip install -e '.[test]'")
+    work_dir = tmp_path_factory.mktemp("hub")
+    mirrors = work_dir / "mirrors"
+    mirrors.mkdir()
+    with hub_server.olah_server(mirrors, work_dir) as url:
+        yield Hub(url, mirrors)
+
+
+def save_versions(tmp_path: Path, name: str, make_model, inputs: dict) -> tuple[list[Path], list[torch.Tensor]]:
+    """Versions 1 and 2 of an adapter, `make_model(version)` after `torch.manual_seed(version)` (so their random
+    initialisations differ), saved to tmp_path/name-v1 and -v2; returns the folders and their logits on `inputs`."""
+    folders, outputs = [], []
+    for version in (1, 2):
+        torch.manual_seed(version)
+        model = make_model(version).eval()
+        folder = tmp_path / f"{name}-v{version}"
+        model.save_pretrained(folder)
+        folders.append(folder)
+        outputs.append(logits(model, inputs))
+    # otherwise loading the wrong revision would go unnoticed
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-2
+    return folders, outputs
+
+
+def client_base(tiny, tmp_path: Path) -> dict:
+    """How the client builds the base model: from the folder where tiny.saved(tmp_path) saved it."""
+    return dict(auto_class=tiny.auto_cls.__name__, base=tiny.saved(tmp_path).name_or_path)
+
+
+def inputs_for(tiny, **extra) -> dict:
+    inputs = {k: v for k, v in make_batch(tiny, seed=3).items() if k != "labels"}
+    if tiny.kind == "seq2seq":  # passed explicitly, so the client's forward gets exactly what logits() used
+        inputs["decoder_input_ids"] = torch.tensor([[0, 5, 7]] * len(inputs["input_ids"]))
+    return {**inputs, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# downloads from the server
+# ---------------------------------------------------------------------------------------------
+
+
+def test_residual_adapter_from_the_hub_at_each_revision(hub, tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    inputs = inputs_for(tiny)
+    folders, (old, new) = save_versions(tmp_path, "residual", lambda version: get_peft_model(
+        tiny.saved(tmp_path), ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS,
+                                                   bottleneck_size=16)), inputs)
+    first, _ = hub.publish("org/residual", folders)
+
+    check = dict(client_base(tiny, tmp_path), adapter="org/residual", inputs=inputs)
+    # (a commit id is looked up in the client's cache before the server is asked, so it goes first)
+    hub.check([
+        dict(check, name="commit of v1", revision=first, expected_logits=old),
+        dict(check, name="tag v1", revision="v1", expected_logits=old),
+        dict(check, name="main", revision=None, expected_logits=new),
+    ], tmp_path)
+
+
+def test_compt_adapter_from_the_hub_at_each_revision(hub, tmp_path):
+    tiny = TINY_MODELS["bert"]
+    inputs = inputs_for(tiny, task_ids=torch.tensor([0, 1, 2, 1]))
+    folders, (old, new) = save_versions(tmp_path, "compt", lambda version: get_peft_model(
+        tiny.saved(tmp_path), ComPTConfig(task_type=tiny.task_type, task_names=["alpha", "beta", "gamma"],
+                                          num_source_prompts=3, num_virtual_tokens=N_TOKENS)), inputs)
+    first, _ = hub.publish("org/compt", folders)
+
+    check = dict(client_base(tiny, tmp_path), adapter="org/compt", inputs=inputs)
+    hub.check([
+        dict(check, name="commit of v1", revision=first, expected_logits=old),
+        dict(check, name="tag v2", revision="v2", expected_logits=new),
+        dict(check, name="main", revision=None, expected_logits=new),
+    ], tmp_path)
+
+
+def test_bayesian_posterior_and_target_from_the_hub(hub, tmp_path):
+    """The posterior and a target adapter load from the Hub at each revision, and a target built for training
+    with posterior="org/posterior" starts from the mean of the posterior at posterior_revision."""
+    tiny = TINY_MODELS["t5"]
+    inputs = inputs_for(tiny)
+    posteriors, (old_posterior, new_posterior) = save_versions(tmp_path, "posterior", lambda version: get_peft_model(
+        tiny.saved(tmp_path), BayesianPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS,
+                                                   num_particles=3)), inputs)
+    means = [load_posterior(folder).mean() for folder in posteriors]
+    # each target version starts from the posterior version of the same number (saved as a local directory here)
+    targets, (old_target, new_target) = save_versions(tmp_path, "target", lambda version: get_peft_model(
+        tiny.saved(tmp_path), BayesianPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS,
+                                                   stage="target", posterior=str(posteriors[version - 1]))), inputs)
+    first_posterior, _ = hub.publish("org/posterior", posteriors)
+    first_target, _ = hub.publish("org/target", targets)
+
+    model = client_base(tiny, tmp_path)
+    target = dict(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, stage="target", posterior="org/posterior")
+    hub.check([
+        dict(model, name="new target from the posterior at main", target_config=target, expected_prompt=means[1]),
+        dict(model, name="new target from the posterior at v1",
+             target_config=dict(target, posterior_revision=first_posterior), expected_prompt=means[0]),
+        dict(model, name="new target from a missing revision",
+             target_config=dict(target, posterior_revision="no-such-revision"),
+             expected_error=r"Cannot find the posterior 'org/posterior': it is not a local directory, and downloading "
+                            r"adapter_config.json from the Hugging Face Hub repo 'org/posterior' at revision "
+                            r"'no-such-revision' failed"),
+        dict(model, name="posterior at main", adapter="org/posterior", revision=None, inputs=inputs,
+             expected_logits=new_posterior),
+        dict(model, name="posterior at v1", adapter="org/posterior", revision="v1", inputs=inputs,
+             expected_logits=old_posterior),
+        dict(model, name="target at v1", adapter="org/target", revision=first_target, inputs=inputs,
+             expected_logits=old_target),
+        dict(model, name="target at main", adapter="org/target", revision=None, inputs=inputs,
+             expected_logits=new_target),
+    ], tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# push_to_hub
+# ---------------------------------------------------------------------------------------------
+
+PUSH_METHODS = {  # method tag -> (tiny model, config)
+    "residual_prompt_tuning": ("gpt2", lambda tiny: ResidualPromptConfig(
+        task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, bottleneck_size=16)),
+    "compt": ("bert", lambda tiny: ComPTConfig(
+        task_type=tiny.task_type, task_names=["alpha", "beta"], num_source_prompts=2, num_virtual_tokens=N_TOKENS)),
+    "bayesian_prompt_tuning": ("t5", lambda tiny: BayesianPromptConfig(
+        task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, num_particles=3)),
+}
+
+
+@dataclass
+class Pushed:
+    files: dict[str, bytes]  # what push_to_hub would upload, by path in the repo
+    saved: Path  # what save_pretrained writes
+    base_model: str
+    method_tag: str
+
+
+@pytest.fixture(params=sorted(PUSH_METHODS))
+def pushed(request, tmp_path, monkeypatch) -> Pushed:
+    """push_to_hub to a new repo, with its two Hub calls intercepted, and save_pretrained of the same model."""
+    name, make_config = PUSH_METHODS[request.param]
+    tiny = TINY_MODELS[name]
+    model = get_peft_model(tiny.saved(tmp_path), make_config(tiny))
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"{constants.ENDPOINT}/{repo_id}", endpoint=constants.ENDPOINT)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        # the files exist only during the call (push_to_hub writes them to a temporary directory)
+        commits.append((repo_id, {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    # Any other Hub request fails instead of leaving the machine. Reading the new repo's model card then finds
+    # none, as on a freshly created repo.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model.push_to_hub("someone/pushed-prompt")
+    model.save_pretrained(tmp_path / "saved")
+    assert [repo_id for repo_id, _ in commits] == ["someone/pushed-prompt"]  # one commit, to the repo asked for
+    return Pushed(commits[0][1], tmp_path / "saved", model.base_model.name_or_path, request.param)
+
+
+def test_push_to_hub_uploads_the_adapter_that_save_pretrained_writes(pushed):
+    saved = {path.name: path.read_bytes() for path in pushed.saved.iterdir()}
+    assert sorted(pushed.files) == sorted(saved) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert pushed.files[name] == saved[name], name
+
+
+def test_push_to_hub_uploads_the_model_card_that_save_pretrained_writes(pushed):
+    card = ModelCard(pushed.files["README.md"].decode())
+    assert card.data.library_name == "peft"
+    assert card.data.base_model == pushed.base_model
+    assert {"peft-prompt-transfer", pushed.method_tag} <= set(card.data.tags)
+    assert "import peft_prompt_transfer" in card.text
+    saved = ModelCard.load(pushed.saved / "README.md")
+    assert card.data.to_dict() == saved.data.to_dict()
+    assert card.text == saved.text
