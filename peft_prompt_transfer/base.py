@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -34,6 +35,8 @@ class TransferPromptLearningConfig(PromptLearningConfig):
         tokenizer_name_or_path (`str`, *optional*): The tokenizer for `"TEXT"` initialisation.
         tokenizer_kwargs (`dict`, *optional*): Keyword arguments for `AutoTokenizer.from_pretrained`.
         peft_plugin (`dict`): Which package provides this method and how to load it. Filled in automatically.
+        base_vocab_size (`int`, *optional*): The vocabulary size of the base model the adapter was made for. Filled
+            in automatically; loading onto a model with another vocabulary warns.
     """
 
     prompt_tuning_init: Union[PromptTuningInit, str] = field(
@@ -57,6 +60,10 @@ class TransferPromptLearningConfig(PromptLearningConfig):
                 f"`{IMPORT_LINE}` before loading it with peft."
             )
         },
+    )
+
+    base_vocab_size: Optional[int] = field(
+        default=None, metadata={"help": "Vocabulary size of the base model the adapter was made for (filled in)."}
     )
 
     def __post_init__(self):
@@ -128,13 +135,24 @@ class TransferPromptEncoder(BasePromptEncoder):
     def __init__(self, config: TransferPromptLearningConfig, word_embeddings: torch.nn.Module):
         super().__init__()
         # under DeepSpeed ZeRO-3 the weight is a shape-[0] shard and the real shape is in `ds_shape`
-        hidden_size = tuple(getattr(word_embeddings.weight, "ds_shape", word_embeddings.weight.shape))[-1]
+        vocab_size, hidden_size = tuple(getattr(word_embeddings.weight, "ds_shape", word_embeddings.weight.shape))
         if config.token_dim != hidden_size:
             raise ValueError(
                 f"This {config.peft_type.value} adapter was made for a base model with token_dim={config.token_dim}, "
                 f"but this base model's word embeddings have hidden size {hidden_size}. Load the adapter onto the "
                 "base model it was trained on (base_model_name_or_path in its adapter_config.json: "
                 f"{config.base_model_name_or_path!r})."
+            )
+        if config.base_vocab_size is None:
+            config.base_vocab_size = vocab_size
+        elif config.base_vocab_size != vocab_size:
+            # not an error: a model whose embeddings were resized for added tokens is still the right model
+            warnings.warn(
+                f"This {config.peft_type.value} adapter was made for a base model with a vocabulary of "
+                f"{config.base_vocab_size} tokens, but this one has {vocab_size}. Unless it is the same model with "
+                "added tokens, the prompt will not work: load the adapter onto the model named in "
+                f"adapter_config.json ({config.base_model_name_or_path!r}).",
+                stacklevel=2,
             )
         self.config = config
 

@@ -189,3 +189,17 @@ def test_zero3_partitioned_word_embeddings_are_measured_by_ds_shape(method):
     config.token_dim = 48
     with pytest.raises(ValueError, match="token_dim=48.*hidden size 32"):
         getattr(peft_prompt_transfer, encoder_cls[method])(config, embeddings)
+
+
+def test_another_vocabulary_warns(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    _, folder = saved(tmp_path)
+    assert json.loads((folder / CONFIG).read_text())["base_vocab_size"] == 64
+    torch.manual_seed(0)
+    other = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=80, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    with pytest.warns(UserWarning, match="vocabulary of 64 tokens, but this one has 80"):
+        PeftModel.from_pretrained(other, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        PeftModel.from_pretrained(TINY.build(), folder)  # the same vocabulary: no warning
