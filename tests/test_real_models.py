@@ -54,3 +54,38 @@ def test_minilm_sst2_train_save_load_export(tmp_path):
         loaded = PeftModel.from_pretrained(load_classifier("minilm", num_labels=2, seed=1)[1], tmp_path / folder).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_smollm2_from_its_gguf_package_with_a_residual_prompt(tmp_path, monkeypatch):
+    """SmolLM2-135M converts once from the packaged GGUF into a cached folder, and a residual prompt trains on it,
+    saves, reloads and exports with the same logits."""
+    from benchmarks.models import load_causal_lm, smollm2_path
+
+    monkeypatch.setenv("PEFT_PROMPT_TRANSFER_CACHE", os.environ.get("PEFT_PROMPT_TRANSFER_CACHE", str(tmp_path / "cache")))
+    path = smollm2_path()
+    assert smollm2_path() == path  # the second call reuses the cache
+    tokenizer, base = load_causal_lm("smollm2")
+    assert base.config.hidden_size == 576 and base.dtype == torch.float32
+    batch = tokenizer(["great movie. sentiment: positive", "awful plot. sentiment: negative"], return_tensors="pt",
+                      padding=True)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model = get_peft_model(base, ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=32))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path / "adapter")
+    export_prompt_tuning(model, tmp_path / "exported")
+    for folder in ("adapter", "exported"):
+        loaded = PeftModel.from_pretrained(load_causal_lm("smollm2")[1], tmp_path / folder).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-4, rtol=0)
