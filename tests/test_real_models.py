@@ -69,8 +69,12 @@ def test_smollm2_from_its_gguf_package_with_a_residual_prompt(tmp_path, monkeypa
     batch = tokenizer(["great movie. sentiment: positive", "awful plot. sentiment: negative"], return_tensors="pt",
                       padding=True)
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    model = get_peft_model(base, ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=32))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    torch.manual_seed(0)
+    config = ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=32,
+                                  prompt_tuning_init="SAMPLE_VOCAB")
+    model = get_peft_model(base, config)
+    # lr 3e-2 diverged on this 135M model; 1e-2 falls for every seed tried (0-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(6):
         loss = model(**batch).loss
