@@ -427,51 +427,41 @@ def _wrap_set_peft_model_state_dict(original):
     return set_peft_model_state_dict
 
 
-def _wrap_state_dict_functions() -> None:
-    for name, make_wrapper in (
-        ("get_peft_model_state_dict", _wrap_get_peft_model_state_dict),
-        ("set_peft_model_state_dict", _wrap_set_peft_model_state_dict),
-    ):
-        _patch(save_and_load, name, make_wrapper)
-        wrapped = getattr(save_and_load, name)
-        # modules that imported the function by name before we patched it
-        for module in (peft_model_module, peft.utils, peft):
-            if hasattr(module, name):
-                setattr(module, name, wrapped)
+# peft < 0.21 only: our encoders' save/load hooks (peft >= 0.21 calls them itself)
+_STATE_DICT_PATCHES = (
+    (save_and_load, "get_peft_model_state_dict", _wrap_get_peft_model_state_dict),
+    (save_and_load, "set_peft_model_state_dict", _wrap_set_peft_model_state_dict),
+)
+_PATCHES = (
+    (PeftModel, "_setup_prompt_encoder", _wrap_setup_prompt_encoder),
+    (PeftModel, "get_prompt", _wrap_get_prompt),
+    (PeftModel, "get_prompt_embedding_to_save", _wrap_get_prompt_embedding_to_save),
+    (PeftModel, "create_or_update_model_card", _wrap_create_or_update_model_card),
+    (PeftModelForSeq2SeqLM, "forward", _wrap_seq2seq_forward),
+    (PeftModelForSeq2SeqLM, "generate", _wrap_seq2seq_generate),
+    (PeftModel, "save_pretrained", _wrap_save_pretrained),
+    (PeftModel, "load_adapter", _wrap_load_adapter),
+    (PeftModel, "push_to_hub", _wrap_push_to_hub),
+    (PeftConfigMixin, "from_json_file", _wrap_from_json_file),
+) + (() if HAS_PROMPT_ENCODER_HOOKS else _STATE_DICT_PATCHES)
 
 
 def install() -> None:
     """Install all patches (idempotent)."""
     _check_peft_version()
-    _patch(PeftModel, "_setup_prompt_encoder", _wrap_setup_prompt_encoder)
-    _patch(PeftModel, "get_prompt", _wrap_get_prompt)
-    _patch(PeftModel, "get_prompt_embedding_to_save", _wrap_get_prompt_embedding_to_save)
-    _patch(PeftModel, "create_or_update_model_card", _wrap_create_or_update_model_card)
-    _patch(PeftModelForSeq2SeqLM, "forward", _wrap_seq2seq_forward)
-    _patch(PeftModelForSeq2SeqLM, "generate", _wrap_seq2seq_generate)
-    _patch(PeftModel, "save_pretrained", _wrap_save_pretrained)
-    _patch(PeftModel, "load_adapter", _wrap_load_adapter)
-    _patch(PeftModel, "push_to_hub", _wrap_push_to_hub)
-    _patch(PeftConfigMixin, "from_json_file", _wrap_from_json_file)
+    for owner, name, make_wrapper in _PATCHES:
+        _patch(owner, name, make_wrapper)
     if not HAS_PROMPT_ENCODER_HOOKS:
-        _wrap_state_dict_functions()
+        for owner, name, _ in _STATE_DICT_PATCHES:
+            # modules that imported the function by name before we patched it
+            for module in (peft_model_module, peft.utils, peft):
+                if hasattr(module, name):
+                    setattr(module, name, getattr(owner, name))
 
 
 def installed_patches() -> dict[str, Callable]:
     """The patched callables and peft's originals they delegate to (for tests and debugging)."""
-    owners = [
-        (PeftModel, "_setup_prompt_encoder"),
-        (PeftModel, "get_prompt"),
-        (PeftModel, "get_prompt_embedding_to_save"),
-        (PeftModel, "create_or_update_model_card"),
-        (PeftModelForSeq2SeqLM, "forward"),
-        (PeftModelForSeq2SeqLM, "generate"),
-        (PeftModel, "save_pretrained"),
-        (PeftModel, "load_adapter"),
-        (PeftModel, "push_to_hub"),
-        (PeftConfigMixin, "from_json_file"),
-    ]
-    if not HAS_PROMPT_ENCODER_HOOKS:
-        owners += [(save_and_load, "get_peft_model_state_dict"), (save_and_load, "set_peft_model_state_dict")]
-    return {f"{getattr(o, '__name__', o)}.{n}": getattr(getattr(o, n), _PATCH_MARKER, None) for o, n in owners}
-
+    return {
+        f"{getattr(owner, '__name__', owner)}.{name}": getattr(getattr(owner, name), _PATCH_MARKER, None)
+        for owner, name, _ in _PATCHES
+    }

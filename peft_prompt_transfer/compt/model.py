@@ -177,7 +177,8 @@ class ComPTEncoder(TransferPromptEncoder):
         sample = self.training and self.config.relaxed_bernoulli
         if sample:
             self.sampling_step += 1
-        weights = self.source_weights(sample=sample) * self.gate_values()[:, :1]
+        gates = self.gate_values()  # [num_tasks, 2]: alpha (shared), beta (private)
+        weights = self.source_weights(sample=sample) * gates[:, :1]
         sources = self.source_prompts()
         # an explicit sum over sources: each task's prompt is computed by the same operations whatever the number
         # of tasks, so adding a task leaves the existing tasks' prompts bit-for-bit unchanged
@@ -185,7 +186,7 @@ class ComPTEncoder(TransferPromptEncoder):
         private = self.private_prompts()
         if private is None:
             return shared
-        private = self.gate_values()[:, 1, None, None] * private
+        private = gates[:, 1, None, None] * private
         if self.config.composition == "concat":
             return torch.cat([shared, private], dim=1)
         return shared + private
