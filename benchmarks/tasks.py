@@ -3,6 +3,13 @@
 The folder is never copied into the repository: pass `data_dir`, set `PEFT_PROMPT_TRANSFER_DATA`, or keep the
 default `../shared/data` beside the repository. Files are read with `datasets`, so every split is a
 `datasets.Dataset` with the columns `text`, `text_pair` (or None) and an integer `label`.
+
+Splits (not every task has every kind; `Task.splits` lists them):
+
+- `train` / `dev`: the full GLUE / SuperGLUE training and validation sets (sources for transfer);
+- `kshot-train` / `kshot-dev` / `kshot-test`: the 16-shot LM-BFF splits for one of `KSHOT_SEEDS`; `kshot-test` is
+  the task's official dev set;
+- `fewglue-train` / `fewglue-test`: the FewGLUE 32-shot training set and the SuperGLUE validation set.
 """
 
 from __future__ import annotations
@@ -33,34 +40,72 @@ def data_dir(path: Optional[str] = None) -> Path:
 
 @dataclass(frozen=True)
 class Task:
-    """How to read one task: its columns, label names and metric."""
+    """How to read one task, score it, and (for causal LMs) phrase it.
+
+    `template` turns an example into the text a causal LM continues (`{text}` and `{text_pair}`); `label_words`
+    are the verbalised labels, scored by their first token's next-token log-probability.
+    """
 
     name: str
-    text_column: str
-    pair_column: Optional[str]
-    label_column: str
     label_names: tuple[str, ...]
-    metric: str = "accuracy"  # "accuracy", "f1" or "mcc"
+    template: str
+    label_words: tuple[str, ...]
+    metric: str = "accuracy"  # "accuracy", "f1" (macro) or "mcc"
+    full: Optional[tuple[str, str, Optional[str], str]] = None  # (format, text, pair, label) of train/dev
+    kshot: Optional[tuple[str, str, str, Optional[str], str]] = None  # (folder, format, text, pair, label)
+    fewglue: Optional[str] = None  # FewGLUE folder; the test split is superglue/<name>/val.jsonl
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return (("train", "dev") if self.full else ()) + (
+            ("kshot-train", "kshot-dev", "kshot-test") if self.kshot else ()
+        ) + (("fewglue-train", "fewglue-test") if self.fewglue else ())
 
+
+_SENTIMENT = dict(label_names=("negative", "positive"), template="Review: {text}\nSentiment:",
+                  label_words=(" negative", " positive"))
+_ENTAILMENT = dict(label_names=("entailment", "not_entailment"),
+                   template="{text}\nQuestion: {text_pair} True or false?\nAnswer:", label_words=(" true", " false"))
 TASKS = {
-    "sst2": Task("sst2", "sentence", None, "label", ("negative", "positive")),
-    "cola": Task("cola", "sentence", None, "label", ("unacceptable", "acceptable"), metric="mcc"),
-    "rte": Task("rte", "premise", "hypothesis", "label", ("entailment", "not_entailment")),
+    "sst2": Task("sst2", **_SENTIMENT, full=("tsv", "sentence", None, "label"),
+                 kshot=("SST-2", "tsv", "sentence", None, "label")),
+    "cola": Task("cola", ("unacceptable", "acceptable"), "Sentence: {text}\nIs this sentence grammatical?",
+                 (" no", " yes"), metric="mcc", full=("cola", "sentence", None, "label"),
+                 kshot=("CoLA", "cola", "sentence", None, "label")),
+    "rte": Task("rte", **_ENTAILMENT, full=("jsonl", "premise", "hypothesis", "label"),
+                kshot=("RTE", "tsv", "sentence1", "sentence2", "label"), fewglue="RTE"),
+    "qnli": Task("qnli", ("entailment", "not_entailment"),
+                 "Question: {text}\nSentence: {text_pair}\nDoes the sentence answer the question?",
+                 (" yes", " no"), kshot=("QNLI", "tsv", "question", "sentence", "label")),
+    "mr": Task("mr", **_SENTIMENT, kshot=("mr", "csv", "text", None, "label")),
+    "cr": Task("cr", **_SENTIMENT, kshot=("cr", "csv", "text", None, "label")),
+    "mpqa": Task("mpqa", ("negative", "positive"), "Phrase: {text}\nPolarity:", (" negative", " positive"),
+                 kshot=("mpqa", "csv", "text", None, "label")),
+    "subj": Task("subj", ("subjective", "objective"), "Sentence: {text}\nThis sentence is", (" subjective", " objective"),
+                 kshot=("subj", "csv", "text", None, "label")),
+    "cb": Task("cb", ("entailment", "contradiction", "neutral"), "{text}\nQuestion: {text_pair} True, false or neither?\nAnswer:",
+               (" true", " false", " neither"), metric="f1", full=("jsonl", "premise", "hypothesis", "label"),
+               fewglue="CB"),
 }
 _COLA_COLUMNS = ["source", "label", "mark", "sentence"]  # CoLA files have no header row
-# k-shot folders (LM-BFF) use other names and column names for the same tasks
-_KSHOT = {"sst2": ("SST-2", "sentence", None), "cola": ("CoLA", "sentence", None), "rte": ("RTE", "sentence1", "sentence2")}
+_CSV_COLUMNS = ["label", "text"]  # LM-BFF's sentence-task csv files (mr, cr, subj, mpqa) have no header row
+_FULL_FILES = {"train": ("train.tsv", "train.jsonl"), "dev": ("dev.tsv", "val.jsonl")}
 
 
-def _read_tsv(path: Path, column_names: Optional[list[str]] = None) -> datasets.Dataset:
-    kwargs = dict(delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
-    if column_names:
-        kwargs.update(header=None, names=column_names)
+def _read(path: Path, fmt: str) -> datasets.Dataset:
+    if fmt == "jsonl":
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    kwargs = dict(quoting=csv.QUOTE_NONE, keep_default_na=False)
+    if fmt == "csv":  # quoted, comma-separated
+        kwargs = dict(keep_default_na=False, header=None, names=_CSV_COLUMNS)
+    elif fmt == "cola":
+        kwargs.update(delimiter="\t", header=None, names=_COLA_COLUMNS)
+    else:
+        kwargs.update(delimiter="\t")
     return datasets.load_dataset("csv", data_files=str(path), split="train", **kwargs)
 
 
@@ -83,29 +128,32 @@ def load_split(task_name: str, split: str, seed: int = 42, root: Optional[str] =
     """Load one split.
 
     Args:
-        task_name: `sst2`, `cola` or `rte`.
-        split: `train` / `dev` (the full GLUE/SuperGLUE sets) or `kshot-train` / `kshot-dev` / `kshot-test`
-            (the 16-shot LM-BFF splits for `seed`; `kshot-test` is the official dev set).
+        task_name: A key of `TASKS`.
+        split: One of the task's `splits`: `train` / `dev` (full sets), `kshot-train` / `kshot-dev` /
+            `kshot-test` (16-shot LM-BFF splits for `seed`) or `fewglue-train` / `fewglue-test`.
         seed: The k-shot seed, one of 13, 21, 42, 87, 100.
         root: The shared data folder (see `data_dir`).
     """
+    if task_name not in TASKS:
+        raise ValueError(f"Unknown task {task_name!r}; choose one of {sorted(TASKS)}.")
     task = TASKS[task_name]
+    if split not in task.splits:
+        raise ValueError(f"Task {task_name!r} has no {split!r} split; it has {list(task.splits)}.")
     base = data_dir(root)
     if split.startswith("kshot-"):
-        folder, text, pair = _KSHOT[task_name]
-        path = base / "k-shot" / folder / f"16-{seed}" / f"{split[len('kshot-'):]}.tsv"
-        ds = _read_tsv(path, _COLA_COLUMNS if task_name == "cola" else None)
-        return _standardise(ds, task, text, pair, "label")
-    if task_name == "rte":
-        file = {"train": "train.jsonl", "dev": "val.jsonl"}[split]
-        ds = datasets.load_dataset("json", data_files=str(base / "superglue" / "rte" / file), split="train")
-        return _standardise(ds, task, "premise", "hypothesis", "label")
-    file = {"train": "train.tsv", "dev": "dev.tsv"}[split]
-    if task_name == "cola":
-        ds = _read_tsv(base / "glue" / "cola" / file, _COLA_COLUMNS)
-    else:
-        ds = _read_tsv(base / "glue" / task_name / file)
-    return _standardise(ds, task, task.text_column, task.pair_column, task.label_column)
+        folder, fmt, text, pair, label = task.kshot
+        if seed not in KSHOT_SEEDS:
+            raise ValueError(f"The k-shot splits exist for seeds {KSHOT_SEEDS}, not {seed}.")
+        suffix = "csv" if fmt == "csv" else "tsv"
+        ds = _read(base / "k-shot" / folder / f"16-{seed}" / f"{split[len('kshot-'):]}.{suffix}", fmt)
+        return _standardise(ds, task, text, pair, label)
+    if split.startswith("fewglue-"):
+        path = (base / "fewglue" / task.fewglue / "train.jsonl" if split == "fewglue-train"
+                else base / "superglue" / task.name / "val.jsonl")
+        return _standardise(_read(path, "jsonl"), task, "premise", "hypothesis", "label")
+    fmt, text, pair, label = task.full
+    folder = base / ("superglue" if fmt == "jsonl" else "glue") / task.name
+    return _standardise(_read(folder / _FULL_FILES[split][fmt == "jsonl"], fmt), task, text, pair, label)
 
 
 def metric(task_name: str, labels, predictions) -> float:

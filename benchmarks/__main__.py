@@ -1,0 +1,151 @@
+"""Run a benchmark suite and render its report.
+
+    python -m benchmarks quick                # a few minutes: every method and claim on a tiny budget (CI smoke test)
+    python -m benchmarks full                 # a few hours on 2 CPU cores: the evidence in benchmarks/RESULTS.md
+    python -m benchmarks full --claims transfer --models minilm
+    python -m benchmarks report full          # re-render RESULTS.md and the plots from the records
+
+Each finished run appends one JSON record to `<results-dir>/<suite>/runs.jsonl` (method, model, tasks, seed,
+hyperparameters, metrics, times, package versions). A killed suite continues where it stopped: runs that already
+have a record are skipped, and a run that failed is tried again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    import peft_prompt_transfer
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "peft_prompt_transfer": peft_prompt_transfer.__version__, "python": sys.version.split()[0]}
+
+
+def load_records(path: Path) -> list[dict]:
+    """The records of a results file; a last line cut short by a kill is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_suite(args) -> int:
+    import datasets
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from benchmarks import experiments
+    from benchmarks.suites import suite_runs
+
+    if args.data_dir:
+        os.environ["PEFT_PROMPT_TRANSFER_DATA"] = args.data_dir
+    torch.set_num_threads(args.threads)
+    datasets.disable_progress_bars()  # one progress bar for the suite, not one per map() call
+    transformers.logging.set_verbosity_error()  # "newly initialised head" reports, once per run
+    transformers.logging.disable_progress_bar()
+    out = Path(args.results_dir) / args.suite
+    out.mkdir(parents=True, exist_ok=True)
+    records_path = out / "runs.jsonl"
+    done = {r["key"] for r in load_records(records_path) if "error" not in r}
+    shard, num_shards = args.shard
+    runs = [(claim, spec) for index, (claim, spec) in enumerate(suite_runs(args.suite, args.claims, args.models))
+            if index % num_shards == shard and spec.key() not in done]
+    print(f"{args.suite}: {len(done)} runs already recorded in {records_path}, {len(runs)} to go")
+    backbones, failures, package_versions = {}, 0, versions()
+    progress = tqdm(runs, desc=args.suite, unit="run", dynamic_ncols=True)
+    for claim, spec in progress:
+        progress.set_postfix_str(f"{claim}: {spec.method} {'+'.join(spec.tasks)} seed {spec.seed} lr {spec.lr:g}")
+        record = {"key": spec.key(), "claim": claim, **json.loads(spec.key())}
+        try:
+            if spec.model not in backbones:
+                backbones[spec.model] = experiments.Backbone.load(spec.model)
+            record.update(experiments.run(spec, backbones[spec.model]))
+        except Exception as exc:  # recorded and retried on the next run; the suite goes on
+            failures += 1
+            record["error"] = "".join(traceback.format_exception(exc))[-4000:]
+            progress.write(f"FAILED {spec.method} {spec.tasks} seed {spec.seed}: {exc!r}")
+        record.update(versions=package_versions, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        append_record(records_path, record)
+    if not args.no_report:
+        from benchmarks.report import render
+
+        report = render(args.suite, out, Path(args.report) if args.report else None,
+                        command="python -m benchmarks " + " ".join(args.argv))
+        print(f"report: {report}")
+    if failures:
+        print(f"{failures} run(s) failed; their tracebacks are in {records_path} (run the command again to retry)")
+    return 1 if failures else 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    shard, _, count = text.partition("/")
+    if not (shard.isdigit() and count.isdigit() and int(shard) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, e.g. 0/2; got {text!r}")
+    return int(shard), int(count)
+
+
+def main(argv=None) -> int:
+    from benchmarks.suites import CLAIMS, SUITES
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SUITES:
+        suite = sub.add_parser(name, help=f"run the {name} suite")
+        suite.set_defaults(suite=name)
+        suite.add_argument("--claims", nargs="+", choices=CLAIMS, default=list(CLAIMS))
+        suite.add_argument("--models", nargs="+", choices=("minilm", "smollm2"), default=["minilm", "smollm2"])
+        suite.add_argument("--data-dir", default=None, help="the shared data folder (default: $PEFT_PROMPT_TRANSFER_DATA or ../shared/data)")
+        suite.add_argument("--results-dir", default=str(RESULTS_DIR), help="records go to <results-dir>/<suite>/runs.jsonl")
+        suite.add_argument("--report", default=None, help="where to write the Markdown report "
+                           "(default: benchmarks/RESULTS.md for full, <results-dir>/<suite>/RESULTS.md otherwise)")
+        suite.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+        suite.add_argument("--no-report", action="store_true")
+        suite.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
+                           help="run every N-th run starting at the K-th (0-based), to split a suite over N processes "
+                                "that append to the same records file")
+    report = sub.add_parser("report", help="render the report of a suite's records")
+    report.add_argument("suite", choices=list(SUITES))
+    report.add_argument("--results-dir", default=str(RESULTS_DIR))
+    report.add_argument("--report", default=None)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.command == "report":
+        from benchmarks.report import render
+
+        print(render(args.suite, Path(args.results_dir) / args.suite, Path(args.report) if args.report else None))
+        return 0
+    return run_suite(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

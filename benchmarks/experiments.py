@@ -1,0 +1,451 @@
+"""One benchmark run: build a method on a real model, train it on real task data, score it.
+
+A run is described by a `RunSpec` (method, model, target task(s), seed, learning rate, prompt length, ...), whose
+JSON form is the run's key in the results file, so a killed suite continues where it stopped. Transfer methods
+start from source stages (`SourceSpec`) trained once on the full training sets and kept in the cache folder.
+
+Models are used the way users use them:
+
+- `minilm`: sequence classification (`SEQ_CLS`); peft trains the new classifier head (`modules_to_save`) next to
+  the prompt. The head always trains at `HEAD_LR`, whatever the method, so only the prompt's learning rate is swept.
+  Multi-task models get one head row per (task, label) pair, and a task's prediction is the argmax over its rows.
+- `smollm2`: causal LM with verbalised labels: the example is phrased with the task's template, training is the
+  language-model loss on the label word, and the prediction is the label word with the highest next-token
+  log-probability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from peft import (
+    MultitaskPromptTuningConfig,
+    PeftModel,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+
+import peft_prompt_transfer as ppt
+from benchmarks.models import cache_dir, load_causal_lm, load_classifier
+from benchmarks.tasks import TASKS, load_split, metric
+
+HEAD_LR = 1e-3
+COMPT_ROUTER_LR = 1e-1
+MAX_LENGTH = {"minilm": 128, "smollm2": 160}
+RESIDUAL_BOTTLENECK = 400
+BAYESIAN_PARTICLES = 4
+
+# which methods need what
+TRANSFER_METHODS = ("spot", "source_average", "mpt", "bayesian")
+MULTITASK_METHODS = ("compt", "shared_prompt", "prompt_tuning")
+SINGLE_TASK_METHODS = ("prompt_tuning", "p_tuning", "residual", "full_finetuning") + TRANSFER_METHODS
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A source stage: prompts trained once on full training sets, reused by every target run."""
+
+    kind: str  # "prompt_tuning" (one prompt per source task), "mpt" or "bayesian"
+    model: str
+    sources: tuple[str, ...]
+    num_virtual_tokens: int
+    steps: int = 300  # per source task
+    batch_size: int = 16
+    lr: float = 1e-1
+    seed: int = 0
+
+    def folder(self) -> Path:
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return cache_dir() / "benchmark-sources" / f"{self.kind}-{self.model}-{'+'.join(self.sources)}-{digest}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one benchmark run; `key()` identifies it in the results file."""
+
+    method: str
+    model: str
+    tasks: tuple[str, ...]  # the target task, or the tasks trained together
+    seed: int  # the k-shot split's seed and the training seed
+    lr: float
+    num_virtual_tokens: int
+    init: str = "random"  # the prompt's initialisation: "random" or "vocab" (sampled vocabulary embeddings)
+    steps: int = 100  # optimizer steps per task
+    batch_size: int = 8
+    data: str = "kshot"  # "kshot" (LM-BFF 16-shot) or "fewglue"
+    sources: tuple[str, ...] = ()
+    source_steps: int = 300
+    max_eval: int = 500  # test examples scored per task (a fixed random subset of bigger test sets)
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def source(self, kind: str) -> SourceSpec:
+        return SourceSpec(kind, self.model, self.sources, self.num_virtual_tokens, steps=self.source_steps)
+
+
+# --------------------------------------------------------------------------------------------------- models ---
+
+
+@dataclass
+class Backbone:
+    """A model name with its tokenizer, how it encodes examples and how it predicts labels."""
+
+    name: str
+    tokenizer: object = field(repr=False)
+
+    @classmethod
+    def load(cls, name: str) -> "Backbone":
+        tokenizer = (load_classifier(name, num_labels=2) if name == "minilm" else load_causal_lm(name))[0]
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        return cls(name, tokenizer)
+
+    @property
+    def causal(self) -> bool:
+        return self.name != "minilm"
+
+    @property
+    def task_type(self) -> str:
+        return "CAUSAL_LM" if self.causal else "SEQ_CLS"
+
+    def base_model(self, num_labels: int, seed: int):
+        torch.manual_seed(seed)  # the same new head for every method
+        if self.causal:
+            return load_causal_lm(self.name)[1]
+        return load_classifier(self.name, num_labels=num_labels, seed=seed)[1]
+
+    def label_token_ids(self, task: str) -> list[int]:
+        ids = [self.tokenizer(word, add_special_tokens=False).input_ids[0] for word in TASKS[task].label_words]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{task}'s label words {TASKS[task].label_words} share a first token.")
+        return ids
+
+    def encode(self, dataset, task: str, train: bool, label_offset: int = 0):
+        """Tokenise a standardised split; `label_offset` shifts class labels into a multi-task head's rows."""
+        spec, limit = TASKS[task], MAX_LENGTH[self.name]
+        if not self.causal:
+            def encode_classification(batch):
+                pairs = batch["text_pair"] if any(batch["text_pair"]) else None
+                encoded = self.tokenizer(batch["text"], pairs, truncation=True, max_length=limit)
+                encoded["labels"] = [label + label_offset for label in batch["label"]]
+                return encoded
+
+            return dataset.map(encode_classification, batched=True, remove_columns=dataset.column_names)
+        label_ids = self.label_token_ids(task)
+
+        def encode_causal(row):
+            text = spec.template.format(text=row["text"], text_pair=row["text_pair"] or "")
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids[-(limit - 1):]  # keep the question
+            if not train:
+                return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": row["label"]}
+            return {"input_ids": ids + [label_ids[row["label"]]], "attention_mask": [1] * (len(ids) + 1),
+                    "labels": [-100] * len(ids) + [label_ids[row["label"]]]}
+
+        return dataset.map(encode_causal, remove_columns=dataset.column_names)
+
+    def collator(self):
+        if self.causal:
+            return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100)
+        return DataCollatorWithPadding(self.tokenizer)
+
+    @torch.no_grad()
+    def predict(self, model, dataset, task: str, task_id: Optional[int] = None, label_offset: int = 0) -> list[int]:
+        """Predicted class per example, batched by length (causal LMs: equal lengths, so no padding at all)."""
+        model.eval()
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        predictions = [0] * len(order)
+        batches, current = [], []
+        columns = {k: dataset[k] for k in dataset.column_names if k != "labels"}
+        for index in order:
+            if current and (len(current) == 32 or (self.causal and lengths[index] != lengths[current[0]])):
+                batches.append(current)
+                current = []
+            current.append(index)
+        batches.append(current)
+        pad = DataCollatorWithPadding(self.tokenizer)
+        num_labels = TASKS[task].num_labels
+        label_ids = torch.tensor(self.label_token_ids(task)) if self.causal else None
+        for indices in batches:
+            batch = pad([{k: values[i] for k, values in columns.items()} for i in indices])
+            if task_id is not None:
+                batch["task_ids"] = torch.full((len(indices),), task_id, dtype=torch.long)
+            if self.causal:
+                logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
+                scores = torch.log_softmax(logits, dim=-1)[:, label_ids]
+            else:
+                scores = model(**batch).logits[:, label_offset : label_offset + num_labels]
+            for i, prediction in zip(indices, scores.argmax(-1).tolist()):
+                predictions[i] = prediction
+        return predictions
+
+
+# ------------------------------------------------------------------------------------------------- training ---
+
+
+def _is_head(name: str) -> bool:
+    return "modules_to_save" in name or name.startswith(("classifier.", "score."))
+
+
+def make_optimizer(model, lr: float, method: str) -> torch.optim.Optimizer:
+    """AdamW with the method's parameters at `lr` and a classification head (if any) at `HEAD_LR`."""
+    if method == "compt":
+        return ppt.create_compt_optimizer(model, source_lr=lr, private_lr=lr, router_lr=COMPT_ROUTER_LR, other_lr=HEAD_LR)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if not _is_head(n)], "lr": lr},
+              {"params": [p for n, p in named if _is_head(n)], "lr": HEAD_LR}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+
+
+def train(model, dataset, backbone: Backbone, optimizer, steps: int, batch_size: int, seed: int) -> dict:
+    """Train with the stock Trainer (linear schedule, 6% warm-up); returns the loss curve and the time taken."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = TrainingArguments(
+            output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, warmup_steps=0.06,
+            lr_scheduler_type="linear", logging_steps=max(1, steps // 10), save_strategy="no", report_to=[],
+            disable_tqdm=True, use_cpu=True, seed=seed, data_seed=seed, remove_unused_columns=False,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=backbone.collator(),
+                          optimizers=(optimizer, None))
+        trainer.remove_callback(PrinterCallback)  # the suite's own progress bar reports progress
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"train_seconds": seconds, "losses": losses}
+
+
+def _prompt_config(backbone: Backbone, spec: RunSpec, **extra):
+    init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if spec.init == "vocab" else {}
+    return PromptTuningConfig(task_type=backbone.task_type, num_virtual_tokens=spec.num_virtual_tokens, **init, **extra)
+
+
+def _num_labels(tasks) -> int:
+    return sum(TASKS[t].num_labels for t in tasks)
+
+
+def _offsets(tasks) -> list[int]:
+    return [sum(TASKS[t].num_labels for t in tasks[:i]) for i in range(len(tasks))]
+
+
+# ---------------------------------------------------------------------------------------------- source stage ---
+
+
+def _source_data(backbone: Backbone, source: SourceSpec, multitask: bool):
+    """Each source's full training set, shuffled and cut to what `steps` x `batch_size` will see."""
+    offsets = _offsets(source.sources) if multitask and not backbone.causal else [0] * len(source.sources)
+    data = {}
+    for task, offset in zip(source.sources, offsets):
+        full = load_split(task, "train").shuffle(seed=source.seed)
+        seen = full.select(range(min(source.steps * source.batch_size, len(full))))
+        data[task] = backbone.encode(seen, task, train=True, label_offset=offset)
+    return data
+
+
+def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
+    """Train a source stage once (kept in the cache folder; written atomically) and return its folder."""
+    folder = source.folder()
+    if (folder / "done.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
+    log = {}
+    if source.kind == "prompt_tuning":
+        for task, data in _source_data(backbone, source, multitask=False).items():
+            model = get_peft_model(backbone.base_model(TASKS[task].num_labels, source.seed),
+                                   PromptTuningConfig(task_type=backbone.task_type,
+                                                      num_virtual_tokens=source.num_virtual_tokens))
+            log[task] = train(model, data, backbone, make_optimizer(model, source.lr, "prompt_tuning"),
+                              source.steps, source.batch_size, source.seed)
+            model.save_pretrained(staging / task)
+    else:
+        data = ppt.combine_tasks(_source_data(backbone, source, multitask=True), sampling="equal", seed=source.seed)
+        common = dict(task_type=backbone.task_type, num_virtual_tokens=source.num_virtual_tokens)
+        if source.kind == "mpt":
+            config = MultitaskPromptTuningConfig(**common, num_tasks=len(source.sources))
+        else:
+            config = ppt.BayesianPromptConfig(**common, num_particles=BAYESIAN_PARTICLES,
+                                              source_tasks=list(source.sources))
+        model = get_peft_model(backbone.base_model(_num_labels(source.sources), source.seed), config)
+        log["all"] = train(model, data, backbone, make_optimizer(model, source.lr, source.kind),
+                           source.steps * len(source.sources), source.batch_size, source.seed)
+        model.save_pretrained(staging)
+    (staging / "done.json").write_text(json.dumps({"spec": asdict(source), "log": log}, indent=1))
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process (a suite shard) finished the same source stage first
+        if not (folder / "done.json").exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _source_prompts(backbone: Backbone, spec: RunSpec) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    folder = ensure_source(backbone, spec.source("prompt_tuning"))
+    return {task: load_file(folder / task / "adapter_model.safetensors")["prompt_embeddings"] for task in spec.sources}
+
+
+def _initial_loss(model, dataset, backbone: Backbone) -> float:
+    """Mean training loss of a not yet trained model (SPoT-style choice of the source prompt)."""
+    model.eval()
+    collate, total = backbone.collator(), 0.0
+    with torch.no_grad():
+        for start in range(0, len(dataset), 16):
+            rows = [dataset[i] for i in range(start, min(start + 16, len(dataset)))]
+            total += model(**collate(rows)).loss.item() * len(rows)
+    return total / len(dataset)
+
+
+# ---------------------------------------------------------------------------------------------------- a run ---
+
+
+def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
+    """The model for a single-task method, with any transfer initialisation applied. Returns (model, details)."""
+    task = spec.tasks[0]
+    base = backbone.base_model(TASKS[task].num_labels, spec.seed)
+    common = dict(task_type=backbone.task_type, num_virtual_tokens=spec.num_virtual_tokens)
+    details = {}
+    if spec.method == "full_finetuning":
+        return base, details
+    if spec.method == "prompt_tuning":
+        return get_peft_model(base, _prompt_config(backbone, spec)), details
+    if spec.method == "p_tuning":
+        return get_peft_model(base, PromptEncoderConfig(**common, encoder_reparameterization_type="MLP",
+                                                        encoder_hidden_size=RESIDUAL_BOTTLENECK)), details
+    if spec.method == "residual":
+        init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if spec.init == "vocab" else {}
+        return get_peft_model(base, ppt.ResidualPromptConfig(**common, bottleneck_size=RESIDUAL_BOTTLENECK, **init)), details
+    if spec.method in ("spot", "source_average"):
+        prompts = _source_prompts(backbone, spec)
+        model = get_peft_model(base, _prompt_config(backbone, spec))
+        weight = model.prompt_encoder["default"].embedding.weight
+        if spec.method == "source_average":
+            weight.data.copy_(torch.stack(list(prompts.values())).mean(0))
+            return model, details
+        losses = {}
+        for name, prompt in prompts.items():  # SPoT: the source prompt that fits the target best before training
+            weight.data.copy_(prompt)
+            losses[name] = _initial_loss(model, train_set, backbone)
+        details["spot_source"] = min(losses, key=losses.get)
+        details["spot_initial_losses"] = losses
+        weight.data.copy_(prompts[details["spot_source"]])
+        return model, details
+    if spec.method == "mpt":
+        folder = ensure_source(backbone, spec.source("mpt"))
+        config = MultitaskPromptTuningConfig(**common, num_tasks=1, prompt_tuning_init="AVERAGE_SOURCE_TASKS",
+                                             prompt_tuning_init_state_dict_path=str(folder / "adapter_model.safetensors"))
+        return get_peft_model(base, config), details
+    if spec.method == "bayesian":
+        folder = ensure_source(backbone, spec.source("bayesian"))
+        return get_peft_model(base, ppt.BayesianPromptConfig(**common, stage="target", posterior=str(folder))), details
+    raise ValueError(f"unknown single-task method {spec.method!r}")
+
+
+def _split_names(spec: RunSpec) -> tuple[str, str]:
+    return ("fewglue-train", "fewglue-test") if spec.data == "fewglue" else ("kshot-train", "kshot-test")
+
+
+def _test_set(task: str, spec: RunSpec):
+    test = load_split(task, _split_names(spec)[1], seed=spec.seed)
+    if len(test) > spec.max_eval:  # the same subset for every method and seed
+        test = test.shuffle(seed=0).select(range(spec.max_eval))
+    return test
+
+
+def run(spec: RunSpec, backbone: Backbone) -> dict:
+    """Train and evaluate one run; returns its record (without versions and date)."""
+    train_split = _split_names(spec)[0]
+    record = {"metrics": {}, "details": {}}
+    if spec.method in MULTITASK_METHODS and len(spec.tasks) > 1:
+        multitask_run(spec, backbone, record)
+    else:
+        task = spec.tasks[0]
+        needs_task_ids = spec.method == "mpt"
+        train_set = backbone.encode(load_split(task, train_split, seed=spec.seed), task, train=True)
+        if needs_task_ids:
+            train_set = train_set.add_column("task_ids", [0] * len(train_set))
+        model, record["details"] = build_single_task_model(backbone, spec, train_set)
+        result = train(model, train_set, backbone, make_optimizer(model, spec.lr, spec.method), spec.steps,
+                       spec.batch_size, spec.seed)
+        start = time.perf_counter()
+        test = _test_set(task, spec)
+        predictions = backbone.predict(model, backbone.encode(test, task, train=False), task,
+                                       task_id=0 if needs_task_ids else None)
+        record["metrics"][task] = metric(task, test["label"], predictions)
+        record.update(result, eval_seconds=time.perf_counter() - start,
+                      trainable_params=_trainable(model), inference_params=_inference_params(model, spec))
+    record["metric"] = sum(record["metrics"].values()) / len(record["metrics"])
+    return record
+
+
+def multitask_run(spec: RunSpec, backbone: Backbone, record: dict) -> None:
+    """Few-shot multi-task training: ComPT, one shared prompt, or one prompt per task (each `steps` steps)."""
+    train_split = _split_names(spec)[0]
+    separate = spec.method == "prompt_tuning"  # an independent prompt (and head) per task
+    offsets = [0] * len(spec.tasks) if backbone.causal or separate else _offsets(spec.tasks)
+    encoded = {task: backbone.encode(load_split(task, train_split, seed=spec.seed), task, train=True, label_offset=o)
+               for task, o in zip(spec.tasks, offsets)}
+    models, seconds, losses = {}, 0.0, []
+    if separate:  # the same steps per task as the joint methods give each task
+        for task, data in encoded.items():
+            model = get_peft_model(backbone.base_model(TASKS[task].num_labels, spec.seed), _prompt_config(backbone, spec))
+            result = train(model, data, backbone, make_optimizer(model, spec.lr, spec.method), spec.steps,
+                           spec.batch_size, spec.seed)
+            models[task], seconds, losses = model, seconds + result["train_seconds"], losses + [result["losses"]]
+        trainable = sum(_trainable(m) for m in models.values())
+    else:
+        mixed = ppt.combine_tasks(encoded, sampling="equal", seed=spec.seed)
+        if spec.method == "compt":
+            init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if spec.init == "vocab" else {}
+            config = ppt.ComPTConfig(task_type=backbone.task_type, num_virtual_tokens=spec.num_virtual_tokens,
+                                     task_names=list(spec.tasks), num_source_prompts=len(spec.tasks),
+                                     normalization="sparsemax", **init)
+        else:  # one prompt shared by every task
+            mixed = mixed.remove_columns("task_ids")
+            config = _prompt_config(backbone, spec)
+        model = get_peft_model(backbone.base_model(_num_labels(spec.tasks), spec.seed), config)
+        result = train(model, mixed, backbone, make_optimizer(model, spec.lr, spec.method),
+                       spec.steps * len(spec.tasks), spec.batch_size, spec.seed)
+        models = {task: model for task in spec.tasks}
+        seconds, losses, trainable = result["train_seconds"], [result["losses"]], _trainable(model)
+        if spec.method == "compt":
+            record["details"]["routing_weights"] = model.prompt_encoder["default"].routing_weights().tolist()
+    start = time.perf_counter()
+    for index, (task, offset) in enumerate(zip(spec.tasks, offsets)):
+        test = _test_set(task, spec)
+        predictions = backbone.predict(models[task], backbone.encode(test, task, train=False), task,
+                                       task_id=index if spec.method == "compt" else None, label_offset=offset)
+        record["metrics"][task] = metric(task, test["label"], predictions)
+    record.update(train_seconds=seconds, losses=losses, eval_seconds=time.perf_counter() - start,
+                  trainable_params=trainable)
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _inference_params(model, spec: RunSpec) -> Optional[int]:
+    """Prompt parameters the saved adapter needs at inference (after folding; the head is not counted)."""
+    if spec.method == "full_finetuning":
+        return None
+    count = math.prod(model.get_prompt_embedding_to_save("default").shape)
+    if spec.method == "mpt":  # MPT also keeps its task-specific low-rank factors
+        encoder = model.prompt_encoder["default"]
+        count += encoder.prefix_task_cols.numel() + encoder.prefix_task_rows.numel()
+    return count

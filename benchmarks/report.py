@@ -1,0 +1,287 @@
+"""Render a suite's records as `RESULTS.md` with tables and PNG plots.
+
+Every table cell is the mean +/- standard deviation over the seeds that have a record (`n` says how many). A
+method's "best LR" is the learning rate with the highest mean over seeds, chosen the same way for every method;
+it is chosen on the test set (the k-shot dev sets are 32 examples), so absolute numbers are optimistic while
+comparisons are fair. Paired differences compare two methods seed by seed at their best LRs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+REPOSITORY_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+LABELS = {
+    "prompt_tuning": "peft PROMPT_TUNING", "p_tuning": "peft P_TUNING (MLP)", "residual": "residual (ours)",
+    "full_finetuning": "full fine-tuning", "spot": "SPoT init (best single source)",
+    "source_average": "average-of-sources init", "mpt": "peft MULTITASK_PROMPT_TUNING", "bayesian": "Bayesian (ours)",
+    "compt": "ComPT (ours)", "shared_prompt": "one shared prompt",
+}
+
+
+def _frame(records: list[dict]) -> pd.DataFrame:
+    rows = [r for r in records if "error" not in r]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame["task"] = frame["tasks"].map(lambda t: "+".join(t))
+    frame["label"] = frame["method"].map(LABELS)
+    return frame
+
+
+def _fmt(values: pd.Series, scale: float = 100.0) -> str:
+    if values.empty:
+        return "-"
+    std = values.std() if len(values) > 1 else 0.0
+    return f"{scale * values.mean():.1f} ± {scale * std:.1f} (n={len(values)})"
+
+
+def _best_lr(group: pd.DataFrame) -> float:
+    return group.groupby("lr")["metric"].mean().idxmax()
+
+
+def _variant(row) -> str:
+    return f"{LABELS[row['method']]}, {row['init']} init, {row['num_virtual_tokens']} tokens"
+
+
+def _lr_table(frame: pd.DataFrame, by: str = "variant") -> list[str]:
+    """Mean +/- std per learning rate, the best LR, and the spread over LRs and inits."""
+    lrs = sorted(frame["lr"].unique())
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best LR | spread over LRs |",
+             "|---|" + "---:|" * (len(lrs) + 2)]
+    for name, group in frame.groupby(by, sort=False):
+        cells = [_fmt(group[group.lr == lr]["metric"]) for lr in lrs]
+        means = group.groupby("lr")["metric"].mean()
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_best_lr(group):g} | "
+                     f"{100 * (means.max() - means.min()):.1f} |")
+    return lines
+
+
+def _paired(frame: pd.DataFrame, ours: str, theirs: str, by: str = "variant") -> Optional[str]:
+    """Seed-by-seed difference of two variants at their best LRs."""
+    a, b = frame[frame[by] == ours], frame[frame[by] == theirs]
+    if a.empty or b.empty:
+        return None
+    a = a[a.lr == _best_lr(a)].set_index("seed")["metric"]
+    b = b[b.lr == _best_lr(b)].set_index("seed")["metric"]
+    diff = (a - b).dropna()
+    if diff.empty:
+        return None
+    std = diff.std() if len(diff) > 1 else 0.0
+    return (f"{ours} − {theirs}: {100 * diff.mean():+.1f} ± {100 * std:.1f} points "
+            f"({int((diff > 0).sum())} of {len(diff)} seeds better)")
+
+
+def _bar_plot(frame: pd.DataFrame, by: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, means, stds = [], [], []
+    for name, group in frame.groupby(by, sort=False):
+        best = group[group.lr == _best_lr(group)]["metric"]
+        names.append(name)
+        means.append(100 * best.mean())
+        stds.append(100 * best.std() if len(best) > 1 else 0.0)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2), dpi=90)
+    ax.barh(range(len(names)), means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test metric (x100), best LR, mean ± std over seeds")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _lr_plot(frame: pd.DataFrame, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=90)
+    for name, group in frame.groupby("variant", sort=False):
+        stats = group.groupby("lr")["metric"].agg(["mean", "std"]).fillna(0.0)
+        ax.errorbar(stats.index, 100 * stats["mean"], yerr=100 * stats["std"], marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("prompt learning rate")
+    ax.set_ylabel("test metric (x100)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _routing_plot(frame: pd.DataFrame, path: Path) -> Optional[list[list[float]]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    compt = frame[frame.method == "compt"]
+    if compt.empty:
+        return None
+    best = compt[compt.lr == _best_lr(compt)]
+    weights = np.mean([np.array(d["routing_weights"]) for d in best["details"]], axis=0)
+    tasks = list(best.iloc[0]["tasks"])
+    fig, ax = plt.subplots(figsize=(1.2 * weights.shape[1] + 2.5, 0.6 * len(tasks) + 1.5), dpi=90)
+    image = ax.imshow(weights, cmap="viridis", vmin=0)
+    ax.set_xticks(range(weights.shape[1]), [f"source {j}" for j in range(weights.shape[1])], fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    for (i, j), value in np.ndenumerate(weights):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < weights.max() / 2 else "black", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(f"ComPT routing weights (after gates), mean of {len(best)} seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return weights.round(3).tolist()
+
+
+def _svgd_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=90)
+    for mode in ("sharded", "replicated"):
+        rows = [r for r in report["results"] if r["mode"] == mode]
+        ax.plot([r["num_particles"] for r in rows], [r["ratio_to_prompt_tuning"] for r in rows], marker="o", label=mode)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="PROMPT_TUNING")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("particles M")
+    ax.set_ylabel("step time / PROMPT_TUNING")
+    ax.legend(fontsize=8)
+    ax.set_title("SVGD source-stage step time vs M", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
+    lines = []
+    cost_path = results_dir / "cost.json"
+    if cost_path.exists():
+        cost = json.loads(cost_path.read_text())
+        first = cost["records"][0]
+        lines += ["## Cost next to peft PROMPT_TUNING", "",
+                  f"`{cost['command']}` — {first['model']}, batch {first['batch_size']} x {first['seq_len']} tokens, "
+                  f"{first['num_virtual_tokens']} virtual tokens, {first['device']}; ratios to PROMPT_TUNING.", "",
+                  "| method | trainable | step time | peak memory | inference (reloaded) | inference (exported) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in cost["records"]:
+            memory = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x"
+            exported = "-" if r["exported_inference_ratio"] is None else f"{r['exported_inference_ratio']:.2f}x"
+            lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_ratio']:.2f}x | {memory} | "
+                         f"{r['inference_ratio']:.2f}x | {exported} |")
+        lines.append("")
+    scaling_path = results_dir / "svgd_scaling.json"
+    if scaling_path.exists():
+        scaling = json.loads(scaling_path.read_text())
+        _svgd_plot(scaling, figures / "svgd_scaling.png")
+        from benchmarks.svgd_scaling import table
+
+        lines += ["## SVGD source stage: step time vs M", "", "`python -m benchmarks.svgd_scaling "
+                  "--output benchmarks/results/svgd_scaling.json`", "", table(scaling), "",
+                  f"![step time vs M]({(figures / 'svgd_scaling.png').relative_to(out.parent)})", ""]
+    return lines
+
+
+def render(suite: str, records_dir: Path, out: Optional[Path] = None, command: Optional[str] = None) -> Path:
+    """Write the report for the records in `records_dir/runs.jsonl`; returns its path."""
+    from benchmarks.__main__ import load_records
+    from benchmarks.suites import suite_runs
+
+    records = load_records(records_dir / "runs.jsonl")
+    out = out or (REPOSITORY_RESULTS if suite == "full" else records_dir / "RESULTS.md")
+    figures = out.parent / "figures" if suite == "full" else records_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    frame = _frame(records)
+    planned = len(suite_runs(suite))
+    failed = sum("error" in r for r in records)
+    dates = sorted(r["date"] for r in records)
+    versions = records[-1]["versions"] if records else {}
+    lines = [f"# Benchmark results: `{suite}` suite", "",
+             f"Produced by `{command or f'python -m benchmarks {suite}'}` and rendered by "
+             f"`python -m benchmarks report {suite}`. {len(frame)} of {planned} planned runs recorded"
+             + (f" ({failed} failed attempts logged)" if failed else "")
+             + (f", {dates[0][:10]} to {dates[-1][:10]}" if dates else "") + ". "
+             + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "", __doc__.split("\n\n", 1)[1].strip(), ""]
+    rel = lambda name: (figures / name).relative_to(out.parent)  # noqa: E731
+    if not frame.empty:
+        frame["variant"] = frame.apply(_variant, axis=1)
+        lines += _claim_sections(frame, figures, rel)
+    lines += _cost_section(records_dir.parent, figures, out)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
+    lines = []
+    residual = frame[frame.claim == "residual"]
+    for (model, task), group in residual.groupby(["model", "task"]):
+        name = f"claim1-{model}-{task}"
+        _bar_plot(group, "variant", f"Claim 1: {task}, {model}", figures / f"{name}.png")
+        _lr_plot(group[group.method != "full_finetuning"], f"Claim 1: accuracy vs learning rate, {task}, {model}",
+                 figures / f"{name}-lr.png")
+        lines += [f"## Claim 1 — residual prompt tuning vs prompt tuning: {task} (16-shot), {model}", ""]
+        lines += _lr_table(group)
+        lines.append("")
+        variants = group["variant"].unique()
+        pairs = [(v, v.replace(LABELS["residual"], LABELS["prompt_tuning"])) for v in variants if LABELS["residual"] in v]
+        short = [v for v in variants if LABELS["residual"] in v and v.endswith(f" {group.num_virtual_tokens.min()} tokens")]
+        long_pt = [v for v in variants if LABELS["prompt_tuning"] in v and "random" in v
+                   and v.endswith(f" {group.num_virtual_tokens.max()} tokens")]
+        if group.num_virtual_tokens.nunique() > 1:
+            pairs += [(s, p) for s in short for p in long_pt]
+        lines += [f"- {line}" for line in (_paired(group, a, b) for a, b in pairs) if line]
+        lines += ["", f"![accuracy by method]({rel(name + '.png')})", f"![accuracy vs LR]({rel(name + '-lr.png')})", ""]
+
+    transfer = frame[frame.claim == "transfer"]
+    for (model, task), group in transfer.groupby(["model", "task"]):
+        sources = sorted({s for s in group.sources.map(tuple) for s in s})
+        name = f"claim2-{model}-{task}"
+        _bar_plot(group, "label", f"Claim 2: transfer to {task}, {model}", figures / f"{name}.png")
+        lines += [f"## Claim 2 — Bayesian transfer vs other transfer: target {task} ({group.iloc[0]['data']}), "
+                  f"sources {' + '.join(sources)}, {model}", ""]
+        lines += _lr_table(group, by="label")
+        params = group.groupby("label")["inference_params"].first()
+        lines += ["", "Prompt parameters needed at inference: "
+                  + ", ".join(f"{k} {int(v):,}" for k, v in params.items() if pd.notna(v)) + ".", ""]
+        spot = group[group.method == "spot"]["details"].map(lambda d: d.get("spot_source")).value_counts()
+        if len(spot):
+            lines += ["SPoT chose the source " + ", ".join(f"{k} ({v} runs)" for k, v in spot.items()) + ".", ""]
+        lines += [f"- {line}" for line in (_paired(group, LABELS["bayesian"], LABELS[other], by="label")
+                                           for other in ("prompt_tuning", "spot", "source_average", "mpt")) if line]
+        lines += ["", f"![transfer]({rel(name + '.png')})", ""]
+
+    multitask = frame[frame.claim == "multitask"]
+    for (model, task), group in multitask.groupby(["model", "task"]):
+        name = f"claim3-{model}"
+        _bar_plot(group, "label", f"Claim 3: few-shot multi-task {task}, {model}", figures / f"{name}.png")
+        lines += [f"## Claim 3 — ComPT vs prompt tuning vs one shared prompt: {task} (16-shot each), {model}", "",
+                  "Mean over the tasks:", ""]
+        lines += _lr_table(group, by="label")
+        lines += ["", "Per task, at each method's best LR:", "",
+                  "| method | " + " | ".join(group.iloc[0]["tasks"]) + " |", "|---|" + "---:|" * len(group.iloc[0]["tasks"])]
+        for label, rows in group.groupby("label", sort=False):
+            best = rows[rows.lr == _best_lr(rows)]
+            lines.append(f"| {label} | " + " | ".join(
+                _fmt(best["metrics"].map(lambda m: m[t])) for t in group.iloc[0]["tasks"]) + " |")
+        lines += [""] + [f"- {line}" for line in (_paired(group, LABELS["compt"], LABELS[o], by="label")
+                                                  for o in ("prompt_tuning", "shared_prompt")) if line]
+        weights = _routing_plot(group, figures / f"{name}-routing.png")
+        lines += ["", f"![multi-task]({rel(name + '.png')})"]
+        if weights is not None:
+            lines += [f"![routing weights]({rel(name + '-routing.png')})"]
+        lines.append("")
+    return lines

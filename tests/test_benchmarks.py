@@ -1,0 +1,120 @@
+"""The benchmark suite's machinery: run specs, resumable records, sharding, task data, and the quick suite end to end."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import _shard, append_record, load_records, main
+from benchmarks.suites import SUITES, suite_runs
+from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_records_survive_a_kill_mid_write(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    append_record(path, {"key": "a", "metric": 0.5})
+    append_record(path, {"key": "b", "metric": 0.7})
+    with open(path, "a") as f:
+        f.write('{"key": "c", "met')  # the process was killed here
+    assert [r["key"] for r in load_records(path)] == ["a", "b"]
+    assert load_records(tmp_path / "missing.jsonl") == []
+
+
+def test_full_suite_covers_every_claim_method_and_seed():
+    runs = suite_runs("full")
+    keys = [spec.key() for _, spec in runs]
+    assert len(keys) == len(set(keys))
+    methods = {spec.method for _, spec in runs}
+    assert methods == {"prompt_tuning", "p_tuning", "residual", "full_finetuning", "spot", "source_average", "mpt",
+                       "bayesian", "compt", "shared_prompt"}
+    assert {claim for claim, _ in runs} == {"residual", "transfer", "multitask"}
+    assert {spec.seed for _, spec in runs} == set(KSHOT_SEEDS)
+    assert {spec.model for _, spec in runs} == {"minilm", "smollm2"}
+    # seed-major order: a suite stopped early has every claim for the first seeds
+    seeds = [spec.seed for _, spec in runs]
+    assert seeds == sorted(seeds, key=KSHOT_SEEDS.index)
+    # equal budgets: every method in a comparison sweeps the same number of learning rates
+    for claim in ("residual", "transfer", "multitask"):
+        sweeps = {}
+        for c, spec in runs:
+            if c == claim and spec.seed == KSHOT_SEEDS[0]:
+                sweeps.setdefault((spec.model, spec.method, spec.init, spec.num_virtual_tokens, spec.tasks), set()).add(spec.lr)
+        assert len({len(lrs) for lrs in sweeps.values()}) == 1, claim
+    # sources never overlap the targets
+    for _, spec in runs:
+        assert not set(spec.sources) & set(spec.tasks)
+    assert all(spec.steps == SUITES["full"].steps for _, spec in runs if spec.model == "minilm")
+
+
+def test_shards_partition_the_suite():
+    runs = suite_runs("full")
+    assert len(runs) == sum(len([r for i, r in enumerate(runs) if i % 3 == k]) for k in range(3))
+    assert _shard("1/3") == (1, 3)
+    for bad in ("3/3", "x", "1/", "-1/2"):
+        with pytest.raises(Exception, match="K/N"):
+            _shard(bad)
+
+
+def test_every_task_split_reads_with_integer_labels():
+    for name, task in TASKS.items():
+        for split in task.splits:
+            data = load_split(name, split, seed=13)
+            assert len(data) > 0, (name, split)
+            assert set(data["label"]) <= set(range(task.num_labels)), (name, split)
+            if split == "kshot-train":
+                assert len(data) == 16 * task.num_labels
+
+
+def test_task_errors_say_what_exists():
+    with pytest.raises(ValueError, match="Unknown task 'nope'"):
+        load_split("nope", "train")
+    with pytest.raises(ValueError, match=r"'mr' has no 'train' split; it has \['kshot-train'"):
+        load_split("mr", "train")
+    with pytest.raises(ValueError, match="seeds"):
+        load_split("sst2", "kshot-train", seed=7)
+
+
+def test_unknown_suite_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_resumes_and_renders(tmp_path):
+    """The CI smoke test: every method and claim on a tiny budget, on the real models; no numbers are asserted."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PEFT_PROMPT_TRANSFER_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT))
+    smollm2_cache = Path.home() / ".cache" / "peft_prompt_transfer" / "smollm2-135m-instruct"
+    if smollm2_cache.exists():  # reuse the converted model, not the source stages
+        (tmp_path / "cache").mkdir()
+        os.symlink(smollm2_cache, tmp_path / "cache" / "smollm2-135m-instruct")
+    command = [sys.executable, "-m", "benchmarks", "quick", "--results-dir", str(tmp_path / "results")]
+    first = subprocess.run(command + ["--claims", "multitask", "--no-report"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    done_first = len(load_records(tmp_path / "results" / "quick" / "runs.jsonl"))
+    assert done_first == len(suite_runs("quick", claims=("multitask",)))
+
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"{done_first} runs already recorded" in second.stdout  # resumed, not redone
+    records = load_records(tmp_path / "results" / "quick" / "runs.jsonl")
+    assert len(records) == len(suite_runs("quick"))
+    for record in records:
+        assert "error" not in record
+        assert {"method", "model", "tasks", "seed", "lr", "num_virtual_tokens", "steps", "metric", "metrics",
+                "train_seconds", "versions", "date"} <= set(record)
+        assert record["versions"]["peft"]
+        assert record["losses"], record["method"]
+    compt = next(r for r in records if r["method"] == "compt")
+    assert len(compt["details"]["routing_weights"]) == 2
+    report = (tmp_path / "results" / "quick" / "RESULTS.md").read_text()
+    for heading in ("## Claim 1", "## Claim 2", "## Claim 3"):
+        assert heading in report
+    figures = tmp_path / "results" / "quick" / "figures"
+    assert (figures / "claim3-minilm-routing.png").stat().st_size > 1000
