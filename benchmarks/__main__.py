@@ -4,6 +4,8 @@
     python -m benchmarks full                 # a few hours on 2 CPU cores: the evidence in benchmarks/RESULTS.md
     python -m benchmarks full --claims transfer --models minilm
     python -m benchmarks report full          # re-render RESULTS.md and the plots from the records
+    python -m benchmarks cost [...]           # step time, memory and inference ratios to PROMPT_TUNING
+    python -m benchmarks svgd-scaling [...]   # SVGD source-stage step time vs the number of particles
 
 Each finished run appends one JSON record to `<results-dir>/<suite>/runs.jsonl` (method, model, tasks, seed,
 hyperparameters, metrics, times, package versions). A killed suite continues where it stopped: runs that already
@@ -23,17 +25,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def versions() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    import peft_prompt_transfer
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "peft_prompt_transfer": peft_prompt_transfer.__version__, "python": sys.version.split()[0]}
 
 
 def load_records(path: Path) -> list[dict]:
@@ -63,6 +54,7 @@ def run_suite(args) -> int:
     from tqdm.auto import tqdm
 
     from benchmarks import experiments
+    from benchmarks.harness import versions
     from benchmarks.suites import suite_runs
 
     if args.data_dir:
@@ -116,6 +108,11 @@ def main(argv=None) -> int:
     from benchmarks.suites import CLAIMS, SUITES
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("cost", "svgd-scaling"):  # the cost benchmarks keep their own options
+        from benchmarks import cost, svgd_scaling
+
+        {"cost": cost, "svgd-scaling": svgd_scaling}[argv[0]].main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

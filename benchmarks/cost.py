@@ -135,17 +135,6 @@ def measure(method: str, args) -> dict:
     }
 
 
-def _versions() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    import peft_prompt_transfer
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "peft_prompt_transfer": peft_prompt_transfer.__version__}
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm")
@@ -180,9 +169,11 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
         records.append(json.loads(result.stdout.strip().splitlines()[-1]))
     reference = next(r for r in records if r["method"] == "PROMPT_TUNING") if "PROMPT_TUNING" in args.methods else records[0]
-    versions = _versions()
+    from benchmarks.harness import versions
+
+    package_versions = versions()
     for record in records:
-        record["versions"] = versions
+        record["versions"] = package_versions
         record["step_ratio"] = record["step_seconds"] / reference["step_seconds"]
         record["memory_ratio"] = record["peak_training_mb"] / reference["peak_training_mb"] if reference["peak_training_mb"] > 0 else None
         record["inference_ratio"] = record["inference_seconds"] / reference["inference_seconds"]

@@ -30,7 +30,6 @@ from typing import Optional
 import torch
 from peft import (
     MultitaskPromptTuningConfig,
-    PeftModel,
     PromptEncoderConfig,
     PromptTuningConfig,
     get_peft_model,

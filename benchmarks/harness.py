@@ -1,4 +1,5 @@
-"""The timing harness every benchmark uses: warm-up calls, then timed repeats, summarised by the median."""
+"""What every benchmark shares: the timing harness (warm-up calls, then timed repeats, summarised by the median)
+and the package versions each record carries."""
 
 from __future__ import annotations
 
@@ -25,3 +26,17 @@ def median_and_iqr(times: list[float]) -> tuple[float, float]:
         return times[0], 0.0
     quartiles = statistics.quantiles(times, n=4)
     return statistics.median(times), quartiles[2] - quartiles[0]
+
+
+def versions() -> dict:
+    """The versions of the packages a benchmark result depends on."""
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    import peft_prompt_transfer
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "peft_prompt_transfer": peft_prompt_transfer.__version__, "python": platform.python_version()}
