@@ -244,6 +244,12 @@ def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
         if group.num_virtual_tokens.nunique() > 1:
             pairs += [(s, p) for s in short for p in long_pt]
         lines += [f"- {line}" for line in (_paired(group, a, b) for a, b in pairs) if line]
+        longest = group[group.num_virtual_tokens == group.num_virtual_tokens.max()]
+        for method in ("prompt_tuning", "residual"):  # robustness: how much the choice of LR and init matters
+            cells = longest[longest.method == method].groupby(["lr", "init"])["metric"].mean()
+            if len(cells) > 1:
+                lines.append(f"- {LABELS[method]}: mean over seeds ranges {100 * cells.min():.1f} to "
+                             f"{100 * cells.max():.1f} across {len(cells)} (LR, init) settings")
         lines += ["", f"![accuracy by method]({rel(name + '.png')})", f"![accuracy vs LR]({rel(name + '-lr.png')})", ""]
 
     transfer = frame[frame.claim == "transfer"]

@@ -193,7 +193,8 @@ class ComPTEncoder(TransferPromptEncoder):
 
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         task_ids = check_task_ids(task_ids, batch_size, self.config.num_tasks, "COMPT")
-        return self.task_prompts()[task_ids.to(self.embedding.weight.device)]
+        # index_select, not fancy indexing: its backward is deterministic on CPU (same gradients every run)
+        return self.task_prompts().index_select(0, task_ids.to(self.embedding.weight.device))
 
     @torch.no_grad()
     def inference_prompt(self, task: Optional[Union[int, str]] = None) -> torch.Tensor:
