@@ -1,7 +1,7 @@
 """Run a benchmark suite and render its report.
 
     python -m benchmarks quick                # a few minutes: every method and claim on a tiny budget (CI smoke test)
-    python -m benchmarks full                 # a few hours on 2 CPU cores: the evidence in benchmarks/RESULTS.md
+    python -m benchmarks full --workers 2     # a few hours on 2 CPU cores: the evidence in benchmarks/RESULTS.md
     python -m benchmarks full --claims transfer --models minilm
     python -m benchmarks report full          # re-render RESULTS.md and the plots from the records
     python -m benchmarks cost [...]           # step time, memory and inference ratios to PROMPT_TUNING
@@ -47,6 +47,29 @@ def append_record(path: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def run_workers(args) -> int:
+    """Split the suite over `args.workers` processes (one shard each, the threads divided), then render once."""
+    import subprocess
+
+    threads = max(1, args.threads // args.workers)
+    options = [args.suite, "--claims", *args.claims, "--models", *args.models, "--results-dir", args.results_dir,
+               "--threads", str(threads), "--no-report"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    workers = [subprocess.Popen([sys.executable, "-m", "benchmarks", *options, "--shard", f"{k}/{args.workers}",
+                                 "--progress-position", str(k)]) for k in range(args.workers)]
+    failed = sum(worker.wait() != 0 for worker in workers)
+    _report(args)
+    return 1 if failed else 0
+
+
+def _report(args) -> None:
+    if not args.no_report:
+        from benchmarks.report import render
+
+        report = render(args.suite, Path(args.results_dir) / args.suite, Path(args.report) if args.report else None,
+                        command="python -m benchmarks " + " ".join(args.argv))
+        print(f"report: {report}")
+
+
 def run_suite(args) -> int:
     import datasets
     import torch
@@ -72,7 +95,8 @@ def run_suite(args) -> int:
             if index % num_shards == shard and spec.key() not in done]
     print(f"{args.suite}: {len(done)} runs already recorded in {records_path}, {len(runs)} to go")
     backbones, failures, package_versions = {}, 0, versions()
-    progress = tqdm(runs, desc=args.suite, unit="run", dynamic_ncols=True)
+    progress = tqdm(runs, desc=f"{args.suite} {shard}/{num_shards}" if num_shards > 1 else args.suite, unit="run",
+                    dynamic_ncols=True, position=args.progress_position)
     for claim, spec in progress:
         progress.set_postfix_str(f"{claim}: {spec.method} {'+'.join(spec.tasks)} seed {spec.seed} lr {spec.lr:g}")
         record = {"key": spec.key(), "claim": claim, **json.loads(spec.key())}
@@ -86,12 +110,7 @@ def run_suite(args) -> int:
             progress.write(f"FAILED {spec.method} {spec.tasks} seed {spec.seed}: {exc!r}")
         record.update(versions=package_versions, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         append_record(records_path, record)
-    if not args.no_report:
-        from benchmarks.report import render
-
-        report = render(args.suite, out, Path(args.report) if args.report else None,
-                        command="python -m benchmarks " + " ".join(args.argv))
-        print(f"report: {report}")
+    _report(args)
     if failures:
         print(f"{failures} run(s) failed; their tracebacks are in {records_path} (run the command again to retry)")
     return 1 if failures else 0
@@ -127,6 +146,10 @@ def main(argv=None) -> int:
                            "(default: benchmarks/RESULTS.md for full, <results-dir>/<suite>/RESULTS.md otherwise)")
         suite.add_argument("--threads", type=int, default=os.cpu_count() or 1)
         suite.add_argument("--no-report", action="store_true")
+        suite.add_argument("--workers", type=int, default=1,
+                           help="processes to split the suite over (each gets --threads / workers threads); "
+                                "on 2 cores, 2 workers of 1 thread finish sooner than 1 of 2")
+        suite.add_argument("--progress-position", type=int, default=0, help=argparse.SUPPRESS)
         suite.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
                            help="run every N-th run starting at the K-th (0-based), to split a suite over N processes "
                                 "that append to the same records file")
@@ -141,7 +164,7 @@ def main(argv=None) -> int:
 
         print(render(args.suite, Path(args.results_dir) / args.suite, Path(args.report) if args.report else None))
         return 0
-    return run_suite(args)
+    return run_workers(args) if args.workers > 1 else run_suite(args)
 
 
 if __name__ == "__main__":

@@ -100,9 +100,9 @@ def test_quick_suite_runs_resumes_and_renders(tmp_path):
     done_first = len(load_records(tmp_path / "results" / "quick" / "runs.jsonl"))
     assert done_first == len(suite_runs("quick", claims=("multitask",)))
 
-    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    second = subprocess.run(command + ["--workers", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"{done_first} runs already recorded" in second.stdout  # resumed, not redone
+    assert second.stdout.count(f"{done_first} runs already recorded") == 2  # both workers resumed, nothing redone
     records = load_records(tmp_path / "results" / "quick" / "runs.jsonl")
     assert len(records) == len(suite_runs("quick"))
     for record in records:
