@@ -95,7 +95,7 @@ def _bar_plot(frame: pd.DataFrame, by: str, title: str, path: Path) -> None:
     ax.set_xlabel("test metric (x100), best LR, mean ± std over seeds")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -115,7 +115,7 @@ def _lr_plot(frame: pd.DataFrame, title: str, path: Path) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -141,7 +141,7 @@ def _routing_plot(frame: pd.DataFrame, path: Path) -> Optional[list[list[float]]
     fig.colorbar(image, ax=ax, fraction=0.046)
     ax.set_title(f"ComPT routing weights (after gates), mean of {len(best)} seeds", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return weights.round(3).tolist()
 
@@ -163,7 +163,7 @@ def _svgd_plot(report: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("SVGD source-stage step time vs M", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
