@@ -215,7 +215,8 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None, command: O
              f"`python -m benchmarks report {suite}`. {len(frame)} of {planned} planned runs recorded"
              + (f" ({failed} failed attempts logged)" if failed else "")
              + (f", {dates[0][:10]} to {dates[-1][:10]}" if dates else "") + ". "
-             + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "", __doc__.split("\n\n", 1)[1].strip(), ""]
+             + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "", _budget_line(suite), "",
+             __doc__.split("\n\n", 1)[1].strip(), ""]
     rel = lambda name: (figures / name).relative_to(out.parent)  # noqa: E731
     if not frame.empty:
         frame["variant"] = frame.apply(_variant, axis=1)
@@ -223,6 +224,20 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None, command: O
     lines += _cost_section(records_dir.parent, figures, out)
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _budget_line(suite: str) -> str:
+    from benchmarks import experiments
+    from benchmarks.experiments import SourceSpec
+    from benchmarks.suites import SUITES
+
+    budget, source = SUITES[suite], SourceSpec("", "", (), 0)
+    return (f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))}; {budget.num_virtual_tokens} virtual tokens "
+            f"(and {max(1, budget.num_virtual_tokens // 10)} for the short-prompt runs); {budget.steps} steps of batch 8 "
+            f"per task on MiniLM, {budget.smollm2_steps} on SmolLM2; prompt LRs {budget.prompt_lrs}; full fine-tuning "
+            f"LRs {budget.finetune_lrs}; classifier heads at {experiments.HEAD_LR:g}; up to {budget.max_eval} test "
+            f"examples per task; source stages {budget.source_steps} steps of batch {source.batch_size} per source at "
+            f"lr {source.lr:g}, {experiments.BAYESIAN_PARTICLES} SVGD particles.")
 
 
 def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
