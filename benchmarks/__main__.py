@@ -27,26 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def load_records(path: Path) -> list[dict]:
-    """The records of a results file; a last line cut short by a kill is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def append_record(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def run_workers(args) -> int:
     """Split the suite over `args.workers` processes (one shard each, the threads divided), then render once."""
     import subprocess
@@ -77,7 +57,7 @@ def run_suite(args) -> int:
     from tqdm.auto import tqdm
 
     from benchmarks import experiments
-    from benchmarks.harness import versions
+    from benchmarks.harness import append_record, load_records, versions
     from benchmarks.suites import suite_runs
 
     if args.data_dir:

@@ -37,7 +37,7 @@ from peft import (
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
 import peft_prompt_transfer as ppt
-from benchmarks.models import cache_dir, load_causal_lm, load_classifier
+from benchmarks.models import cache_dir, load_causal_lm, load_classifier, load_tokenizer
 from benchmarks.tasks import TASKS, load_split, metric
 
 HEAD_LR = 1e-3
@@ -107,7 +107,7 @@ class Backbone:
 
     @classmethod
     def load(cls, name: str) -> "Backbone":
-        tokenizer = (load_classifier(name, num_labels=2) if name == "minilm" else load_causal_lm(name))[0]
+        tokenizer = load_tokenizer(name)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"

@@ -1,10 +1,13 @@
-"""What every benchmark shares: the timing harness (warm-up calls, then timed repeats, summarised by the median)
-and the package versions each record carries."""
+"""What every benchmark shares: the timing harness (warm-up calls, then timed repeats, summarised by the median),
+the package versions each record carries, and the append-only JSON-lines file the suites keep their records in."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -40,3 +43,24 @@ def versions() -> dict:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "peft_prompt_transfer": peft_prompt_transfer.__version__, "python": platform.python_version()}
+
+
+def load_records(path: Path) -> list[dict]:
+    """The records of a results file; a last line cut short by a kill is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one record as a line and sync it to disk, so a kill loses at most the run in progress."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

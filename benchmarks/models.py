@@ -80,6 +80,13 @@ def _path(name: str) -> str:
     return MODEL_PATHS[name]()
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of a model, without loading its weights."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_path(name))
+
+
 def load_classifier(name: str, num_labels: int, seed: Optional[int] = None):
     """A tokenizer and a sequence-classification model; `seed` fixes the new classifier head's initialisation."""
     import torch

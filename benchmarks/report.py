@@ -198,7 +198,7 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
 
 def render(suite: str, records_dir: Path, out: Optional[Path] = None, command: Optional[str] = None) -> Path:
     """Write the report for the records in `records_dir/runs.jsonl`; returns its path."""
-    from benchmarks.__main__ import load_records
+    from benchmarks.harness import load_records
     from benchmarks.suites import suite_runs
 
     records = load_records(records_dir / "runs.jsonl")
@@ -231,7 +231,7 @@ def _budget_line(suite: str) -> str:
     from benchmarks.experiments import SourceSpec
     from benchmarks.suites import SUITES
 
-    budget, source = SUITES[suite], SourceSpec("", "", (), 0)
+    budget, source = SUITES[suite], SourceSpec  # the source stages' batch size and LR are the dataclass defaults
     return (f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))}; {budget.num_virtual_tokens} virtual tokens "
             f"(and {max(1, budget.num_virtual_tokens // 10)} for the short-prompt runs); {budget.steps} steps of batch 8 "
             f"per task on MiniLM, {budget.smollm2_steps} on SmolLM2; prompt LRs {budget.prompt_lrs}; full fine-tuning "

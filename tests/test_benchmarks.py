@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import _shard, append_record, load_records, main
+from benchmarks.__main__ import _shard, main
+from benchmarks.harness import append_record, load_records
 from benchmarks.suites import SUITES, suite_runs
 from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split
 
