@@ -2,7 +2,7 @@
 
     python -m benchmarks quick                # a few minutes: every method and claim on a tiny budget (CI smoke test)
     python -m benchmarks full --workers 2     # a few hours on 2 CPU cores: the evidence in benchmarks/RESULTS.md
-    python -m benchmarks full --claims transfer --models minilm
+    python -m benchmarks full --claims transfer --models minilm --data kshot
     python -m benchmarks report full          # re-render RESULTS.md and the plots from the records
     python -m benchmarks cost [...]           # step time, memory and inference ratios to PROMPT_TUNING
     python -m benchmarks svgd-scaling [...]   # SVGD source-stage step time vs the number of particles
@@ -32,8 +32,9 @@ def run_workers(args) -> int:
     import subprocess
 
     threads = max(1, args.threads // args.workers)
-    options = [args.suite, "--claims", *args.claims, "--models", *args.models, "--results-dir", args.results_dir,
-               "--threads", str(threads), "--no-report"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    options = [args.suite, "--claims", *args.claims, "--models", *args.models, "--data", *args.data,
+               "--results-dir", args.results_dir, "--threads", str(threads), "--no-report",
+               "--invoked-as", _command(args)] + (["--data-dir", args.data_dir] if args.data_dir else [])
     workers = [subprocess.Popen([sys.executable, "-m", "benchmarks", *options, "--shard", f"{k}/{args.workers}",
                                  "--progress-position", str(k)]) for k in range(args.workers)]
     failed = sum(worker.wait() != 0 for worker in workers)
@@ -41,12 +42,17 @@ def run_workers(args) -> int:
     return 1 if failed else 0
 
 
+def _command(args) -> str:
+    """The command line a record is attributed to: the user's, not a worker's internal one."""
+    return args.invoked_as or "python -m benchmarks " + " ".join(args.argv)
+
+
 def _report(args) -> None:
     if not args.no_report:
         from benchmarks.report import render
 
         report = render(args.suite, Path(args.results_dir) / args.suite, Path(args.report) if args.report else None,
-                        command="python -m benchmarks " + " ".join(args.argv))
+                        command=_command(args))
         print(f"report: {report}")
 
 
@@ -71,7 +77,7 @@ def run_suite(args) -> int:
     records_path = out / "runs.jsonl"
     done = {r["key"] for r in load_records(records_path) if "error" not in r}
     shard, num_shards = args.shard
-    runs = [(claim, spec) for index, (claim, spec) in enumerate(suite_runs(args.suite, args.claims, args.models))
+    runs = [(claim, spec) for index, (claim, spec) in enumerate(suite_runs(args.suite, args.claims, args.models, args.data))
             if index % num_shards == shard and spec.key() not in done]
     print(f"{args.suite}: {len(done)} runs already recorded in {records_path}, {len(runs)} to go")
     backbones, failures, package_versions = {}, 0, versions()
@@ -88,7 +94,8 @@ def run_suite(args) -> int:
             failures += 1
             record["error"] = "".join(traceback.format_exception(exc))[-4000:]
             progress.write(f"FAILED {spec.method} {spec.tasks} seed {spec.seed}: {exc!r}")
-        record.update(versions=package_versions, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        record.update(versions=package_versions, command=_command(args),
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         append_record(records_path, record)
     _report(args)
     if failures:
@@ -104,7 +111,7 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    from benchmarks.suites import CLAIMS, SUITES
+    from benchmarks.suites import CLAIMS, DATA, MODELS, SUITES
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("cost", "svgd-scaling"):  # the cost benchmarks keep their own options
@@ -119,7 +126,9 @@ def main(argv=None) -> int:
         suite = sub.add_parser(name, help=f"run the {name} suite")
         suite.set_defaults(suite=name)
         suite.add_argument("--claims", nargs="+", choices=CLAIMS, default=list(CLAIMS))
-        suite.add_argument("--models", nargs="+", choices=("minilm", "smollm2"), default=["minilm", "smollm2"])
+        suite.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+        suite.add_argument("--data", nargs="+", choices=DATA, default=list(DATA),
+                           help="keep the runs on these target data: kshot (LM-BFF 16-shot splits) or fewglue")
         suite.add_argument("--data-dir", default=None, help="the shared data folder (default: $PEFT_PROMPT_TRANSFER_DATA or ../shared/data)")
         suite.add_argument("--results-dir", default=str(RESULTS_DIR), help="records go to <results-dir>/<suite>/runs.jsonl")
         suite.add_argument("--report", default=None, help="where to write the Markdown report "
@@ -130,6 +139,7 @@ def main(argv=None) -> int:
                            help="processes to split the suite over (each gets --threads / workers threads); "
                                 "on 2 cores, 2 workers of 1 thread finish sooner than 1 of 2")
         suite.add_argument("--progress-position", type=int, default=0, help=argparse.SUPPRESS)
+        suite.add_argument("--invoked-as", default=None, help=argparse.SUPPRESS)  # set by --workers for its shards
         suite.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
                            help="run every N-th run starting at the K-th (0-based), to split a suite over N processes "
                                 "that append to the same records file")

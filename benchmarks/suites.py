@@ -43,6 +43,8 @@ SUITES = {
                    sources=("sst2", "cola"), multitask=("sst2", "cr", "subj")),
 }
 CLAIMS = ("residual", "transfer", "multitask")
+MODELS = ("minilm", "smollm2")
+DATA = ("kshot", "fewglue")
 
 
 def residual_runs(budget: Budget, seed: int) -> list[RunSpec]:
@@ -94,13 +96,16 @@ def multitask_runs(budget: Budget, seed: int) -> list[RunSpec]:
 CLAIM_RUNS = {"residual": residual_runs, "transfer": transfer_runs, "multitask": multitask_runs}
 
 
-def suite_runs(name: str, claims=CLAIMS, models=("minilm", "smollm2")) -> list[tuple[str, RunSpec]]:
-    """(claim, run) pairs of a suite, seed by seed; a run shared by two claims is listed once."""
+def suite_runs(name: str, claims=CLAIMS, models=MODELS, data=DATA) -> list[tuple[str, RunSpec]]:
+    """(claim, run) pairs of a suite, seed by seed; a run shared by two claims is listed once.
+
+    `models` and `data` ("kshot": LM-BFF 16-shot splits, "fewglue") keep only the runs on those models and data.
+    """
     budget, seen, runs = SUITES[name], set(), []
     for seed in budget.seeds:
         for claim in claims:
             for spec in CLAIM_RUNS[claim](budget, seed):
-                if spec.model in models and spec.key() not in seen:
+                if spec.model in models and spec.data in data and spec.key() not in seen:
                     seen.add(spec.key())
                     runs.append((claim, spec))
     return runs
