@@ -51,8 +51,7 @@ def _report(args) -> None:
     if not args.no_report:
         from benchmarks.report import render
 
-        report = render(args.suite, Path(args.results_dir) / args.suite, Path(args.report) if args.report else None,
-                        command=_command(args))
+        report = render(args.suite, Path(args.results_dir) / args.suite, Path(args.report) if args.report else None)
         print(f"report: {report}")
 
 

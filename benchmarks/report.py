@@ -9,6 +9,7 @@ comparisons are fair. Paired differences compare two methods seed by seed at the
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -196,7 +197,7 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
     return lines
 
 
-def render(suite: str, records_dir: Path, out: Optional[Path] = None, command: Optional[str] = None) -> Path:
+def render(suite: str, records_dir: Path, out: Optional[Path] = None) -> Path:
     """Write the report for the records in `records_dir/runs.jsonl`; returns its path."""
     from benchmarks.harness import load_records
     from benchmarks.suites import suite_runs
@@ -211,7 +212,7 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None, command: O
     dates = sorted(r["date"] for r in records)
     versions = records[-1]["versions"] if records else {}
     lines = [f"# Benchmark results: `{suite}` suite", "",
-             f"Produced by `{command or f'python -m benchmarks {suite}'}` and rendered by "
+             f"Produced by {_commands(records)} and rendered by "
              f"`python -m benchmarks report {suite}`. {len(frame)} of {planned} planned runs recorded"
              + (f" ({failed} failed attempts logged)" if failed else "")
              + (f", {dates[0][:10]} to {dates[-1][:10]}" if dates else "") + ". "
@@ -224,6 +225,16 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None, command: O
     lines += _cost_section(records_dir.parent, figures, out)
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _commands(records: list[dict]) -> str:
+    """The commands the records came from, with how many runs each produced, in the order they were first used."""
+    counts = Counter(r.get("command") for r in records if "error" not in r)
+    runs = lambda count: f"{count} run" + ("s" if count != 1 else "")  # noqa: E731
+    named = [f"`{command}` ({runs(count)})" for command, count in counts.items() if command]
+    if counts[None]:
+        named.append(f"{runs(counts[None])} from earlier starts that did not record their command")
+    return "; ".join(named) or "no runs yet"
 
 
 def _budget_line(suite: str) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from benchmarks.__main__ import _shard, main
 from benchmarks.harness import append_record, load_records
+from benchmarks.report import _commands
 from benchmarks.suites import SUITES, suite_runs
 from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split
 
@@ -70,6 +71,29 @@ def test_every_task_split_reads_with_integer_labels():
                 assert len(data) == 16 * task.num_labels
 
 
+def test_model_and_data_filters_keep_only_matching_runs():
+    everything = suite_runs("full")
+    kshot_minilm = suite_runs("full", models=("minilm",), data=("kshot",))
+    assert kshot_minilm == [(c, s) for c, s in everything if s.model == "minilm" and s.data == "kshot"]
+    fewglue = suite_runs("full", data=("fewglue",))
+    assert fewglue and {s.tasks for _, s in fewglue} == {("cb",)}
+    assert len(kshot_minilm) + len(fewglue) + len(suite_runs("full", models=("smollm2",))) == len(everything)
+
+
+def test_report_names_the_commands_its_records_came_from(tmp_path):
+    records_dir = tmp_path / "quick"
+    records_dir.mkdir()
+    for command in ("python -m benchmarks quick --claims multitask", "python -m benchmarks quick --workers 2",
+                    "python -m benchmarks quick --workers 2", None):
+        append_record(records_dir / "runs.jsonl", {"key": "k", "date": "2026-11-22T00:00:00+00:00", "versions": {},
+                                                   **({"command": command} if command else {}), "error": "x"})
+        append_record(records_dir / "runs.jsonl", {"key": "k", "date": "2026-11-22T00:00:00+00:00", "versions": {},
+                                                   **({"command": command} if command else {})})
+    assert _commands(load_records(records_dir / "runs.jsonl")) == (
+        "`python -m benchmarks quick --claims multitask` (1 run); `python -m benchmarks quick --workers 2` (2 runs); "
+        "1 run from earlier starts that did not record their command")
+
+
 def test_task_errors_say_what_exists():
     with pytest.raises(ValueError, match="Unknown task 'nope'"):
         load_split("nope", "train")
@@ -111,10 +135,13 @@ def test_quick_suite_runs_resumes_and_renders(tmp_path):
         assert {"method", "model", "tasks", "seed", "lr", "num_virtual_tokens", "steps", "metric", "metrics",
                 "train_seconds", "versions", "date"} <= set(record)
         assert record["versions"]["peft"]
+        assert record["command"].startswith("python -m benchmarks quick --results-dir")  # the user's, not a shard's
+        assert "--shard" not in record["command"]
         assert record["losses"], record["method"]
     compt = next(r for r in records if r["method"] == "compt")
     assert len(compt["details"]["routing_weights"]) == 2
     report = (tmp_path / "results" / "quick" / "RESULTS.md").read_text()
+    assert "--workers 2` (" in report and "--claims multitask --no-report` (" in report
     for heading in ("## Claim 1", "## Claim 2", "## Claim 3"):
         assert heading in report
     figures = tmp_path / "results" / "quick" / "figures"
