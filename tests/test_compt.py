@@ -297,6 +297,12 @@ def test_routing_weights_plot(tmp_path):
     assert len(ax.texts) == 9 and ax.texts[0].get_text() == f"{float(encoder.routing_weights()[0, 0]):.2f}"
     ax.figure.savefig(tmp_path / "routing.png")
     assert (tmp_path / "routing.png").stat().st_size > 1000
+    # nothing is cut off: the title and the task names lie inside the figure
+    renderer = ax.figure.canvas.get_renderer()
+    figure_box = ax.figure.bbox
+    for artist in [ax.title, *ax.get_yticklabels()]:
+        box = artist.get_window_extent(renderer)
+        assert box.x0 >= figure_box.x0 and box.x1 <= figure_box.x1, artist.get_text()
 
 
 @pytest.mark.parametrize("name, mlp", [("gpt2", None), ("gpt2", 8), ("bert", None)])

@@ -36,7 +36,8 @@ def plot_routing_weights(
     num_tasks, num_sources = weights.shape
     task_names = list(task_names) if task_names else [f"task {i}" for i in range(num_tasks)]
     if ax is None:
-        _, ax = plt.subplots(figsize=(1.0 + 0.8 * num_sources, 0.8 + 0.5 * num_tasks))
+        # wide enough for the title and the colour bar even with one or two sources
+        _, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.8 * num_sources), 1.5 + 0.5 * num_tasks), layout="constrained")
     image = ax.imshow(weights.numpy(), cmap="viridis", vmin=0.0, vmax=max(1.0, float(weights.max())), aspect="auto")
     ax.set_xticks(range(num_sources), [f"S{j}" for j in range(num_sources)])
     ax.set_yticks(range(num_tasks), task_names)
