@@ -90,15 +90,18 @@ def combine_tasks(
     """Mix several tokenised `datasets.Dataset`s into one shuffled training set with a `task_ids` column.
 
     Args:
-        datasets: One dataset per task, as a mapping `{task_name: dataset}` (its order gives the task ids) or a
-            sequence (task `i` is the `i`-th dataset). All must have the same columns.
+        datasets: One dataset per task, as a mapping `{task_name: dataset}` or a sequence (task `i` is the `i`-th
+            dataset). All must have the same columns. A mapping's order gives the task ids, unless `task_names` is
+            given.
         sampling: How many examples each task contributes: `"proportional"` to its size, `"equal"`, or
             `"temperature"` (sizes to the power 1/`temperature`).
         temperature: The sampling temperature for `"temperature"`.
         num_examples: Size of the mixed set; defaults to the sum of the dataset sizes. A task that must contribute
             more examples than it has is repeated (every example once before any twice).
         seed: Seed for the choice of examples and the shuffle.
-        task_names: With a sequence of datasets, checks that the ids line up with a config's `task_names`.
+        task_names: A config's `task_names`. With a mapping, each task's id is its position in `task_names`, so a
+            subset of the tasks (such as a task added with `add_tasks`) gets the ids the adapter expects. With a
+            sequence, checks that there is one dataset per name.
 
     Returns:
         A `datasets.Dataset` with the input columns and an int64 `task_ids` column, shuffled.
@@ -107,12 +110,16 @@ def combine_tasks(
 
     if isinstance(datasets, Mapping):
         names, parts = list(datasets), list(datasets.values())
-        if task_names is not None and list(task_names) != names:
-            raise ValueError(f"the datasets are keyed {names} but task_names is {list(task_names)}; use the same order.")
+        unknown = [name for name in names if task_names is not None and name not in task_names]
+        if unknown:
+            raise ValueError(f"task(s) {unknown} are not in task_names {list(task_names)}; add them to the config "
+                             "(or to a trained ComPT adapter with add_tasks) first.")
+        task_ids = [list(task_names).index(name) for name in names] if task_names is not None else range(len(parts))
     else:
         parts = list(datasets)
         if task_names is not None and len(task_names) != len(parts):
             raise ValueError(f"{len(parts)} datasets for {len(task_names)} task names.")
+        task_ids = range(len(parts))
     if not parts:
         raise ValueError("combine_tasks needs at least one dataset.")
     columns = set(parts[0].column_names)
@@ -128,7 +135,7 @@ def combine_tasks(
         raise ValueError(f"num_examples must be positive, got {num_examples}")
     generator = torch.Generator().manual_seed(seed)
     selected = []
-    for task_id, (part, count) in enumerate(zip(parts, _largest_remainder(total, probabilities))):
+    for task_id, part, count in zip(task_ids, parts, _largest_remainder(total, probabilities)):
         if count == 0:
             continue
         order = torch.cat([torch.randperm(len(part), generator=generator) for _ in range(math.ceil(count / len(part)))])

@@ -67,9 +67,20 @@ def test_combine_tasks_is_seeded_and_sized():
     assert len(first) == 50 and first["task_ids"] == combine_tasks(parts, "temperature", 3.0, 50, seed=3)["task_ids"]
 
 
+def test_combine_tasks_takes_ids_from_task_names():
+    # a mapping's tasks get their positions in the config's task_names, whatever the mapping's order
+    mixed = combine_tasks({"a": _task(3, 0), "b": _task(3, 1000)}, task_names=["b", "a"])
+    assert all((row["input_ids"][0] >= 1000) == (row["task_ids"] == 0) for row in mixed)
+    # only a task added later (add_tasks): its rows get its own id, not 0
+    added = combine_tasks({"gamma": _task(4, 0)}, task_names=["a", "b", "gamma"])
+    assert added["task_ids"] == [2] * 4
+
+
 def test_combine_tasks_errors():
-    with pytest.raises(ValueError, match="keyed .* but task_names"):
-        combine_tasks({"a": _task(2, 0), "b": _task(2, 0)}, task_names=["b", "a"])
+    with pytest.raises(ValueError, match=r"task\(s\) \['c'\] are not in task_names \['a', 'b'\]; add them"):
+        combine_tasks({"a": _task(2, 0), "c": _task(2, 0)}, task_names=["a", "b"])
+    with pytest.raises(ValueError, match="3 datasets for 2 task names"):
+        combine_tasks([_task(2, 0)] * 3, task_names=["a", "b"])
     with pytest.raises(ValueError, match="dataset 1 has columns"):
         combine_tasks([_task(2, 0), _task(2, 0).remove_columns("labels")])
     with pytest.raises(ValueError, match="already have a task_ids column"):
