@@ -90,34 +90,29 @@ def inputs_for(tiny, **extra) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_residual_adapter_from_the_hub_at_each_revision(hub, tmp_path):
-    tiny = TINY_MODELS["gpt2"]
-    inputs = inputs_for(tiny)
-    folders, (old, new) = save_versions(tmp_path, "residual", lambda version: get_peft_model(
-        tiny.saved(tmp_path), ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS,
-                                                   bottleneck_size=16)), inputs)
-    first, _ = hub.publish("org/residual", folders)
+HUB_ADAPTERS = {  # method -> (tiny model, its config, extra inputs)
+    "residual": ("gpt2", lambda tiny: ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS,
+                                                           bottleneck_size=16), {}),
+    "compt": ("bert", lambda tiny: ComPTConfig(task_type=tiny.task_type, task_names=["alpha", "beta", "gamma"],
+                                               num_source_prompts=3, num_virtual_tokens=N_TOKENS),
+              {"task_ids": torch.tensor([0, 1, 2, 1])}),
+}
 
-    check = dict(client_base(tiny, tmp_path), adapter="org/residual", inputs=inputs)
+
+@pytest.mark.parametrize("method", list(HUB_ADAPTERS))
+def test_adapter_from_the_hub_at_each_revision(hub, tmp_path, method):
+    model_name, make_config, extra_inputs = HUB_ADAPTERS[method]
+    tiny = TINY_MODELS[model_name]
+    inputs = inputs_for(tiny, **extra_inputs)
+    folders, (old, new) = save_versions(tmp_path, method, lambda version: get_peft_model(
+        tiny.saved(tmp_path), make_config(tiny)), inputs)
+    first, _ = hub.publish(f"org/{method}", folders)
+
+    check = dict(client_base(tiny, tmp_path), adapter=f"org/{method}", inputs=inputs)
     # (a commit id is looked up in the client's cache before the server is asked, so it goes first)
     hub.check([
         dict(check, name="commit of v1", revision=first, expected_logits=old),
         dict(check, name="tag v1", revision="v1", expected_logits=old),
-        dict(check, name="main", revision=None, expected_logits=new),
-    ], tmp_path)
-
-
-def test_compt_adapter_from_the_hub_at_each_revision(hub, tmp_path):
-    tiny = TINY_MODELS["bert"]
-    inputs = inputs_for(tiny, task_ids=torch.tensor([0, 1, 2, 1]))
-    folders, (old, new) = save_versions(tmp_path, "compt", lambda version: get_peft_model(
-        tiny.saved(tmp_path), ComPTConfig(task_type=tiny.task_type, task_names=["alpha", "beta", "gamma"],
-                                          num_source_prompts=3, num_virtual_tokens=N_TOKENS)), inputs)
-    first, _ = hub.publish("org/compt", folders)
-
-    check = dict(client_base(tiny, tmp_path), adapter="org/compt", inputs=inputs)
-    hub.check([
-        dict(check, name="commit of v1", revision=first, expected_logits=old),
         dict(check, name="tag v2", revision="v2", expected_logits=new),
         dict(check, name="main", revision=None, expected_logits=new),
     ], tmp_path)
