@@ -212,7 +212,7 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None) -> Path:
     dates = sorted(r["date"] for r in records)
     versions = records[-1]["versions"] if records else {}
     lines = [f"# Benchmark results: `{suite}` suite", "",
-             f"Produced by {_commands(records)} and rendered by "
+             f"Runs produced by {_commands(records)}. Rendered by "
              f"`python -m benchmarks report {suite}`. {len(frame)} of {planned} planned runs recorded"
              + (f" ({failed} failed attempts logged)" if failed else "")
              + (f", {dates[0][:10]} to {dates[-1][:10]}" if dates else "") + ". "
