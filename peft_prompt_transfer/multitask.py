@@ -110,11 +110,12 @@ def combine_tasks(
 
     if isinstance(datasets, Mapping):
         names, parts = list(datasets), list(datasets.values())
-        unknown = [name for name in names if task_names is not None and name not in task_names]
+        positions = {name: i for i, name in enumerate(task_names if task_names is not None else names)}
+        unknown = [name for name in names if name not in positions]
         if unknown:
             raise ValueError(f"task(s) {unknown} are not in task_names {list(task_names)}; add them to the config "
                              "(or to a trained ComPT adapter with add_tasks) first.")
-        task_ids = [list(task_names).index(name) for name in names] if task_names is not None else range(len(parts))
+        task_ids = [positions[name] for name in names]
     else:
         parts = list(datasets)
         if task_names is not None and len(task_names) != len(parts):

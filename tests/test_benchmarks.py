@@ -80,6 +80,29 @@ def test_model_and_data_filters_keep_only_matching_runs():
     assert len(kshot_minilm) + len(fewglue) + len(suite_runs("full", models=("smollm2",))) == len(everything)
 
 
+def test_workers_get_the_same_filters_and_the_users_command(monkeypatch, tmp_path):
+    """Shards index the filtered run list, so every worker must get the same filters, and records name the user's command."""
+    launched = []
+
+    class FakeWorker:
+        def __init__(self, command):
+            launched.append(command)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", FakeWorker)
+    argv = ["full", "--workers", "2", "--models", "minilm", "--data", "kshot", "--claims", "transfer",
+            "--results-dir", str(tmp_path), "--no-report"]
+    assert main(argv) == 0
+    assert len(launched) == 2
+    for k, command in enumerate(launched):
+        options = command[command.index("benchmarks") + 1:]
+        assert options[options.index("--models") + 1] == "minilm" and options[options.index("--data") + 1] == "kshot"
+        assert options[options.index("--claims") + 1] == "transfer" and options[options.index("--shard") + 1] == f"{k}/2"
+        assert options[options.index("--invoked-as") + 1] == "python -m benchmarks " + " ".join(argv)
+
+
 def test_report_names_the_commands_its_records_came_from(tmp_path):
     records_dir = tmp_path / "quick"
     records_dir.mkdir()
