@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +35,7 @@ from peft import (
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
 import peft_prompt_transfer as ppt
+from benchmarks.harness import build_once
 from benchmarks.models import cache_dir, load_causal_lm, load_classifier, load_tokenizer
 from benchmarks.tasks import TASKS, load_split, metric
 
@@ -256,41 +255,33 @@ def _source_data(backbone: Backbone, source: SourceSpec, multitask: bool):
 
 
 def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
-    """Train a source stage once (kept in the cache folder; written atomically) and return its folder."""
-    folder = source.folder()
-    if (folder / "done.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
-    log = {}
-    if source.kind == "prompt_tuning":
-        for task, data in _source_data(backbone, source, multitask=False).items():
-            model = get_peft_model(backbone.base_model(TASKS[task].num_labels, source.seed),
-                                   PromptTuningConfig(task_type=backbone.task_type,
-                                                      num_virtual_tokens=source.num_virtual_tokens))
-            log[task] = train(model, data, backbone, make_optimizer(model, source.lr, "prompt_tuning"),
-                              source.steps, source.batch_size, source.seed)
-            model.save_pretrained(staging / task)
-    else:
-        data = ppt.combine_tasks(_source_data(backbone, source, multitask=True), sampling="equal", seed=source.seed)
-        common = dict(task_type=backbone.task_type, num_virtual_tokens=source.num_virtual_tokens)
-        if source.kind == "mpt":
-            config = MultitaskPromptTuningConfig(**common, num_tasks=len(source.sources))
+    """Train a source stage once (kept in the cache folder; see `build_once`) and return its folder."""
+
+    def train_source(staging: Path) -> None:
+        log = {}
+        if source.kind == "prompt_tuning":
+            for task, data in _source_data(backbone, source, multitask=False).items():
+                model = get_peft_model(backbone.base_model(TASKS[task].num_labels, source.seed),
+                                       PromptTuningConfig(task_type=backbone.task_type,
+                                                          num_virtual_tokens=source.num_virtual_tokens))
+                log[task] = train(model, data, backbone, make_optimizer(model, source.lr, "prompt_tuning"),
+                                  source.steps, source.batch_size, source.seed)
+                model.save_pretrained(staging / task)
         else:
-            config = ppt.BayesianPromptConfig(**common, num_particles=BAYESIAN_PARTICLES,
-                                              source_tasks=list(source.sources))
-        model = get_peft_model(backbone.base_model(_num_labels(source.sources), source.seed), config)
-        log["all"] = train(model, data, backbone, make_optimizer(model, source.lr, source.kind),
-                           source.steps * len(source.sources), source.batch_size, source.seed)
-        model.save_pretrained(staging)
-    (staging / "done.json").write_text(json.dumps({"spec": asdict(source), "log": log}, indent=1))
-    try:
-        os.replace(staging, folder)
-    except OSError:  # another process (a suite shard) finished the same source stage first
-        if not (folder / "done.json").exists():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+            data = ppt.combine_tasks(_source_data(backbone, source, multitask=True), sampling="equal", seed=source.seed)
+            common = dict(task_type=backbone.task_type, num_virtual_tokens=source.num_virtual_tokens)
+            if source.kind == "mpt":
+                config = MultitaskPromptTuningConfig(**common, num_tasks=len(source.sources))
+            else:
+                config = ppt.BayesianPromptConfig(**common, num_particles=BAYESIAN_PARTICLES,
+                                                  source_tasks=list(source.sources))
+            model = get_peft_model(backbone.base_model(_num_labels(source.sources), source.seed), config)
+            log["all"] = train(model, data, backbone, make_optimizer(model, source.lr, source.kind),
+                               source.steps * len(source.sources), source.batch_size, source.seed)
+            model.save_pretrained(staging)
+        (staging / "done.json").write_text(json.dumps({"spec": asdict(source), "log": log}, indent=1))
+
+    return build_once(source.folder(), train_source)
 
 
 def _source_prompts(backbone: Backbone, spec: RunSpec) -> dict[str, torch.Tensor]:

@@ -1,14 +1,19 @@
 """What every benchmark shares: the timing harness (warm-up calls, then timed repeats, summarised by the median),
-the package versions each record carries, and the append-only JSON-lines file the suites keep their records in."""
+the package versions each record carries, the append-only JSON-lines file the suites keep their records in, and
+cached artefacts that concurrent suite shards build only once."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock
 
 
 def time_repeats(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
@@ -64,3 +69,28 @@ def append_record(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def build_once(folder: Path, build: Callable[[Path], None], marker: str = "done.json") -> Path:
+    """Return `folder`, first calling `build(staging)` to create it if it has no `marker` file yet.
+
+    `build` writes into an empty staging folder, which becomes `folder` only once `build` has returned and the
+    marker is there: a killed build leaves nothing that looks finished. A lock file beside `folder` makes other
+    processes that want the same folder (the shards of a suite all start with runs needing the same source stages)
+    wait for the first one's build instead of repeating it.
+    """
+    if (folder / marker).exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.parent / f".{folder.name}.lock"):
+        if (folder / marker).exists():  # built by another process while this one waited for the lock
+            return folder
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{folder.name}-", dir=folder.parent))
+        try:
+            build(staging)
+            if not (staging / marker).exists():
+                raise RuntimeError(f"Building {folder} did not write its {marker}.")
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder

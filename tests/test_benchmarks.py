@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.__main__ import _shard, main
-from benchmarks.harness import append_record, load_records
+from benchmarks.harness import append_record, build_once, load_records
 from benchmarks.report import _commands
 from benchmarks.suites import SUITES, suite_runs
 from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split
@@ -24,6 +24,49 @@ def test_records_survive_a_kill_mid_write(tmp_path):
         f.write('{"key": "c", "met')  # the process was killed here
     assert [r["key"] for r in load_records(path)] == ["a", "b"]
     assert load_records(tmp_path / "missing.jsonl") == []
+
+
+BUILD_ONCE = """
+import sys, time
+from pathlib import Path
+from benchmarks.harness import build_once
+
+def build(staging):
+    with open(sys.argv[2], "a") as log:
+        log.write("built\\n")
+    time.sleep(2)  # long enough for the other process to ask for the same folder meanwhile
+    (staging / "done.json").write_text("{}")
+
+print(build_once(Path(sys.argv[1]), build))
+"""
+
+
+def test_concurrent_shards_build_a_cached_folder_once(tmp_path):
+    folder, log = tmp_path / "sources" / "sst2", tmp_path / "builds.log"
+    processes = [subprocess.Popen([sys.executable, "-c", BUILD_ONCE, str(folder), str(log)], cwd=ROOT,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert outputs == [str(folder)] * 2
+    assert log.read_text() == "built\n"  # the second process waited for the first one's build
+    assert sorted(path.name for path in folder.parent.iterdir()) == [".sst2.lock", "sst2"]  # no staging left
+
+
+def test_a_failed_build_leaves_nothing_and_is_retried(tmp_path):
+    folder = tmp_path / "sources" / "sst2"
+
+    def interrupted(staging):
+        (staging / "adapter_model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_once(folder, interrupted)
+    assert not folder.exists() and not list(folder.parent.glob(".staging-*"))
+    with pytest.raises(RuntimeError, match="did not write its done.json"):
+        build_once(folder, lambda staging: None)
+    assert build_once(folder, lambda staging: (staging / "done.json").write_text("{}")) == folder
+    assert build_once(folder, interrupted) == folder  # built: not called again
 
 
 def test_full_suite_covers_every_claim_method_and_seed():
