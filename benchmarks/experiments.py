@@ -48,7 +48,8 @@ BAYESIAN_PARTICLES = 4
 # which methods need what
 TRANSFER_METHODS = ("spot", "source_average", "mpt", "bayesian")
 MULTITASK_METHODS = ("compt", "shared_prompt", "prompt_tuning")
-SINGLE_TASK_METHODS = ("prompt_tuning", "p_tuning", "residual", "full_finetuning") + TRANSFER_METHODS
+# the ablation keeps the skip connection but drops the branch's LayerNorm, whose output starts at norm sqrt(hidden)
+RESIDUAL_METHODS = ("residual", "residual_no_layer_norm")
 
 
 @dataclass(frozen=True)
@@ -318,9 +319,11 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
     if spec.method == "p_tuning":
         return get_peft_model(base, PromptEncoderConfig(**common, encoder_reparameterization_type="MLP",
                                                         encoder_hidden_size=RESIDUAL_BOTTLENECK)), details
-    if spec.method == "residual":
+    if spec.method in RESIDUAL_METHODS:
         init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if spec.init == "vocab" else {}
-        return get_peft_model(base, ppt.ResidualPromptConfig(**common, bottleneck_size=RESIDUAL_BOTTLENECK, **init)), details
+        config = ppt.ResidualPromptConfig(**common, bottleneck_size=RESIDUAL_BOTTLENECK,
+                                          layer_norm=spec.method == "residual", **init)
+        return get_peft_model(base, config), details
     if spec.method in ("spot", "source_average"):
         prompts = _source_prompts(backbone, spec)
         model = get_peft_model(base, _prompt_config(backbone, spec))

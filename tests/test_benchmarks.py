@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.__main__ import _shard, main
 from benchmarks.harness import append_record, build_once, load_records
-from benchmarks.report import _commands
+from benchmarks.report import _commands, render
 from benchmarks.suites import SUITES, suite_runs
 from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split
 
@@ -74,8 +74,8 @@ def test_full_suite_covers_every_claim_method_and_seed():
     keys = [spec.key() for _, spec in runs]
     assert len(keys) == len(set(keys))
     methods = {spec.method for _, spec in runs}
-    assert methods == {"prompt_tuning", "p_tuning", "residual", "full_finetuning", "spot", "source_average", "mpt",
-                       "bayesian", "compt", "shared_prompt"}
+    assert methods == {"prompt_tuning", "p_tuning", "residual", "residual_no_layer_norm", "full_finetuning", "spot",
+                       "source_average", "mpt", "bayesian", "compt", "shared_prompt"}
     assert {claim for claim, _ in runs} == {"residual", "transfer", "multitask"}
     assert {spec.seed for _, spec in runs} == set(KSHOT_SEEDS)
     assert {spec.model for _, spec in runs} == {"minilm", "smollm2"}
@@ -158,6 +158,25 @@ def test_report_names_the_commands_its_records_came_from(tmp_path):
     assert _commands(load_records(records_dir / "runs.jsonl")) == (
         "`python -m benchmarks quick --claims multitask` (1 run); `python -m benchmarks quick --workers 2` (2 runs); "
         "1 run from earlier starts that did not record their command")
+
+
+def test_report_pairs_the_layer_norm_ablation_with_residual_and_prompt_tuning(tmp_path):
+    scores = {"prompt_tuning": (0.80, 0.82), "residual": (0.78, 0.79), "residual_no_layer_norm": (0.83, 0.81)}
+    for method, by_seed in scores.items():
+        for seed, score in zip((13, 21), by_seed):
+            for lr, offset in ((0.01, 0.0), (0.03, -0.1)):  # the best LR is 0.01 for every method
+                append_record(tmp_path / "runs.jsonl", {
+                    "key": f"{method}{seed}{lr}", "claim": "residual", "method": method, "model": "smollm2",
+                    "tasks": ["sst2"], "seed": seed, "lr": lr, "init": "vocab", "num_virtual_tokens": 20,
+                    "metric": score + offset, "metrics": {"sst2": score + offset}, "date": "2026-11-23T00:00:00+00:00",
+                    "versions": {}})
+    report = render("quick", tmp_path).read_text()
+    variant = "{}, vocab init, 20 tokens"
+    ablation, residual, prompt_tuning = (variant.format(label) for label in (
+        "residual without LayerNorm (ablation)", "residual (ours)", "peft PROMPT_TUNING"))
+    assert f"{ablation} − {prompt_tuning}: +1.0 ± 2.8 points (1 of 2 seeds better)" in report
+    assert f"{ablation} − {residual}: +3.5 ± 2.1 points (2 of 2 seeds better)" in report
+    assert f"{residual} − {prompt_tuning}: -2.5 ± 0.7 points (0 of 2 seeds better)" in report
 
 
 def test_task_errors_say_what_exists():
