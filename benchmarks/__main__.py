@@ -1,7 +1,7 @@
 """Run a benchmark suite and render its report.
 
     python -m benchmarks quick                # a few minutes: every method and claim on a tiny budget (CI smoke test)
-    python -m benchmarks full --workers 2     # about 5 h on 2 CPU cores: benchmarks/RESULTS.md
+    python -m benchmarks full --workers 2     # about 6 h on 2 CPU cores: benchmarks/RESULTS.md
     python -m benchmarks full --claims transfer --models minilm --data kshot
     python -m benchmarks report full          # re-render RESULTS.md and the plots from the records
     python -m benchmarks cost [...]           # step time, memory and inference ratios to PROMPT_TUNING
@@ -28,18 +28,40 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def run_workers(args) -> int:
-    """Split the suite over `args.workers` processes (one shard each, the threads divided), then render once."""
+    """Run the suite in `args.workers` processes (the threads divided) that share one run queue, then render once.
+
+    Each worker takes the next run no worker has claimed yet, so a worker that drew the slow runs (SmolLM2 takes
+    ten times as long as MiniLM) never leaves the others idle, however the remaining runs are ordered.
+    """
+    import shutil
     import subprocess
+    import tempfile
 
     threads = max(1, args.threads // args.workers)
+    queue = tempfile.mkdtemp(prefix="benchmarks-queue-")  # per invocation: a killed run leaves no stale claims
     options = [args.suite, "--claims", *args.claims, "--models", *args.models, "--data", *args.data,
-               "--results-dir", args.results_dir, "--threads", str(threads), "--no-report",
+               "--results-dir", args.results_dir, "--threads", str(threads), "--no-report", "--queue", queue,
                "--invoked-as", _command(args)] + (["--data-dir", args.data_dir] if args.data_dir else [])
-    workers = [subprocess.Popen([sys.executable, "-m", "benchmarks", *options, "--shard", f"{k}/{args.workers}",
-                                 "--progress-position", str(k)]) for k in range(args.workers)]
-    failed = sum(worker.wait() != 0 for worker in workers)
+    try:
+        workers = [subprocess.Popen([sys.executable, "-m", "benchmarks", *options, "--progress-position", str(k)])
+                   for k in range(args.workers)]
+        failed = sum(worker.wait() != 0 for worker in workers)
+    finally:
+        shutil.rmtree(queue, ignore_errors=True)
     _report(args)
     return 1 if failed else 0
+
+
+def claim_run(queue: str, key: str) -> bool:
+    """Claim a run for this worker; False when another worker of the same invocation already has it."""
+    import hashlib
+
+    path = os.path.join(queue, hashlib.sha1(key.encode()).hexdigest())
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # atomic: exactly one worker succeeds
+    except FileExistsError:
+        return False
+    return True
 
 
 def _command(args) -> str:
@@ -80,9 +102,12 @@ def run_suite(args) -> int:
             if index % num_shards == shard and spec.key() not in done]
     print(f"{args.suite}: {len(done)} runs already recorded in {records_path}, {len(runs)} to go")
     backbones, failures, package_versions = {}, 0, versions()
-    progress = tqdm(runs, desc=f"{args.suite} {shard}/{num_shards}" if num_shards > 1 else args.suite, unit="run",
-                    dynamic_ncols=True, position=args.progress_position)
-    for claim, spec in progress:
+    name = f"{args.suite} worker {args.progress_position}" if args.queue else (
+        f"{args.suite} {shard}/{num_shards}" if num_shards > 1 else args.suite)
+    progress = tqdm(runs, desc=name, unit="run", dynamic_ncols=True, position=args.progress_position)
+    for claim, spec in progress:  # with a queue the bar counts the runs any worker has started
+        if args.queue and not claim_run(args.queue, spec.key()):
+            continue
         progress.set_postfix_str(f"{claim}: {spec.method} {'+'.join(spec.tasks)} seed {spec.seed} lr {spec.lr:g}")
         record = {"key": spec.key(), "claim": claim, **json.loads(spec.key())}
         try:
@@ -138,7 +163,8 @@ def main(argv=None) -> int:
                            help="processes to split the suite over (each gets --threads / workers threads); "
                                 "on 2 cores, 2 workers of 1 thread finish sooner than 1 of 2")
         suite.add_argument("--progress-position", type=int, default=0, help=argparse.SUPPRESS)
-        suite.add_argument("--invoked-as", default=None, help=argparse.SUPPRESS)  # set by --workers for its shards
+        suite.add_argument("--invoked-as", default=None, help=argparse.SUPPRESS)  # set by --workers for its workers
+        suite.add_argument("--queue", default=None, help=argparse.SUPPRESS)  # the claims folder --workers shares
         suite.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
                            help="run every N-th run starting at the K-th (0-based), to split a suite over N processes "
                                 "that append to the same records file")

@@ -3,11 +3,13 @@
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import _shard, main
+from benchmarks.__main__ import _shard, claim_run, main
 from benchmarks.harness import append_record, build_once, load_records
 from benchmarks.report import _commands, render
 from benchmarks.suites import SUITES, suite_runs
@@ -142,8 +144,31 @@ def test_workers_get_the_same_filters_and_the_users_command(monkeypatch, tmp_pat
     for k, command in enumerate(launched):
         options = command[command.index("benchmarks") + 1:]
         assert options[options.index("--models") + 1] == "minilm" and options[options.index("--data") + 1] == "kshot"
-        assert options[options.index("--claims") + 1] == "transfer" and options[options.index("--shard") + 1] == f"{k}/2"
+        assert options[options.index("--claims") + 1] == "transfer" and "--shard" not in options
         assert options[options.index("--invoked-as") + 1] == "python -m benchmarks " + " ".join(argv)
+    queues = {command[command.index("--queue") + 1] for command in launched}
+    assert len(queues) == 1 and not os.path.exists(queues.pop())  # one shared queue, removed afterwards
+
+
+def test_workers_sharing_a_queue_each_take_the_next_unclaimed_run(tmp_path):
+    """A worker stuck on slow runs must not hold back runs the other worker could do; no run is done twice."""
+    keys = [f"run {i}" for i in range(12)]
+    done, start = {"slow": [], "fast": []}, threading.Barrier(2)
+
+    def worker(name, seconds):
+        start.wait()
+        for key in keys:
+            if claim_run(str(tmp_path), key):
+                done[name].append(key)
+                time.sleep(seconds)
+
+    threads = [threading.Thread(target=worker, args=("slow", 1.0)), threading.Thread(target=worker, args=("fast", 0.01))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(done["slow"] + done["fast"], key=keys.index) == keys
+    assert len(done["slow"]) <= 2  # fixed shards would give each worker 6
 
 
 def test_report_names_the_commands_its_records_came_from(tmp_path):
