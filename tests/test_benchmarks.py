@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.__main__ import _shard, claim_run, main
 from benchmarks.harness import append_record, build_once, load_records
@@ -202,6 +203,27 @@ def test_report_pairs_the_layer_norm_ablation_with_residual_and_prompt_tuning(tm
     assert f"{ablation} − {prompt_tuning}: +1.0 ± 2.8 points (1 of 2 seeds better)" in report
     assert f"{ablation} − {residual}: +3.5 ± 2.1 points (2 of 2 seeds better)" in report
     assert f"{residual} − {prompt_tuning}: -2.5 ± 0.7 points (0 of 2 seeds better)" in report
+
+
+def test_prompt_steps_measure_what_adamw_does_to_each_prompt():
+    """AdamW's first step moves a plain prompt by lr per coordinate; the residual MLP moves the prompt much further,
+    and its LayerNorm branch starts at norm sqrt(hidden), far from the vocabulary embeddings it was initialised from."""
+    from peft import get_peft_model
+
+    from benchmarks.prompt_steps import first_steps, prompt_configs
+    from tests.conftest import TINY_MODELS
+
+    hidden, lr = 32, 0.01
+    results = {}
+    for name, config in prompt_configs("CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=64).items():
+        torch.manual_seed(0)
+        results[name] = first_steps(get_peft_model(TINY_MODELS["gpt2"].build(hidden), config), lr, steps=3)
+    plain, residual, no_norm = results["prompt_tuning"], results["residual"], results["residual_no_layer_norm"]
+    assert plain["moves"] == pytest.approx([lr * hidden ** 0.5] * 3, rel=1e-3)
+    assert plain["step0_cosine_to_vocab_init"] == pytest.approx(1.0)
+    assert residual["step0_norm"] == pytest.approx(hidden ** 0.5, rel=0.05)  # the LayerNorm output dominates
+    assert residual["step0_cosine_to_vocab_init"] < 0.5 < no_norm["step0_cosine_to_vocab_init"]
+    assert residual["moves"][0] > 5 * plain["moves"][0] and no_norm["moves"][0] > 5 * plain["moves"][0]
 
 
 def test_task_errors_say_what_exists():
