@@ -1,7 +1,7 @@
 """Run a benchmark suite and render its report.
 
     python -m benchmarks quick                # a few minutes: every method and claim on a tiny budget (CI smoke test)
-    python -m benchmarks full --workers 2     # about 6 h on 2 CPU cores: benchmarks/RESULTS.md
+    python -m benchmarks full --workers 2     # about 7 h on 2 CPU cores: benchmarks/RESULTS.md
     python -m benchmarks full --claims transfer --models minilm --data kshot
     python -m benchmarks report full          # re-render RESULTS.md and the plots from the records
     python -m benchmarks cost [...]           # step time, memory and inference ratios to PROMPT_TUNING
