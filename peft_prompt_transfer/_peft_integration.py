@@ -28,6 +28,13 @@ more than that today:
 11. `PeftConfigMixin.from_json_file` names the file and the fix when `adapter_config.json` is not valid
    JSON. This is the one hook that acts on every adapter type (peft's too), since the type is in the file
    it cannot read; it only changes the error message (a `ValueError`, as `JSONDecodeError` is).
+12. `PeftModelForCausalLM.prepare_inputs_for_generation`: transformers 5.24 hands the KV cache to
+   `prepare_inputs_for_generation` and the model's forward as `cache` (it was `past_key_values`) and no
+   longer passes `cache_position`. peft (up to 0.21.2) still looks for `past_key_values`, finds none, and so
+   prepends the prompt again at every decoding step: cached `generate` returns wrong tokens, silently. For
+   our adapters, peft's own code runs on the inputs in the form it knows (the cache as `past_key_values`,
+   with `cache_position`), and its result is handed back in transformers' form. On transformers < 5.24 and
+   for peft's own methods this hook calls peft's function unchanged.
 
 Every patch checks the active config's `peft_type` and calls peft's original function for
 anything that is not ours, so peft's own methods behave exactly as without the plugin. The
@@ -39,6 +46,7 @@ oldest and newest releases.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -50,7 +58,8 @@ import peft
 import peft.peft_model as peft_model_module
 import torch
 from packaging.version import Version
-from peft import PeftModel, PeftModelForSeq2SeqLM, PromptTuningConfig
+import transformers
+from peft import PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM, PromptTuningConfig
 from peft.config import PeftConfigMixin
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners import tuners_utils
@@ -68,6 +77,13 @@ PEFT_VERSION = Version(peft.__version__)
 # hard-code them, and `_wrap_state_dict_functions` supplies the same dispatch.
 BasePromptEncoder = getattr(tuners_utils, "BasePromptEncoder", torch.nn.Module)
 HAS_PROMPT_ENCODER_HOOKS = hasattr(tuners_utils, "BasePromptEncoder")
+
+# transformers >= 5.24 passes the KV cache as `cache` (formerly `past_key_values`) and drops `cache_position`
+CACHE_KWARG = (
+    "cache"
+    if "cache" in inspect.signature(transformers.GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)
 
 # peft type value -> our encoder class; filled by `register_method`.
 _OUR_ENCODERS: dict[str, type] = {}
@@ -251,6 +267,49 @@ def _wrap_seq2seq_generate(original):
         return self.base_model.generate(inputs_embeds=inputs_embeds, **kwargs)
 
     return generate
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if isinstance(cache, (tuple, list)):  # legacy tuple cache
+        return cache[0][0].shape[-2]
+    return cache.get_seq_length()
+
+
+def _wrap_causal_prepare_inputs_for_generation(original):
+    def prepare_inputs_for_generation(self, *args, task_ids: Optional[torch.Tensor] = None, **kwargs):
+        if CACHE_KWARG == "past_key_values" or not is_ours(self.active_peft_config):
+            return original(self, *args, task_ids=task_ids, **kwargs)
+        base_prepare = self.base_model_prepare_inputs_for_generation
+
+        def base_prepare_in_peft_form(*base_args, **base_kwargs):
+            # what transformers < 5.24 returned: the cache as `past_key_values`, and the positions of the new
+            # tokens in it as `cache_position` (peft reads it to tell prefill from decoding)
+            model_inputs = base_prepare(*base_args, **base_kwargs)
+            # transformers 5.24 makes position ids from the attention mask on every call; peft ignores them for
+            # prompt methods anyway, but with a warning about ids the user never passed
+            model_inputs.pop("position_ids", None)
+            if "cache" in model_inputs:
+                model_inputs["past_key_values"] = model_inputs.pop("cache")
+            new_tokens = model_inputs["input_ids"] if model_inputs.get("input_ids") is not None else model_inputs["inputs_embeds"]
+            past_length = _cache_length(model_inputs.get("past_key_values"))
+            model_inputs["cache_position"] = torch.arange(
+                past_length, past_length + new_tokens.shape[1], device=new_tokens.device
+            )
+            return model_inputs
+
+        self.base_model_prepare_inputs_for_generation = base_prepare_in_peft_form
+        try:
+            model_inputs = original(self, *args, task_ids=task_ids, **kwargs)
+        finally:
+            self.base_model_prepare_inputs_for_generation = base_prepare
+        model_inputs.pop("cache_position", None)  # peft drops it for prompt tuning; transformers 5.24 has no such input
+        if "past_key_values" in model_inputs:
+            model_inputs["cache"] = model_inputs.pop("past_key_values")
+        return model_inputs
+
+    return prepare_inputs_for_generation
 
 
 def model_card_section(peft_type: str) -> str:
@@ -437,6 +496,7 @@ _PATCHES = (
     (PeftModel, "get_prompt", _wrap_get_prompt),
     (PeftModel, "get_prompt_embedding_to_save", _wrap_get_prompt_embedding_to_save),
     (PeftModel, "create_or_update_model_card", _wrap_create_or_update_model_card),
+    (PeftModelForCausalLM, "prepare_inputs_for_generation", _wrap_causal_prepare_inputs_for_generation),
     (PeftModelForSeq2SeqLM, "forward", _wrap_seq2seq_forward),
     (PeftModelForSeq2SeqLM, "generate", _wrap_seq2seq_generate),
     (PeftModel, "save_pretrained", _wrap_save_pretrained),

@@ -20,6 +20,8 @@ from transformers import (
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    OPTConfig,
+    Qwen2Config,
     RobertaConfig,
     T5Config,
     Trainer,
@@ -137,6 +139,44 @@ TINY_MODELS = {
         lambda h: RobertaConfig(
             vocab_size=VOCAB, hidden_size=h, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * h,
             max_position_embeddings=72, num_labels=2, pad_token_id=1, **_ENCODER_INIT,
+        ),
+    ),
+}
+
+# The generation tests' models: two more decoder families (not every test needs six causal LMs), Qwen2 (grouped
+# attention with biases on q/k/v, tied embeddings) and OPT (learned positions offset by 2), and a T5 whose decoder
+# listens to its encoder.
+GENERATIVE_MODELS = {
+    **{name: TINY_MODELS[name] for name in ("gpt2", "llama", "bart")},
+    # at T5's default initializer_factor=1 a tiny random T5 decodes the pad token whatever its input (and so a
+    # cached and an uncached decode agree trivially); at 3 its output depends on the encoder input
+    "t5": TinyModel(
+        "t5",
+        "SEQ_2_SEQ_LM",
+        AutoModelForSeq2SeqLM,
+        lambda h: T5Config(
+            vocab_size=VOCAB, d_model=h, d_ff=2 * h, d_kv=8, num_layers=2, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0, initializer_factor=3.0,
+        ),
+    ),
+    "qwen2": TinyModel(
+        "qwen2",
+        "CAUSAL_LM",
+        AutoModelForCausalLM,
+        lambda h: Qwen2Config(
+            vocab_size=VOCAB, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            initializer_range=0.2, tie_word_embeddings=True,
+        ),
+    ),
+    "opt": TinyModel(
+        "opt",
+        "CAUSAL_LM",
+        AutoModelForCausalLM,
+        lambda h: OPTConfig(
+            vocab_size=VOCAB, hidden_size=h, ffn_dim=2 * h, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=64, word_embed_proj_dim=h, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            init_std=0.2, dropout=0.0, attention_dropout=0.0,
         ),
     ),
 }

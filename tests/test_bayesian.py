@@ -429,6 +429,45 @@ def test_ensemble_prediction_averages_the_particles(name):
     assert (prediction.mutual_information > 0).all()  # the particles disagree
 
 
+def _rows(batch: dict, start: int, stop: int) -> dict:
+    return {key: value[start:stop] for key, value in batch.items()}
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "t5"])
+def test_a_loaded_posterior_predicts_with_its_mean_whatever_the_batch(name, tmp_path):
+    """At inference every row gets the posterior mean: repeated rows agree, and neither the batch size nor a row's
+    position changes its logits (in training, row b would use particle b mod M)."""
+    tiny = TINY_MODELS[name]
+    saved_posterior(tiny, tmp_path / "posterior")
+    model = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "posterior").eval()
+    batch = make_batch(tiny, batch_size=8, seed=5)
+    repeated = logits(model, {key: value[:1].repeat_interleave(4, dim=0) for key, value in batch.items()})
+    for row in repeated[1:]:
+        torch.testing.assert_close(row, repeated[0], atol=1e-6, rtol=0)
+    full = logits(model, batch)
+    for size in (1, 3):
+        in_pieces = torch.cat([logits(model, _rows(batch, start, start + size)) for start in range(0, 8, size)])
+        torch.testing.assert_close(in_pieces, full, atol=1e-5, rtol=1e-5)
+    # ... and they are the logits of the exported posterior mean, as plain PROMPT_TUNING
+    export_prompt_tuning(model, tmp_path / "mean")
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny.build(), tmp_path / "mean"), batch), full)
+    # the particles still differ, and ensemble_predict still shows every example to each of them
+    assert (ensemble_predict(model, _rows(batch, 0, 2)).mutual_information > 0).all()
+
+
+def test_trainer_evaluate_of_a_posterior_does_not_depend_on_the_eval_batch_size(tmp_path):
+    tiny = TINY_MODELS["bert"]
+    saved_posterior(tiny, tmp_path / "posterior")
+    model = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "posterior")
+    data = ListDataset(make_batch(tiny, batch_size=8, seed=6))
+    losses = [
+        make_trainer(model, tmp_path / f"eval-{size}", data, eval_dataset=data, per_device_eval_batch_size=size)
+        .evaluate()["eval_loss"]
+        for size in (1, 3, 8)
+    ]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
+
+
 def test_ensemble_prediction_needs_a_posterior(tmp_path):
     tiny = TINY_MODELS["bert"]
     saved_posterior(tiny, tmp_path / "posterior")

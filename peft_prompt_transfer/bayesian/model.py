@@ -3,11 +3,12 @@ transform that turns any torch optimizer into SVGD, and ensemble prediction with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors.torch import load_file
@@ -279,8 +280,8 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     """
     The prompt encoder of Bayesian multi-task prompt transfer (both stages).
 
-    **Source stage.** `embedding.weight` holds the M particles `[M, num_virtual_tokens, token_dim]`. `forward`
-    gives row `b` of the batch the prompt of particle `b mod M` (one forward pass for all particles). Right before
+    **Source stage.** `embedding.weight` holds the M particles `[M, num_virtual_tokens, token_dim]`. In train mode
+    `forward` gives row `b` of the batch the prompt of particle `b mod M` (one forward pass for all particles). Right before
     each optimizer step the particles' gradient is replaced by the SVGD direction ([`svgd_gradient`]):
 
         phi(P_i) = 1/M sum_j [ k(P_j, P_i) grad log p(P_j) + grad_{P_j} k(P_j, P_i) ],
@@ -300,6 +301,12 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     before each optimizer step `regularization_weight * (P - mean)` is added to its gradient: the gradient of
     `regularization_weight / 2 * ||P - mean||^2`, counted once per step. The posterior mean is kept in the
     `posterior_mean` buffer and saved with the adapter, so a resumed run keeps its anchor.
+
+    **Inference.** In eval mode (`model.eval()`, as `Trainer.evaluate`, pipelines and `generate` after it run) a
+    source posterior gives every row the posterior mean, the prompt `export_prompt_tuning` writes: predictions are
+    deterministic and do not depend on a row's position in the batch, the batch size or beam search. Assigning rows
+    to particles is a training device; for the posterior predictive (the particles' average and its uncertainty)
+    use [`ensemble_predict`], which shows every example to every particle.
 
     In inference mode (`PeftModel.from_pretrained` without `is_trainable=True`) the encoder holds only what is
     saved: the particles (source) or the prompt (target); a target adapter then does not need its posterior.
@@ -335,6 +342,7 @@ class BayesianPromptEncoder(TransferPromptEncoder):
                 self.register_buffer("posterior_mean", posterior.mean(), persistent=False)
         if not config.inference_mode:
             self._register_step_transform()
+        self._one_particle_per_row = False
 
     # -- stage-independent views ------------------------------------------------------------------
 
@@ -369,6 +377,8 @@ class BayesianPromptEncoder(TransferPromptEncoder):
         if self.config.stage == "target":
             return weight.unsqueeze(0).expand(batch_size, -1, -1)
         num_particles = weight.shape[0]
+        if not (self.training or self._one_particle_per_row):  # inference: the posterior mean for every row
+            return weight.mean(dim=0).unsqueeze(0).expand(batch_size, -1, -1)
         training = self.training and weight.requires_grad
         if training:
             self._register_step_transform()  # again: a deep copy of this encoder has a fresh parameter
@@ -388,6 +398,15 @@ class BayesianPromptEncoder(TransferPromptEncoder):
             scale = (batch_size / (num_particles * counts))[rows].view(-1, 1, 1)
             prompts = _ScaleGradient.apply(prompts, scale)
         return prompts
+
+    @contextlib.contextmanager
+    def one_particle_per_row(self) -> Iterator[None]:
+        """Within this context, row `b` gets particle `b mod M` in eval mode too (as in training)."""
+        previous, self._one_particle_per_row = self._one_particle_per_row, True
+        try:
+            yield
+        finally:
+            self._one_particle_per_row = previous
 
     def _check_task_ids(self, task_ids: Optional[torch.Tensor], batch_size: int) -> None:
         if task_ids is None:
@@ -570,7 +589,7 @@ def ensemble_predict(model, inputs: Mapping[str, Any], adapter_name: Optional[st
     if task_type == "SEQ_2_SEQ_LM" and batch.get("decoder_input_ids") is None and batch.get("decoder_inputs_embeds") is None:
         start = model.config.decoder_start_token_id
         batch["decoder_input_ids"] = torch.full((reference.shape[0], 1), start, device=reference.device)
-    with torch.no_grad():
+    with torch.no_grad(), encoder.one_particle_per_row():
         logits = model(**expand_for_particles(batch, num_particles)).logits
     rows = logits.shape[0]
     if task_type == "CAUSAL_LM":  # logits cover the virtual tokens first, then the input
