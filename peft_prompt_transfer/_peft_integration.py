@@ -38,9 +38,11 @@ more than that today:
 
 Every patch checks the active config's `peft_type` and calls peft's original function for
 anything that is not ours, so peft's own methods behave exactly as without the plugin. The
-patches are installed once (`install`), and re-importing is a no-op. The supported peft range
-is declared in `pyproject.toml` and `SUPPORTED_PEFT` below; the test suite runs against its
-oldest and newest releases.
+patches are installed once (`install`), and re-importing is a no-op. The supported peft and
+transformers ranges are declared in `pyproject.toml` and in `SUPPORTED_VERSIONS` below; the test
+suite runs against the oldest and the newest releases of both (pinned in `constraints/`), and
+`scripts/canary.sh` runs it against whatever pip resolves today. Importing the plugin next to a
+version outside the ranges warns with the command that installs a supported one.
 """
 
 from __future__ import annotations
@@ -70,9 +72,13 @@ from safetensors import SafetensorError
 
 PACKAGE_NAME = "peft-prompt-transfer"
 IMPORT_LINE = "import peft_prompt_transfer"
-SUPPORTED_PEFT = (Version("0.20.0"), Version("0.22.0"))  # [min, max)
+# [min, max) of each library whose internals we hook into, as declared in pyproject.toml
+SUPPORTED_VERSIONS = {
+    "peft": (Version("0.20.0"), Version("0.22.0")),
+    "transformers": (Version("5.17.0"), Version("5.25.0")),
+}
+INSTALLED_VERSIONS = {"peft": Version(peft.__version__), "transformers": Version(transformers.__version__)}
 
-PEFT_VERSION = Version(peft.__version__)
 # peft >= 0.21 routes prompt-learning save/load through these encoder hooks; older versions
 # hard-code them, and `_wrap_state_dict_functions` supplies the same dispatch.
 BasePromptEncoder = getattr(tuners_utils, "BasePromptEncoder", torch.nn.Module)
@@ -96,15 +102,17 @@ def is_ours(config: Any) -> bool:
     return getattr(peft_type, "value", peft_type) in _OUR_ENCODERS
 
 
-def _check_peft_version() -> None:
-    low, high = SUPPORTED_PEFT
-    if not low <= PEFT_VERSION < high:
-        warnings.warn(
-            f"{PACKAGE_NAME} is tested with peft>={low},<{high} but peft {PEFT_VERSION} is installed; "
-            "it hooks into peft internals that may have changed. Install a supported peft version "
-            f"(pip install 'peft>={low},<{high}') if anything fails.",
-            stacklevel=3,
-        )
+def _check_versions() -> None:
+    for library, (low, high) in SUPPORTED_VERSIONS.items():
+        installed = INSTALLED_VERSIONS[library]
+        if not low <= installed < high:
+            warnings.warn(
+                f"{PACKAGE_NAME} supports {library}>={low},<{high}, but {library} {installed} is installed. It hooks "
+                f"into {library} internals that change between releases (transformers 5.24, for example, broke cached "
+                f"generation of peft's prompt methods), so outputs may be wrong without an error. Install a supported "
+                f"version: pip install '{library}>={low},<{high}'",
+                stacklevel=3,
+            )
 
 
 def _add_peft_type(name: str) -> PeftType:
@@ -508,7 +516,7 @@ _PATCHES = (
 
 def install() -> None:
     """Install all patches (idempotent)."""
-    _check_peft_version()
+    _check_versions()
     for owner, name, make_wrapper in _PATCHES:
         _patch(owner, name, make_wrapper)
     if not HAS_PROMPT_ENCODER_HOOKS:

@@ -11,6 +11,7 @@ import sys
 import peft
 import pytest
 import torch
+from packaging.version import Version
 from conftest import TINY_MODELS, logits, make_batch
 from peft import (
     LoraConfig,
@@ -163,8 +164,21 @@ def test_plugin_free_process_gets_peft_error_and_plugin_fixes_it(tmp_path):
     assert isinstance(PeftConfig.from_pretrained(tmp_path), ResidualPromptConfig)
 
 
-def test_supported_peft_range_matches_pyproject():
-    pyproject = (os.path.dirname(os.path.dirname(__file__)) + "/pyproject.toml")
-    low, high = _peft_integration.SUPPORTED_PEFT
-    assert f'"peft>={low},<{str(high)[:-2]}"' in open(pyproject).read()
-    assert low <= _peft_integration.PEFT_VERSION < high, f"peft {peft.__version__} is outside the supported range"
+@pytest.mark.parametrize("library", ["peft", "transformers"])
+def test_supported_ranges_match_pyproject_and_the_installed_versions(library):
+    pyproject = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml")
+    low, high = _peft_integration.SUPPORTED_VERSIONS[library]
+    assert f'"{library}>={low},<{str(high)[:-2]}"' in open(pyproject).read()
+    installed = _peft_integration.INSTALLED_VERSIONS[library]
+    assert low <= installed < high, f"{library} {installed} is outside the supported range"
+
+
+def test_an_unsupported_version_warns_with_the_fix(monkeypatch):
+    monkeypatch.setitem(_peft_integration.INSTALLED_VERSIONS, "transformers", Version("5.99.0"))
+    with pytest.warns(UserWarning) as caught:
+        _peft_integration._check_versions()
+    low, high = _peft_integration.SUPPORTED_VERSIONS["transformers"]
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "transformers 5.99.0 is installed" in message
+    assert message.endswith(f"pip install 'transformers>={low},<{high}'")
