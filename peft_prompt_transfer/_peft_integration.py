@@ -63,6 +63,7 @@ from packaging.version import Version
 import transformers
 from peft import PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM, PromptTuningConfig
 from peft.config import PeftConfigMixin
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners import tuners_utils
 from peft.utils import PeftType, register_peft_method
@@ -320,18 +321,27 @@ def _wrap_causal_prepare_inputs_for_generation(original):
     return prepare_inputs_for_generation
 
 
-def model_card_section(peft_type: str) -> str:
+def loading_snippet(task_type: Optional[str], import_plugin: bool) -> str:
+    """Python lines that load an adapter of `task_type` from `ADAPTER_PATH_OR_REPO_ID` with peft's auto classes.
+
+    peft's plain `AutoPeftModel` refuses an adapter with a task type, so the class is the task's
+    `AutoPeftModelFor...` (the one peft's own `MODEL_TYPE_TO_PEFT_MODEL_MAPPING` names).
+    """
+    task_type = getattr(task_type, "value", task_type)
+    peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type)
+    auto_class = "AutoPeftModel" + peft_class.__name__[len("PeftModel"):] if peft_class is not None else "AutoPeftModel"
+    plugin = f"# pip install {PACKAGE_NAME}\n{IMPORT_LINE}  # registers the method with peft\n" if import_plugin else ""
+    return f"{plugin}from peft import {auto_class}\nmodel = {auto_class}.from_pretrained(ADAPTER_PATH_OR_REPO_ID)\n"
+
+
+def model_card_section(config: Any) -> str:
     """Model-card text telling a reader without the plugin how to load the adapter."""
+    peft_type = config.peft_type.value
     return (
         "## Loading this adapter\n\n"
         f"This is a `{peft_type}` adapter from [{PACKAGE_NAME}](https://pypi.org/project/{PACKAGE_NAME}/), "
         "a plugin that adds this method to peft. Install and import it before loading:\n\n"
-        "```python\n"
-        f"# pip install {PACKAGE_NAME}\n"
-        f"{IMPORT_LINE}  # registers {peft_type} with peft\n"
-        "from peft import AutoPeftModel\n"
-        "model = AutoPeftModel.from_pretrained(ADAPTER_PATH_OR_REPO_ID)\n"
-        "```\n"
+        f"```python\n{loading_snippet(config.task_type, import_plugin=True)}```\n"
     )
 
 
@@ -347,7 +357,7 @@ def _wrap_create_or_update_model_card(original):
         card = ModelCard.load(filename)
         card.data["tags"] = sorted(set(card.data.get("tags") or []) | {PACKAGE_NAME, peft_type.lower()})
         if "## Loading this adapter" not in card.text:
-            card.text = model_card_section(peft_type) + "\n" + card.text
+            card.text = model_card_section(self.active_peft_config) + "\n" + card.text
         card.save(filename)
 
     return create_or_update_model_card

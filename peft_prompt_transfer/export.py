@@ -11,7 +11,7 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
-from ._peft_integration import PACKAGE_NAME, is_ours, prompt_tuning_config_like
+from ._peft_integration import PACKAGE_NAME, is_ours, loading_snippet, prompt_tuning_config_like
 
 
 def export_prompt_tuning(
@@ -84,6 +84,6 @@ def _write_model_card(save_directory, source_config, task) -> None:
         "# Prompt-tuning adapter\n\n"
         f"A plain peft `PROMPT_TUNING` adapter exported from a {source} adapter trained with "
         f"[{PACKAGE_NAME}](https://pypi.org/project/{PACKAGE_NAME}/). It loads with stock peft; no plugin is needed:\n\n"
-        "```python\nfrom peft import AutoPeftModel\nmodel = AutoPeftModel.from_pretrained(ADAPTER_PATH_OR_REPO_ID)\n```\n"
+        f"```python\n{loading_snippet(source_config.task_type, import_plugin=False)}```\n"
     )
     ModelCard(text).save(os.path.join(save_directory, "README.md"))

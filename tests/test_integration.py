@@ -149,6 +149,38 @@ def test_saved_files_tell_how_to_load_without_the_plugin(tmp_path):
     assert (tmp_path / "adapter" / "README.md").read_text().count("## Loading this adapter") == 1
 
 
+def _card_snippet(adapter_dir) -> str:
+    card = (adapter_dir / "README.md").read_text()
+    return card.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5", "bert"])
+def test_model_card_snippets_run_as_written(name, tmp_path):
+    """The loading code in the card save_pretrained writes (and in an exported adapter's card) runs in a fresh
+    interpreter with only the path filled in, and gives the saved model's logits."""
+    tiny = TINY_MODELS[name]
+    model = get_peft_model(tiny.saved(tmp_path), ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=4)).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    peft_prompt_transfer.export_prompt_tuning(model, tmp_path / "exported")
+    batch = make_batch(tiny, seed=1)
+    expected = logits(model, batch)
+    torch.save(batch, tmp_path / "batch.pt")
+    for folder, plugin in (("adapter", True), ("exported", False)):
+        snippet = _card_snippet(tmp_path / folder)
+        assert ("import peft_prompt_transfer" in snippet) is plugin
+        assert f"AutoPeftModelFor{ {'causal': 'CausalLM', 'seq2seq': 'Seq2SeqLM', 'cls': 'SequenceClassification'}[tiny.kind]}" in snippet
+        script = snippet.replace("ADAPTER_PATH_OR_REPO_ID", repr(str(tmp_path / folder))) + (
+            "import sys, torch\n"
+            f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+            "from conftest import logits\n"  # conftest imports the plugin: load first, as a reader would
+            f"torch.save(logits(model.eval(), torch.load({str(tmp_path / 'batch.pt')!r})), {str(tmp_path / folder / 'out.pt')!r})\n"
+        )
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert run.returncode == 0, run.stderr[-3000:]
+        torch.testing.assert_close(torch.load(tmp_path / folder / "out.pt"), expected, atol=1e-5, rtol=0)
+
+
 def test_plugin_free_process_gets_peft_error_and_plugin_fixes_it(tmp_path):
     """Without the import, peft fails on the unknown type; the same files load once the plugin is imported."""
     tiny = TINY_MODELS["gpt2"]
