@@ -21,6 +21,8 @@ echo "== newest supported (constraints/newest.txt): $(versions .venv)"
 .venv/bin/python -m pytest "$@"
 # the tutorial notebooks in notebooks/ (real MiniLM and data, tiny training budgets), executed with nbmake
 .venv/bin/python -m pytest --nbmake notebooks
+# the sdist and wheel as a package index gets them; the wheel installed in a clean venv, used from outside the repo
+bash scripts/check_package.sh
 
 # the oldest peft and transformers in pyproject's ranges (peft 0.20 with transformers 5.17: transformers 5.18
 # removed a generation helper that peft 0.20 calls for seq2seq models)
