@@ -394,6 +394,8 @@ def test_trainer_uses_per_group_learning_rates(tmp_path):
         ({"prompt_mlp_bottleneck_size": 0}, "prompt_mlp_bottleneck_size must be None or a positive integer"),
         ({"num_frozen_tasks": 3}, r"num_frozen_tasks must be an integer in \[0, num_tasks=3\)"),
         ({"private_prompt": "no"}, "private_prompt must be True or False"),
+        ({"task_type": "FEATURE_EXTRACTION"}, "ComPT does not support task_type='FEATURE_EXTRACTION'"),
+        ({"task_type": "QUESTION_ANS"}, "ComPT does not support task_type='QUESTION_ANS'.*does not pass task_ids"),
     ],
 )
 def test_config_validation(overrides, message):

@@ -89,6 +89,14 @@ class ComPTConfig(TransferPromptLearningConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = peft_type_for(COMPT)
+        task_type = getattr(self.task_type, "value", self.task_type)
+        if task_type in ("FEATURE_EXTRACTION", "QUESTION_ANS"):
+            # peft's forwards for these task types build the prompt without the batch's task_ids
+            raise ValueError(
+                f"ComPT does not support task_type={task_type!r}: peft's {task_type} model does not pass task_ids to "
+                "the prompt, and ComPT needs them to pick each row's task. Use task_type SEQ_CLS, TOKEN_CLS, CAUSAL_LM or "
+                "SEQ_2_SEQ_LM."
+            )
         self._validate_tasks()
         if not _is_int(self.num_source_prompts) or self.num_source_prompts < 1:
             raise ValueError(f"num_source_prompts must be a positive integer, got {self.num_source_prompts!r}.")
