@@ -5,9 +5,8 @@ Importing this package registers its methods with peft (idempotently), so that p
 transformers Trainer, `generate`) works with them unchanged.
 """
 
-__version__ = "0.1.0"
-
 from . import _peft_integration
+from ._version import __version__
 from .bayesian import (
     BAYESIAN_PROMPT_TUNING,
     BayesianPromptConfig,

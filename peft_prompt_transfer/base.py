@@ -10,8 +10,8 @@ import torch
 from peft import PromptLearningConfig
 from peft.tuners.prompt_tuning import PromptEmbedding, PromptTuningInit
 
-from . import __version__
 from ._peft_integration import IMPORT_LINE, PACKAGE_NAME, BasePromptEncoder
+from ._version import __version__
 
 
 def _plugin_record() -> dict:

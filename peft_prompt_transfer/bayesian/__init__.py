@@ -2,17 +2,11 @@
 tasks, and target prompts that start from it."""
 
 from .config import BAYESIAN_PROMPT_TUNING, BayesianPromptConfig
-from .model import (
-    BayesianPromptEncoder,
-    EnsemblePrediction,
-    ParticleReplicationCollator,
-    Posterior,
-    assign_particles,
-    ensemble_predict,
-    expand_for_particles,
-    load_posterior,
-    register_pre_step_gradient_transform,
-)
+from .ensemble import EnsemblePrediction, ensemble_predict
+from .model import BayesianPromptEncoder
+from .particles import ParticleReplicationCollator, assign_particles, expand_for_particles
+from .posterior import Posterior, load_posterior
+from .step_transform import register_pre_step_gradient_transform
 from .svgd import median_bandwidth, rbf_kernel, stein_direction, svgd_gradient
 
 __all__ = [
