@@ -23,9 +23,10 @@ from .compt import (
     compt_parameter_groups,
     create_compt_optimizer,
     plot_routing_weights,
+    set_active_task,
 )
 from .export import export_prompt_tuning
-from .multitask import check_task_ids, combine_tasks
+from .multitask import TaskIdsCollator, check_task_ids, combine_tasks
 from .residual import RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder
 
 _peft_integration.install()
@@ -46,8 +47,10 @@ __all__ = [
     "compt_parameter_groups",
     "create_compt_optimizer",
     "plot_routing_weights",
+    "set_active_task",
     "ResidualPromptConfig",
     "ResidualPromptEncoder",
+    "TaskIdsCollator",
     "check_task_ids",
     "combine_tasks",
     "export_prompt_tuning",

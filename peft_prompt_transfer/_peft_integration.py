@@ -35,6 +35,21 @@ more than that today:
    our adapters, peft's own code runs on the inputs in the form it knows (the cache as `past_key_values`,
    with `cache_position`), and its result is handed back in transformers' form. On transformers < 5.24 and
    for peft's own methods this hook calls peft's function unchanged.
+13. `PeftModel.from_pretrained(..., is_trainable=True)` and `PeftModel._check_new_adapter_config` (which
+   `load_adapter(path, new_name, is_trainable=True)` calls): peft refuses trainable loads of every prompt
+   method, since its prompt encoders save only the prompt inference uses. Ours save their whole training
+   state (residual's MLP, ComPT's router and gates, a posterior's particles, a target's anchor), so for our
+   adapters `from_pretrained` builds the model in training mode and loads the adapter with
+   `load_adapter(..., is_trainable=True)`, the path peft already takes for `get_peft_model` + `load_adapter`,
+   and the new-adapter check skips only that one rule. `PeftModel.set_requires_grad`, which peft does not
+   support for prompt methods (and which `load_adapter(..., is_trainable=True)` calls on peft 0.21), sets
+   the trainability of our adapters' encoders. Inference loads and peft's own methods are unchanged.
+14. `transformers.Trainer._get_dataloader` (which TRL's trainers inherit): for a model with an adapter that takes
+   `task_ids` (ComPT; a Bayesian source with `source_tasks`), `task_ids` joins the columns that
+   `remove_unused_columns=True` keeps (the trainer's `_signature_columns`, the base model's forward arguments or
+   TRL's list), and the collator is wrapped in `TaskIdsCollator` for the call, since collators that build the batch
+   from the keys they know (TRL's) drop it. So the default `TrainingArguments` and TRL's `SFTTrainer` train ComPT
+   as they are. For every other model this hook calls transformers' function unchanged.
 
 Every patch checks the active config's `peft_type` and calls peft's original function for
 anything that is not ours, so peft's own methods behave exactly as without the plugin. The
@@ -59,9 +74,9 @@ from typing import Any, Callable, Optional
 import peft
 import peft.peft_model as peft_model_module
 import torch
-from packaging.version import Version
 import transformers
-from peft import PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM, PromptTuningConfig
+from packaging.version import Version
+from peft import PeftConfig, PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM, PromptTuningConfig
 from peft.config import PeftConfigMixin
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
@@ -421,6 +436,77 @@ def _wrap_load_adapter(original):
     return load_adapter
 
 
+_HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token")
+
+
+def _wrap_from_pretrained(original):
+    def from_pretrained(cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, config=None,
+                        **kwargs):
+        if is_trainable and config is None:
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(model_id, **hub_kwargs)]
+            config = config_cls.from_pretrained(model_id, **hub_kwargs)
+        if not (is_trainable and is_ours(config)):
+            return original(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config,
+                            **kwargs)
+        config.inference_mode = False
+        task_type = getattr(config.task_type, "value", config.task_type)
+        peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type, cls)
+        build_kwargs = {key: kwargs[key] for key in ("autocast_adapter_dtype", "low_cpu_mem_usage") if key in kwargs}
+        peft_model = peft_cls(model, config, adapter_name, **build_kwargs)
+        peft_model.load_adapter(model_id, adapter_name, is_trainable=True, **kwargs)
+        return peft_model
+
+    return from_pretrained
+
+
+def _wrap_check_new_adapter_config(original):
+    def _check_new_adapter_config(self, peft_config, is_trainable: bool) -> None:
+        # peft's rule against trainable prompt-learning loads is for encoders that save only the inference prompt
+        return original(self, peft_config, is_trainable=is_trainable and not is_ours(peft_config))
+
+    return _check_new_adapter_config
+
+
+def _wrap_set_requires_grad(original):
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if not names or not all(is_ours(self.peft_config.get(name)) for name in names):
+            return original(self, adapter_names, requires_grad=requires_grad)
+        for name in names:
+            self.prompt_encoder[name].requires_grad_(requires_grad)
+
+    return set_requires_grad
+
+
+def _takes_task_ids(model: Any) -> bool:
+    peft_config = getattr(model, "peft_config", None)
+    return isinstance(peft_config, dict) and any(
+        is_ours(config) and config.takes_task_ids for config in peft_config.values()
+    )
+
+
+def _wrap_trainer_get_dataloader(original):
+    def _get_dataloader(self, dataset, *args, **kwargs):
+        if not _takes_task_ids(self.model):
+            return original(self, dataset, *args, **kwargs)
+        from .multitask import TaskIdsCollator
+
+        # `remove_unused_columns` keeps the columns the trainer's `_set_signature_columns_if_needed` names (the base
+        # model's forward arguments; TRL names its own): `task_ids` is a PeftModel argument, so add it
+        self._set_signature_columns_if_needed()
+        if "task_ids" not in self._signature_columns:
+            self._signature_columns = list(self._signature_columns) + ["task_ids"]
+        collator = self.data_collator
+        self.data_collator = TaskIdsCollator(collator)  # this call only: the trainer's collator stays the user's
+        try:
+            return original(self, dataset, *args, **kwargs)
+        finally:
+            self.data_collator = collator
+
+    return _get_dataloader
+
+
 # transformers' template card for a repo that has none (transformers.utils.hub.create_and_tag_model_card)
 _TRANSFORMERS_TEMPLATE_MARK = "model card of a 🤗 transformers model that has been pushed on the Hub"
 
@@ -519,8 +605,12 @@ _PATCHES = (
     (PeftModelForSeq2SeqLM, "generate", _wrap_seq2seq_generate),
     (PeftModel, "save_pretrained", _wrap_save_pretrained),
     (PeftModel, "load_adapter", _wrap_load_adapter),
+    (PeftModel, "from_pretrained", _wrap_from_pretrained),
+    (PeftModel, "_check_new_adapter_config", _wrap_check_new_adapter_config),
+    (PeftModel, "set_requires_grad", _wrap_set_requires_grad),
     (PeftModel, "push_to_hub", _wrap_push_to_hub),
     (PeftConfigMixin, "from_json_file", _wrap_from_json_file),
+    (transformers.Trainer, "_get_dataloader", _wrap_trainer_get_dataloader),
 ) + (() if HAS_PROMPT_ENCODER_HOOKS else _STATE_DICT_PATCHES)
 
 

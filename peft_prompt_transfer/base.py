@@ -66,6 +66,11 @@ class TransferPromptLearningConfig(PromptLearningConfig):
         default=None, metadata={"help": "Vocabulary size of the base model the adapter was made for (filled in)."}
     )
 
+    @property
+    def takes_task_ids(self) -> bool:
+        """Whether forward takes `task_ids` (a multi-task adapter); the Trainer then keeps the `task_ids` column."""
+        return False
+
     def __post_init__(self):
         super().__post_init__()
         if self.num_virtual_tokens is None or isinstance(self.num_virtual_tokens, bool) or not (

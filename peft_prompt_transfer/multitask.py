@@ -1,9 +1,10 @@
-"""Shared multi-task pieces: `task_ids` validation and mixing several datasets into one training set."""
+"""Shared multi-task pieces: `task_ids` validation, a collator that carries them, and mixing several datasets into one
+training set."""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -12,10 +13,38 @@ if TYPE_CHECKING:  # imported where it is used, so that the package itself does 
 
 TASK_IDS_HELP = (
     "Pass `task_ids` (a LongTensor of shape [batch_size] with one task index per example) to forward() and "
-    "generate(). With the transformers Trainer, keep the `task_ids` column of your dataset: the Trainer's default "
-    "`remove_unused_columns=True` drops it (it keeps only the base model's forward arguments), so set "
-    "`TrainingArguments(remove_unused_columns=False)` and remove text columns from the dataset yourself."
+    "generate(), or fix one task for calls without them (pipelines) with set_active_task(model, task). The "
+    "transformers Trainer and TRL's trainers keep a dataset's `task_ids` column and carry it through their collator "
+    "once `peft_prompt_transfer` is imported; in your own loop, a collator that keeps only the keys it knows drops "
+    "it, so wrap it: TaskIdsCollator(your_collator)."
 )
+
+
+class TaskIdsCollator:
+    """
+    Carries a `task_ids` column through any data collator.
+
+    Many collators build the batch from the keys they know (TRL's language-modelling collator keeps `input_ids`
+    and its masks) and so drop `task_ids`. This wrapper collates the examples with `collator` and, if the batch
+    came back without `task_ids`, adds the examples' `task_ids` as a tensor `[batch_size]` (stacked as given, so
+    that the model's check names a wrong dtype rather than this collator rounding it). A collator that keeps
+    `task_ids` (or examples without them) passes through unchanged. The Trainer (and TRL's trainers, which build on
+    it) wrap their collator like this by themselves for adapters that take `task_ids`; use it in your own loop.
+
+    Args:
+        collator (`Callable`): The collator to wrap, e.g. `DataCollatorWithPadding(tokenizer)`.
+    """
+
+    def __init__(self, collator: Callable[[list], Any]):
+        self.collator = collator.collator if isinstance(collator, TaskIdsCollator) else collator
+
+    def __call__(self, features: list) -> Any:
+        has_task_ids = bool(features) and isinstance(features[0], Mapping) and "task_ids" in features[0]
+        task_ids = torch.stack([torch.as_tensor(feature["task_ids"]) for feature in features]) if has_task_ids else None
+        batch = self.collator(features)
+        if task_ids is not None and "task_ids" not in batch:
+            batch["task_ids"] = task_ids
+        return batch
 
 
 def check_task_ids(
@@ -106,7 +135,13 @@ def combine_tasks(
     Returns:
         A `datasets.Dataset` with the input columns and an int64 `task_ids` column, shuffled.
     """
-    import datasets as hf_datasets
+    try:
+        import datasets as hf_datasets
+    except ImportError as err:
+        raise ImportError(
+            "combine_tasks works on datasets.Dataset objects and needs the datasets package: "
+            "pip install 'peft-prompt-transfer[data]'"
+        ) from err
 
     if isinstance(datasets, Mapping):
         names, parts = list(datasets), list(datasets.values())

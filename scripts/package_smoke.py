@@ -56,4 +56,9 @@ with tempfile.TemporaryDirectory() as folder:
         with torch.no_grad():
             torch.testing.assert_close(loaded(input_ids=input_ids, **extra).logits, expected)
         print(f"{name}: trained a step, saved, reloaded with the same logits")
+try:  # the clean venv has no `datasets`: combine_tasks names the extra that brings it
+    ppt.combine_tasks([])
+    raise AssertionError("combine_tasks ran without datasets")
+except ImportError as err:
+    assert "pip install 'peft-prompt-transfer[data]'" in str(err), err
 print(f"peft-prompt-transfer {ppt.__version__} from {here}: OK (python {sys.version.split()[0]})")

@@ -248,6 +248,20 @@ def make_trainer(model, output_dir, dataset, optimizers=(None, None), eval_datas
     )
 
 
+def tiny_tokenizer(directory):
+    """A word-level tokenizer for the tiny models' vocabulary (`<pad>`, `<unk>`, `w0` ... `w61`), saved under
+    `directory/tok`; its path, as a string."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = os.path.join(str(directory), "tok")
+    words = ["<pad>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="<unk>").save_pretrained(path)
+    return path
+
+
 def train_losses(trainer: Trainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 

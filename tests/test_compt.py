@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_MODELS, ListDataset, greedy_reference, logits, make_batch, make_trainer, train_losses
+from conftest import (
+    TINY_MODELS,
+    ListDataset,
+    greedy_reference,
+    logits,
+    make_batch,
+    make_trainer,
+    tiny_tokenizer,
+    train_losses,
+)
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_prompt_transfer import (
     ComPTConfig,
+    ResidualPromptConfig,
+    TaskIdsCollator,
     add_tasks,
     compt_parameter_groups,
     create_compt_optimizer,
     export_prompt_tuning,
     plot_routing_weights,
+    set_active_task,
 )
 from peft_prompt_transfer.compt import sparsemax
 
@@ -183,12 +195,107 @@ def test_bad_task_ids_in_forward(task_ids, message):
         model(**batch, task_ids=task_ids)
 
 
-def test_trainer_with_default_arguments_says_what_to_set(tmp_path):
+def _trained_state(model, tmp_path, dataset, **overrides) -> dict:
+    make_trainer(model, tmp_path, dataset, max_steps=3, **overrides).train()
+    return model.prompt_encoder["default"].adapter_state_dict()
+
+
+def test_trainer_default_arguments_keep_task_ids(tmp_path):
+    """The Trainer's default remove_unused_columns=True keeps the task_ids column for ComPT (a torch dataset, and a
+    datasets.Dataset whose text column it still drops): training equals training with remove_unused_columns=False."""
+    import datasets
+
+    tiny = TINY_MODELS["gpt2"]
+    batch = task_batch(tiny)
+    expected = _trained_state(get_peft_model(tiny.build(), compt_config(tiny)), tmp_path / "explicit",
+                              ListDataset(batch), remove_unused_columns=False)
+    with_text = datasets.Dataset.from_dict({**{k: v.tolist() for k, v in batch.items()}, "text": ["a b"] * 4})
+    for name, dataset in (("torch", ListDataset(batch)), ("datasets", with_text.with_format("torch"))):
+        state = _trained_state(get_peft_model(tiny.build(), compt_config(tiny)), tmp_path / name, dataset)
+        for key in expected:
+            torch.testing.assert_close(state[key], expected[key], atol=1e-6, rtol=0, msg=f"{name}: {key}")
+
+
+def test_task_ids_collator_carries_task_ids_through_a_collator_that_drops_them():
+    rows = ListDataset(task_batch(TINY_MODELS["gpt2"], task_ids=(2, 0, 1, 1))).rows
+    known_keys_only = lambda features: {k: torch.stack([f[k] for f in features]) for k in ("input_ids", "labels")}
+    batch = TaskIdsCollator(known_keys_only)(rows)
+    assert torch.equal(batch["task_ids"], torch.tensor([2, 0, 1, 1]))
+    assert torch.equal(batch["input_ids"], known_keys_only(rows)["input_ids"])
+    assert TaskIdsCollator(TaskIdsCollator(known_keys_only)).collator is known_keys_only  # no double wrapping
+    float_ids = [dict(row, task_ids=torch.tensor(1.0)) for row in rows]
+    model = get_peft_model(TINY_MODELS["gpt2"].build(), compt_config(TINY_MODELS["gpt2"]))
+    with pytest.raises(ValueError, match="integer task indices"):  # not silently rounded by the collator
+        model(**TaskIdsCollator(known_keys_only)(float_ids))
+
+
+def test_missing_task_ids_error_names_every_way_to_give_them():
     tiny = TINY_MODELS["gpt2"]
     model = get_peft_model(tiny.build(), compt_config(tiny))
-    trainer = make_trainer(model, tmp_path, ListDataset(task_batch(tiny)), max_steps=2)  # remove_unused_columns=True
-    with pytest.raises(ValueError, match=r"remove_unused_columns=False"):
-        trainer.train()
+    with pytest.raises(ValueError, match="COMPT needs task_ids") as caught:
+        model(**make_batch(tiny))
+    for remedy in ("set_active_task(model, task)", "TaskIdsCollator(your_collator)", "TRL"):
+        assert remedy in str(caught.value)
+
+
+def test_trl_sft_trainer_trains_compt_with_task_ids(tmp_path):
+    """TRL's SFTTrainer (its own column list and collator, default arguments) trains ComPT with the dataset's task_ids:
+    the loss falls, and only the tasks in the data move."""
+    trl = pytest.importorskip("trl")
+    import datasets
+    from transformers import AutoTokenizer
+
+    tiny = TINY_MODELS["gpt2"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path))
+    texts = [" ".join(f"w{(3 * i + j) % 50 + 3}" for j in range(6)) for i in range(8)]
+    data = datasets.Dataset.from_dict({"text": texts, "task_ids": [0, 1] * 4})
+    model = get_peft_model(tiny.build(), compt_config(tiny))
+    before = model.prompt_encoder["default"].adapter_state_dict()
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-2,
+                         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", lr_scheduler_type="constant",
+                         max_length=16, seed=0)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    losses = train_losses(trainer)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    after = model.prompt_encoder["default"].adapter_state_dict()
+    assert not torch.equal(after["router_logits"][:2], before["router_logits"][:2])  # tasks 0 and 1 trained
+    torch.testing.assert_close(after["router_logits"][2], before["router_logits"][2], atol=0, rtol=0)  # task 2 unused
+
+
+def test_pipelines_run_the_active_task(tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path))
+    texts = ["w3 w7 w9 w20", "w12 w4 w33"]
+    classifier_model = trained(TINY_MODELS["bert"], tmp_path / "bert", steps=3)
+    classify = pipeline("text-classification", model=classifier_model, tokenizer=tokenizer, function_to_apply="none",
+                        top_k=None)
+    scores = {}
+    for task, task_id in (("beta", 1), ("gamma", 2)):
+        with set_active_task(classifier_model, task):
+            found = [{d["label"]: d["score"] for d in row} for row in classify(texts)]
+        for text, row in zip(texts, found):
+            encoded = tokenizer(text, return_tensors="pt")
+            with torch.no_grad():
+                expected = classifier_model(**encoded, task_ids=torch.tensor([task_id])).logits[0]
+            torch.testing.assert_close(torch.tensor([row["LABEL_0"], row["LABEL_1"]]), expected, atol=1e-5, rtol=0)
+        scores[task] = found
+    assert scores["beta"] != scores["gamma"]  # the task chose the prompt
+    with pytest.raises(ValueError, match="COMPT needs task_ids"):  # the context manager restored "no task"
+        classify(texts)
+
+    generator_model = trained(TINY_MODELS["gpt2"], tmp_path / "gpt2", steps=3)
+    set_active_task(generator_model, "gamma")
+    generate = pipeline("text-generation", model=generator_model, tokenizer=tokenizer)
+    text = generate(texts[0], max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
+    encoded = tokenizer(texts[0], return_tensors="pt")
+    expected = generator_model.generate(**encoded, task_ids=torch.tensor([2]), max_new_tokens=4, do_sample=False)
+    assert text.split() == tokenizer.decode(expected[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).split()
+    set_active_task(generator_model, None)
+    with pytest.raises(ValueError, match="set_active_task needs a ComPT adapter"):
+        set_active_task(get_peft_model(TINY_MODELS["gpt2"].build(), ResidualPromptConfig(task_type="CAUSAL_LM",
+                                                                                          num_virtual_tokens=2)), 0)
 
 
 # ---------------------------------------------------------------------------------------------

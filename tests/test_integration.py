@@ -214,3 +214,69 @@ def test_an_unsupported_version_warns_with_the_fix(monkeypatch):
     message = str(caught[0].message)
     assert "transformers 5.99.0 is installed" in message
     assert message.endswith(f"pip install 'transformers>={low},<{high}'")
+
+
+def _continue_training(model, batch: dict, steps: int = 2) -> dict:
+    """`steps` SGD steps (a stateless optimizer, so a fresh one continues exactly) from a fixed seed."""
+    torch.manual_seed(0)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+TRAINABLE_LOAD_METHODS = {
+    "residual": lambda path: ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8),
+    "compt": lambda path: peft_prompt_transfer.ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                           task_names=["a", "b"], num_source_prompts=2),
+    "bayesian_source": lambda path: peft_prompt_transfer.BayesianPromptConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2),
+    "bayesian_target": lambda path: peft_prompt_transfer.BayesianPromptConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, stage="target", posterior=str(path / "posterior")),
+}
+
+
+@pytest.mark.parametrize("method", sorted(TRAINABLE_LOAD_METHODS))
+def test_trainable_loads_continue_training_exactly(method, tmp_path):
+    """peft refuses is_trainable=True for prompt methods; ours load their whole training state, so training goes on
+    from a saved adapter exactly as it would have gone on in memory, through from_pretrained and load_adapter."""
+    tiny = TINY_MODELS["gpt2"]
+    torch.manual_seed(1)
+    get_peft_model(tiny.saved(tmp_path), peft_prompt_transfer.BayesianPromptConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2)).save_pretrained(tmp_path / "posterior")
+    make_config = TRAINABLE_LOAD_METHODS[method]
+    batch = make_batch(tiny)
+    if method == "compt":
+        batch["task_ids"] = torch.tensor([0, 1, 1, 0])
+    torch.manual_seed(2)
+    model = _continue_training(get_peft_model(tiny.saved(tmp_path), make_config(tmp_path)), batch)
+    model.save_pretrained(tmp_path / "adapter")
+
+    loaded = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "adapter", is_trainable=True)
+    assert not loaded.peft_config["default"].inference_mode
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+    host = get_peft_model(tiny.saved(tmp_path), make_config(tmp_path))
+    host.load_adapter(tmp_path / "adapter", "resumed", is_trainable=True)
+    host.set_adapter("resumed")
+    expected_state = _continue_training(model, batch).prompt_encoder["default"].adapter_state_dict()
+    expected_logits = logits(model, batch)
+    for resumed, name in ((_continue_training(loaded, batch), "default"), (_continue_training(host, batch), "resumed")):
+        state = resumed.prompt_encoder[name].adapter_state_dict()
+        assert state.keys() == expected_state.keys()
+        for key in state:
+            torch.testing.assert_close(state[key], expected_state[key], atol=1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(logits(resumed, batch), expected_logits, atol=1e-5, rtol=0)
+
+
+def test_trainable_loads_of_peft_prompt_methods_keep_peft_rule(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    get_peft_model(tiny.build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
+        PeftModel.from_pretrained(tiny.build(), tmp_path, is_trainable=True)
+    host = get_peft_model(tiny.build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
+        host.load_adapter(tmp_path, "other", is_trainable=True)

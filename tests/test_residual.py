@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_MODELS, ListDataset, greedy_reference, logits, make_batch, make_trainer, train_losses
+from conftest import TINY_MODELS, ListDataset, greedy_reference, logits, make_batch, make_trainer, tiny_tokenizer, train_losses
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -301,16 +301,9 @@ def test_dropout_is_off_in_the_saved_prompt(tmp_path):
 
 @pytest.mark.parametrize("init", ["SAMPLE_VOCAB", "TEXT"])
 def test_prompt_initialisation_from_vocabulary(init, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<unk>"] + [f"w{i}" for i in range(62)]
-    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>").save_pretrained(tmp_path / "tok")
     tiny = TINY_MODELS["gpt2"]
     base = tiny.build()
-    extra = {"prompt_tuning_init_text": "w5 w9 w7", "tokenizer_name_or_path": str(tmp_path / "tok")} if init == "TEXT" else {}
+    extra = {"prompt_tuning_init_text": "w5 w9 w7", "tokenizer_name_or_path": tiny_tokenizer(tmp_path)} if init == "TEXT" else {}
     model = get_peft_model(base, residual_config(tiny, prompt_tuning_init=init, **extra))
     prompt = model.prompt_encoder["default"].embedding.weight
     vocab = base.get_input_embeddings().weight

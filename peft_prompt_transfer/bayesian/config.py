@@ -147,6 +147,11 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         default=None, metadata={"help": "Target stage: weight λ of λ/2 ||P - posterior mean||^2. Default 0.01."}
     )
 
+    @property
+    def takes_task_ids(self) -> bool:
+        # a source posterior checks task_ids against source_tasks; a target has a single prompt
+        return self.stage == "source" and self.source_tasks is not None
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = peft_type_for(BAYESIAN_PROMPT_TUNING)

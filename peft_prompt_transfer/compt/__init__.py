@@ -2,7 +2,7 @@
 
 from .config import COMPT, ComPTConfig
 from .extend import add_tasks
-from .model import ComPTEncoder
+from .model import ComPTEncoder, set_active_task
 from .optim import compt_parameter_groups, create_compt_optimizer
 from .plot import plot_routing_weights
 from .sparsemax import sparsemax
@@ -15,5 +15,6 @@ __all__ = [
     "compt_parameter_groups",
     "create_compt_optimizer",
     "plot_routing_weights",
+    "set_active_task",
     "sparsemax",
 ]

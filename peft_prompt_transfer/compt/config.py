@@ -156,6 +156,10 @@ class ComPTConfig(TransferPromptLearningConfig):
             raise ValueError(f"num_tasks must be a positive integer, got {self.num_tasks!r}.")
 
     @property
+    def takes_task_ids(self) -> bool:
+        return True
+
+    @property
     def prompt_length(self) -> int:
         """Tokens per source / private prompt."""
         return self.num_virtual_tokens // 2 if self.composition == "concat" else self.num_virtual_tokens

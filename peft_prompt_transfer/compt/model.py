@@ -112,6 +112,8 @@ class ComPTEncoder(TransferPromptEncoder):
                 residual=config.prompt_mlp_residual,
             )
         self.register_buffer("sampling_step", torch.zeros((), dtype=torch.long))
+        # the task that calls without task_ids use (set_active_task); None: task_ids are required
+        self.active_task: Optional[int] = None
         if num_frozen:
             # adding tasks: the shared parts must not move, or the frozen tasks' prompts would change
             self.embedding.weight.requires_grad_(False)
@@ -192,6 +194,8 @@ class ComPTEncoder(TransferPromptEncoder):
         return shared + private
 
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if task_ids is None and self.active_task is not None:
+            task_ids = torch.full((batch_size,), self.active_task, dtype=torch.long)
         task_ids = check_task_ids(task_ids, batch_size, self.config.num_tasks, "COMPT")
         # index_select, not fancy indexing: its backward is deterministic on CPU (same gradients every run)
         return self.task_prompts().index_select(0, task_ids.to(self.embedding.weight.device))
@@ -280,3 +284,48 @@ class ComPTEncoder(TransferPromptEncoder):
         self.embedding.weight.copy_(sources)
         if self.private is not None:
             self.private.assign(private.view(cfg.num_tasks, cfg.prompt_length, cfg.token_dim))
+
+
+class _ActiveTask:
+    """What `set_active_task` returns: as a context manager, it restores the previous task on exit."""
+
+    def __init__(self, encoder: ComPTEncoder, previous: Optional[int]):
+        self.encoder, self.previous = encoder, previous
+
+    def __enter__(self) -> ComPTEncoder:
+        return self.encoder
+
+    def __exit__(self, *exc_info) -> None:
+        self.encoder.active_task = self.previous
+
+
+def set_active_task(model, task: Optional[Union[int, str]], adapter_name: Optional[str] = None) -> _ActiveTask:
+    """
+    Make calls without `task_ids` use one task of a ComPT adapter.
+
+    Pipelines (`pipeline("text-classification" | "text-generation", model=model)`) and other callers that do not
+    know `task_ids` then run that task; calls that pass `task_ids` still route each example by its own id. Use it
+    as a plain call (the task stays active until the next call; `task=None` requires `task_ids` again) or as a
+    context manager, which restores the previous setting on exit.
+
+    Args:
+        model (`PeftModel`): A model with a ComPT adapter.
+        task (`int` or `str`, *optional*): A name from the config's `task_names` or a task id; `None` clears it.
+        adapter_name (`str`, *optional*): The ComPT adapter; defaults to the active adapter.
+
+    Example:
+
+    ```py
+    >>> ppt.set_active_task(model, "sst2")
+    >>> pipeline("text-classification", model=model, tokenizer=tokenizer)("a moving film")
+    >>> with ppt.set_active_task(model, "cola"):
+    ...     model(**batch)  # CoLA's prompt for every row
+    ```
+    """
+    name = adapter_name if adapter_name is not None else model.active_adapter
+    encoder = model.prompt_encoder[name] if name in getattr(model, "prompt_encoder", {}) else None
+    if not isinstance(encoder, ComPTEncoder):
+        raise ValueError(f"set_active_task needs a ComPT adapter; adapter {name!r} of this model is not one.")
+    previous = encoder.active_task
+    encoder.active_task = None if task is None else encoder.config.task_index(task)
+    return _ActiveTask(encoder, previous)
