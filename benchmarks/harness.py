@@ -1,4 +1,4 @@
-"""What every benchmark shares: the timing harness (warm-up calls, then timed repeats, summarised by the median),
+"""What every benchmark shares: the timing harness (warm-up calls, then timed repeats),
 the package versions each record carries, the append-only JSON-lines file the suites keep their records in, and
 cached artefacts that concurrent suite shards build only once."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +25,6 @@ def time_repeats(fn: Callable[[], object], warmup: int, repeats: int) -> list[fl
         fn()
         times.append(time.perf_counter() - start)
     return times
-
-
-def median_and_iqr(times: list[float]) -> tuple[float, float]:
-    """The median and the interquartile range of a list of timings."""
-    if len(times) < 2:
-        return times[0], 0.0
-    quartiles = statistics.quantiles(times, n=4)
-    return statistics.median(times), quartiles[2] - quartiles[0]
 
 
 def versions() -> dict:

@@ -169,22 +169,25 @@ def _svgd_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _ratio(ratio: Optional[dict]) -> str:
+    return "-" if ratio is None else f"{ratio['median']:.2f}x [{ratio['low']:.2f}, {ratio['high']:.2f}]"
+
+
 def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
     lines = []
-    cost_path = results_dir / "cost.json"
-    if cost_path.exists():
+    for cost_path in sorted(results_dir.glob("cost-*.json")):  # one file per model
         cost = json.loads(cost_path.read_text())
         first = cost["records"][0]
-        lines += ["## Cost next to peft PROMPT_TUNING", "",
-                  f"`{cost['command']}` — {first['model']}, batch {first['batch_size']} x {first['seq_len']} tokens, "
-                  f"{first['num_virtual_tokens']} virtual tokens, {first['device']}; ratios to PROMPT_TUNING.", "",
+        lines += [f"## Cost next to peft PROMPT_TUNING: {first['model']}", "",
+                  f"`{cost['command']}` — batch {first['batch_size']} x {first['seq_len']} tokens, "
+                  f"{first['num_virtual_tokens']} virtual tokens, {first['device']}; ratios to PROMPT_TUNING, the median "
+                  f"over {first['rounds']} interleaved rounds with its 95% bootstrap interval.", "",
                   "| method | trainable | step time | peak memory | inference (reloaded) | inference (exported) |",
                   "|---|---:|---:|---:|---:|---:|"]
         for r in cost["records"]:
             memory = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x"
-            exported = "-" if r["exported_inference_ratio"] is None else f"{r['exported_inference_ratio']:.2f}x"
-            lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['step_ratio']:.2f}x | {memory} | "
-                         f"{r['inference_ratio']:.2f}x | {exported} |")
+            lines.append(f"| {r['method']} | {r['trainable_params']:,} | {_ratio(r['step_ratio'])} | {memory} | "
+                         f"{_ratio(r['inference_ratio'])} | {_ratio(r['exported_inference_ratio'])} |")
         lines.append("")
     scaling_path = results_dir / "svgd_scaling.json"
     if scaling_path.exists():
