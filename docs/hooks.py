@@ -37,13 +37,13 @@ def _cell(text: str) -> str:
 
 
 def config_reference(name: str) -> str:
-    """A Markdown table of the fields the package declares on config class `name`, base fields first."""
+    """A Markdown table of the fields the package declares on config class `name`: the method's, then the shared ones."""
     import peft_prompt_transfer
     from peft_prompt_transfer.base import TransferPromptLearningConfig
 
     cls = getattr(peft_prompt_transfer, name)
-    ours = [c for c in reversed(cls.__mro__) if issubclass(c, TransferPromptLearningConfig)]
-    declared = {}  # field name -> the class that declares it, in declaration order, base classes first
+    ours = [c for c in cls.__mro__ if issubclass(c, TransferPromptLearningConfig)]  # the method first, then the base
+    declared = {}  # field name -> the class that declares it, in declaration order
     for c in ours:
         for field_name in c.__dict__.get("__annotations__", {}):
             declared.setdefault(field_name, c)

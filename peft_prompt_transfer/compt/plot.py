@@ -23,7 +23,7 @@ def plot_routing_weights(
         adapter_name: The adapter to plot; defaults to the active one.
 
     Returns:
-        matplotlib.axes.Axes: The axes drawn on.
+        ax (`matplotlib.axes.Axes`): The axes drawn on.
     """
     import matplotlib.pyplot as plt
 
