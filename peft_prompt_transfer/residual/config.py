@@ -20,8 +20,10 @@ class ResidualPromptConfig(TransferPromptLearningConfig):
     `prompt_embeddings`; loading it for inference builds no MLP, so inference costs exactly what plain
     prompt tuning costs. The raw prompt and the MLP are saved beside it so that training resumes exactly.
 
+    peft's `num_virtual_tokens` is the prompt length. The prompt initialisation (`prompt_tuning_init`,
+    `prompt_tuning_init_text`, `tokenizer_name_or_path`, `tokenizer_kwargs`) is as in peft's `PromptTuningConfig`.
+
     Args:
-        num_virtual_tokens (`int`): Prompt length.
         bottleneck_size (`int`): Width of the MLP's hidden layer (the paper's scripts use 400-800).
         activation (`str`): Non-linearity between the two projections: one of `relu`, `gelu`, `tanh`,
             `silu`, `sigmoid`, `identity`.
@@ -29,8 +31,6 @@ class ResidualPromptConfig(TransferPromptLearningConfig):
         dropout (`float`): Dropout after the activation, in [0, 1).
         shared_mlp (`bool`): One MLP for all prompt tokens (paper default) or one MLP per token.
         residual (`bool`): Add the skip connection. `False` gives the plain MLP reparameterisation baseline.
-        prompt_tuning_init, prompt_tuning_init_text, tokenizer_name_or_path, tokenizer_kwargs:
-            Prompt initialisation, as in peft's `PromptTuningConfig`.
     """
 
     bottleneck_size: int = field(default=400, metadata={"help": "Hidden width of the reparameterisation MLP."})
