@@ -277,7 +277,8 @@ class ComPTConfig(TransferPromptLearningConfig):
         convex share `(1 - s_t) * shared + s_t * private` at temperature 4; a `Linear -> GELU -> Linear` encoder
         per prompt of the model's hidden size; prompts initialised in U(-0.5, 0.5); a private prompt per task.
         The task, the tasks and the prompt sizes are yours to give. Train it with [`COMPT_AUTHORS_LEARNING_RATES`]
-        through [`create_compt_optimizer`] and a linear schedule with 20% warm-up (`warmup_ratio=0.2`).
+        through [`create_compt_optimizer`] and a linear schedule with 20% warm-up
+        (`TrainingArguments(lr_scheduler_type="linear", warmup_steps=0.2)`: a float below 1 is a ratio of the steps).
 
         Example:
 
