@@ -162,7 +162,7 @@ class ComPTConfig(TransferPromptLearningConfig):
     )
     prompt_encoder_hidden_size: Optional[int] = field(
         default=None,
-        metadata={"help": "Hidden width of the per-prompt encoders (default: the model's hidden size, as the authors)."},
+        metadata={"help": "Hidden width of the per-prompt encoders (default: the model's hidden size, as the authors')."},
     )
     prompt_mlp_bottleneck_size: Optional[int] = field(
         default=None, metadata={"help": "Width of the shared prompt MLP (prompt_encoder='shared_mlp')."}
@@ -219,9 +219,13 @@ class ComPTConfig(TransferPromptLearningConfig):
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}.")
         if self.share == "sampled_convex":
             if not self.private_prompt:
-                raise ValueError("share='sampled_convex' mixes the shared part with the private prompt; set private_prompt=True.")
+                raise ValueError(
+                    "share='sampled_convex' mixes the shared part with the private prompt; set private_prompt=True."
+                )
             if not self.learn_gates:
-                raise ValueError("learn_gates=False fixes the gates of share='gates'; share='sampled_convex' always learns its share.")
+                raise ValueError(
+                    "learn_gates=False fixes the gates of share='gates'; share='sampled_convex' always learns its share."
+                )
         for name in ("bernoulli_temperature", "bernoulli_min_temperature", "share_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -253,7 +257,8 @@ class ComPTConfig(TransferPromptLearningConfig):
         if (self.prompt_encoder == "shared_mlp") != (self.prompt_mlp_bottleneck_size is not None):
             raise ValueError(
                 "prompt_mlp_bottleneck_size is the width of prompt_encoder='shared_mlp': set both or neither "
-                f"(got prompt_encoder={self.prompt_encoder!r}, prompt_mlp_bottleneck_size={self.prompt_mlp_bottleneck_size!r})."
+                f"(got prompt_encoder={self.prompt_encoder!r}, "
+                f"prompt_mlp_bottleneck_size={self.prompt_mlp_bottleneck_size!r})."
             )
         if self.prompt_encoder_hidden_size is not None and self.prompt_encoder != "per_prompt":
             raise ValueError("prompt_encoder_hidden_size is the width of prompt_encoder='per_prompt'; set that too.")
