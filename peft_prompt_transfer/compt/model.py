@@ -24,7 +24,7 @@ SHARE_KEY = "share_logits"
 STEP_KEY = "sampling_step"
 _MLP_PREFIX = "reparameterization."
 _PRIVATE_MLP_PREFIX = "private_reparameterization."
-# the training-mode ComPT encoders whose `sampling_step` counts optimizer steps
+# every ComPT encoder alive, for the optimizer step post-hook that advances its `sampling_step`
 _step_counting_encoders: "weakref.WeakSet[ComPTEncoder]" = weakref.WeakSet()
 _step_counter_handle = None
 
@@ -37,13 +37,15 @@ def _relaxed_bernoulli_logits(logits: torch.Tensor, temperature: float) -> torch
 
 
 def _register_step_counter(encoder: "ComPTEncoder") -> None:
-    """Have `encoder.sampling_step` count the optimizer steps that update it.
+    """Have `encoder.sampling_step` count the optimizer steps that follow its training forward passes.
 
     A global torch optimizer step post-hook (registered once) advances the counter of every encoder that had a
-    training forward since its last counted step and has a parameter in the stepped optimizer. So it counts
-    optimizer steps, not forward passes (gradient accumulation does not change it), in the Trainer and in a plain
-    PyTorch loop alike, and a wrapper optimizer that steps an inner one (accelerate's) counts once. The counter is
-    saved with the adapter, so resuming from a checkpoint continues the temperature schedule exactly.
+    training forward since its last counted step. So it counts optimizer steps, not forward passes (gradient
+    accumulation does not change it), in the Trainer and in a plain PyTorch loop alike, and a wrapper optimizer
+    that steps an inner one (accelerate's) counts once. It does not look for the encoder's parameters in the
+    optimizer, since DeepSpeed ZeRO and FSDP step flattened copies of them; so the first optimizer step after a
+    training forward counts, whichever optimizer takes it. The counter is saved with the adapter, so resuming
+    from a checkpoint continues the temperature schedule exactly.
     """
     global _step_counter_handle
     if _step_counter_handle is None:
@@ -52,13 +54,8 @@ def _register_step_counter(encoder: "ComPTEncoder") -> None:
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    stepped = None
     for encoder in list(_step_counting_encoders):
-        if not encoder._forward_since_step:
-            continue
-        if stepped is None:
-            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if any(id(p) in stepped for p in encoder.parameters()):
+        if encoder._forward_since_step:
             encoder._forward_since_step = False
             with torch.no_grad():
                 encoder.sampling_step += 1
@@ -97,10 +94,13 @@ class ComPTEncoder(TransferPromptEncoder):
     The prompt encoder of ComPT.
 
     It holds the source prompts in `embedding` (`[num_source_prompts * prompt_length, token_dim]`), the private
-    prompts, the router logits (`[num_tasks, num_source_prompts]`) and the gate logits (`[num_tasks, 2]`), and
-    composes one prompt per task; `forward(batch_size, task_ids)` returns each example's task prompt, so a batch
-    may mix tasks. With `prompt_mlp_bottleneck_size` the source and private prompts pass through a shared MLP while
-    training; in inference mode the encoder holds the folded prompts and builds no MLP.
+    prompts, the router logits (`[num_tasks, num_source_prompts]`) and either the gate logits (`[num_tasks, 2]`,
+    `share="gates"`) or the share logits (`[num_tasks, 1]`, `share="sampled_convex"`), and composes one prompt per
+    task; `forward(batch_size, task_ids)` returns each example's task prompt, so a batch may mix tasks. With a
+    `prompt_encoder` the source and private prompts pass through it while training (`reparameterization`, and with
+    `"per_prompt"` also `private_reparameterization`); in inference mode the encoder holds the encoded prompts and
+    builds no prompt encoder. `sampling_step` counts the optimizer steps taken, the clock of the temperature
+    schedule.
 
     Args:
         config ([`ComPTConfig`]): The configuration.
