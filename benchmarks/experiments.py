@@ -47,7 +47,9 @@ BAYESIAN_PARTICLES = 4
 
 # which methods need what
 TRANSFER_METHODS = ("spot", "source_average", "mpt", "bayesian")
-MULTITASK_METHODS = ("compt", "shared_prompt", "prompt_tuning")
+# "compt_authors": ComPTConfig.authors_recipe, the authors' design, next to this package's defaults ("compt")
+COMPT_METHODS = ("compt", "compt_authors")
+MULTITASK_METHODS = (*COMPT_METHODS, "shared_prompt", "prompt_tuning")
 # the ablation keeps the skip connection but drops the branch's LayerNorm, whose output starts at norm sqrt(hidden)
 RESIDUAL_METHODS = ("residual", "residual_no_layer_norm")
 
@@ -202,7 +204,7 @@ def _is_head(name: str) -> bool:
 
 def make_optimizer(model, lr: float, method: str) -> torch.optim.Optimizer:
     """AdamW with the method's parameters at `lr` and a classification head (if any) at `HEAD_LR`."""
-    if method == "compt":
+    if method in COMPT_METHODS:  # the same learning rates for both designs: the comparison is of the design
         return ppt.create_compt_optimizer(model, source_lr=lr, private_lr=lr, router_lr=COMPT_ROUTER_LR, other_lr=HEAD_LR)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if not _is_head(n)], "lr": lr},
@@ -409,6 +411,10 @@ def multitask_run(spec: RunSpec, backbone: Backbone, record: dict) -> None:
             config = ppt.ComPTConfig(task_type=backbone.task_type, num_virtual_tokens=spec.num_virtual_tokens,
                                      task_names=list(spec.tasks), num_source_prompts=len(spec.tasks),
                                      normalization="sparsemax", **init)
+        elif spec.method == "compt_authors":  # the authors' initialisation is part of the recipe
+            config = ppt.ComPTConfig.authors_recipe(task_type=backbone.task_type,
+                                                    num_virtual_tokens=spec.num_virtual_tokens,
+                                                    task_names=list(spec.tasks), num_source_prompts=len(spec.tasks))
         else:  # one prompt shared by every task
             mixed = mixed.remove_columns("task_ids")
             config = _prompt_config(backbone, spec)
@@ -417,13 +423,13 @@ def multitask_run(spec: RunSpec, backbone: Backbone, record: dict) -> None:
                        spec.steps * len(spec.tasks), spec.batch_size, spec.seed)
         models = {task: model for task in spec.tasks}
         seconds, losses, trainable = result["train_seconds"], [result["losses"]], _trainable(model)
-        if spec.method == "compt":
+        if spec.method in COMPT_METHODS:
             record["details"]["routing_weights"] = model.prompt_encoder["default"].routing_weights().tolist()
     start = time.perf_counter()
     for index, (task, offset) in enumerate(zip(spec.tasks, offsets)):
         test = _test_set(task, spec)
         predictions = backbone.predict(models[task], backbone.encode(test, task, train=False), task,
-                                       task_id=index if spec.method == "compt" else None, label_offset=offset)
+                                       task_id=index if spec.method in COMPT_METHODS else None, label_offset=offset)
         record["metrics"][task] = metric(task, test["label"], predictions)
     record.update(train_seconds=seconds, losses=losses, eval_seconds=time.perf_counter() - start,
                   trainable_params=trainable)

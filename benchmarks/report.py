@@ -21,7 +21,7 @@ LABELS = {
     "residual_no_layer_norm": "residual without LayerNorm (ablation)",
     "full_finetuning": "full fine-tuning", "spot": "SPoT init (best single source)",
     "source_average": "average-of-sources init", "mpt": "peft MULTITASK_PROMPT_TUNING", "bayesian": "Bayesian (ours)",
-    "compt": "ComPT (ours)", "shared_prompt": "one shared prompt",
+    "compt": "ComPT (ours)", "compt_authors": "ComPT, the authors' recipe", "shared_prompt": "one shared prompt",
 }
 
 
@@ -317,7 +317,7 @@ def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
             lines.append(f"| {label} | " + " | ".join(
                 _fmt(best["metrics"].map(lambda m: m[t])) for t in group.iloc[0]["tasks"]) + " |")
         lines += [""] + [f"- {line}" for line in (_paired(group, LABELS["compt"], LABELS[o], by="label")
-                                                  for o in ("prompt_tuning", "shared_prompt")) if line]
+                                                  for o in ("compt_authors", "prompt_tuning", "shared_prompt")) if line]
         weights = _routing_plot(group, figures / f"{name}-routing.png")
         lines += ["", f"![multi-task]({rel(name + '.png')})"]
         if weights is not None:

@@ -93,11 +93,12 @@ def transfer_runs(budget: Budget, seed: int) -> list[RunSpec]:
 
 
 def multitask_runs(budget: Budget, seed: int) -> list[RunSpec]:
-    """Claim 3: ComPT vs one prompt per task vs one prompt shared by all tasks, trained on few-shot tasks."""
+    """Claim 3: ComPT (this package's defaults and the authors' recipe) vs one prompt per task vs one prompt shared
+    by all tasks, trained on few-shot tasks."""
     return [
         RunSpec(method=method, model="minilm", tasks=budget.multitask, seed=seed, lr=lr,
                 num_virtual_tokens=budget.num_virtual_tokens, steps=budget.steps, max_eval=budget.max_eval)
-        for lr in budget.prompt_lrs["minilm"] for method in ("prompt_tuning", "shared_prompt", "compt")
+        for lr in budget.prompt_lrs["minilm"] for method in ("prompt_tuning", "shared_prompt", "compt", "compt_authors")
     ]
 
 

@@ -17,6 +17,7 @@ from .bayesian import (
 )
 from .compt import (
     COMPT,
+    COMPT_AUTHORS_LEARNING_RATES,
     ComPTConfig,
     ComPTEncoder,
     add_tasks,
@@ -41,6 +42,7 @@ __all__ = [
     "ParticleReplicationCollator",
     "ensemble_predict",
     "load_posterior",
+    "COMPT_AUTHORS_LEARNING_RATES",
     "ComPTConfig",
     "ComPTEncoder",
     "add_tasks",

@@ -78,7 +78,7 @@ def test_full_suite_covers_every_claim_method_and_seed():
     assert len(keys) == len(set(keys))
     methods = {spec.method for _, spec in runs}
     assert methods == {"prompt_tuning", "p_tuning", "residual", "residual_no_layer_norm", "full_finetuning", "spot",
-                       "source_average", "mpt", "bayesian", "compt", "shared_prompt"}
+                       "source_average", "mpt", "bayesian", "compt", "compt_authors", "shared_prompt"}
     assert {claim for claim, _ in runs} == {"residual", "transfer", "multitask"}
     assert {spec.seed for _, spec in runs} == set(KSHOT_SEEDS)
     assert {spec.model for _, spec in runs} == {"minilm", "smollm2"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import (
@@ -18,6 +20,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_prompt_transfer import (
+    COMPT_AUTHORS_LEARNING_RATES,
     ComPTConfig,
     ResidualPromptConfig,
     TaskIdsCollator,
@@ -143,20 +146,123 @@ def test_fixed_gates_and_unnamed_tasks():
     assert encoder.gates is None and torch.equal(encoder.gate_values(), torch.ones(3, 2))
 
 
-def test_relaxed_bernoulli_samples_while_training_and_anneals():
+def test_relaxed_bernoulli_samples_while_training_and_anneals_per_optimizer_step():
     model, encoder = _encoder(relaxed_bernoulli=True, bernoulli_temperature=2.0, bernoulli_anneal_rate=0.5,
                               bernoulli_min_temperature=0.5)
     model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     first, second = encoder.task_prompts(), encoder.task_prompts()
     assert not torch.allclose(first, second)  # sampled
-    assert int(encoder.sampling_step) == 2
-    assert encoder.temperature() == pytest.approx(2.0 * torch.exp(torch.tensor(-1.0)).item())
+    assert int(encoder.sampling_step) == 0 and encoder.temperature() == 2.0  # forward passes do not count
+    optimizer.step()  # two accumulated forward passes, one optimizer step
+    assert int(encoder.sampling_step) == 1
+    assert encoder.temperature() == pytest.approx(2.0 * math.exp(-0.5))
+    optimizer.step()  # no forward since the last step: nothing to count
+    assert int(encoder.sampling_step) == 1
     for _ in range(10):
         encoder.task_prompts()
-    assert encoder.temperature() == 0.5  # the floor
+        optimizer.step()
+    assert int(encoder.sampling_step) == 11 and encoder.temperature() == 0.5  # the floor
     model.eval()
     torch.testing.assert_close(encoder.task_prompts(), encoder.task_prompts())  # deterministic
-    assert int(encoder.sampling_step) == 12  # evaluation does not anneal
+    optimizer.step()
+    assert int(encoder.sampling_step) == 11  # evaluation does not anneal
+
+
+@pytest.mark.parametrize("steps, temperature", [(0, 5.0), (1, 4.98), (100, 3.0), (249, 0.02), (250, 0.001),
+                                                (10_000, 0.001)])
+def test_linear_temperature_schedule_hand_values(steps, temperature):
+    # the authors' CrossPT configs: 5 -> 0.001, linear, 0.02 per optimizer step
+    _, encoder = _encoder(relaxed_bernoulli=True, bernoulli_temperature=5.0, bernoulli_min_temperature=0.001,
+                          bernoulli_anneal_schedule="linear", bernoulli_anneal_rate=0.02)
+    encoder.sampling_step.fill_(steps)
+    assert encoder.temperature() == pytest.approx(temperature, abs=1e-9)
+
+
+def test_sampled_convex_share_formula():
+    model, encoder = _encoder(share="sampled_convex", share_temperature=4.0)
+    assert encoder.gates is None
+    with torch.no_grad():
+        encoder.shares.trainable.copy_(torch.tensor([[0.0], [1.0], [-2.0]]))
+    share = torch.tensor([0.5, 0.7310585786, 0.1192029220])  # sigmoid(0), sigmoid(1), sigmoid(-2) by hand
+    model.eval()
+    sources = encoder.embedding.weight.view(3, 4, -1)
+    shared = torch.einsum("ts,slh->tlh", encoder.source_weights(), sources)
+    expected = (1 - share)[:, None, None] * shared + share[:, None, None] * encoder.private.value()
+    torch.testing.assert_close(encoder.task_prompts(), expected)
+    torch.testing.assert_close(encoder.routing_weights(), (1 - share)[:, None] * encoder.source_weights())
+    # training: a relaxed-Bernoulli sample at share_temperature, as torch's RelaxedBernoulli draws it
+    model.train()
+    torch.manual_seed(3)
+    sampled = encoder.gate_values(sample=True)
+    torch.manual_seed(3)
+    reference = torch.distributions.RelaxedBernoulli(torch.tensor(4.0), logits=encoder.shares.value()).rsample()
+    torch.testing.assert_close(sampled, torch.cat([1 - reference, reference], dim=1))
+    assert not torch.allclose(encoder.task_prompts(), encoder.task_prompts())
+
+
+def test_authors_router_sampling_normalises_a_relaxed_bernoulli_sample():
+    model, encoder = _encoder(relaxed_bernoulli=True, router_sampling="relaxed_bernoulli", bernoulli_temperature=5.0)
+    router = encoder.router.value().detach()
+    torch.manual_seed(5)
+    sampled = encoder.source_weights(sample=True)
+    torch.manual_seed(5)
+    reference = torch.distributions.RelaxedBernoulli(torch.tensor(5.0), logits=router).rsample().softmax(-1)
+    torch.testing.assert_close(sampled, reference)
+    torch.testing.assert_close(encoder.source_weights(), router.softmax(-1))  # evaluation: the logits themselves
+
+
+def test_per_prompt_encoder_and_uniform_init():
+    model, encoder = _encoder(prompt_encoder="per_prompt", prompt_encoder_hidden_size=5, uniform_init_range=0.5)
+    sources, private = encoder.reparameterization, encoder.private_reparameterization
+    assert sources.down_weight.shape == (3, 32, 5) and private.down_weight.shape == (3, 32, 5)
+    raw = torch.cat([encoder.embedding.weight.detach().view(-1), encoder.private.value().detach().view(-1)])
+    assert raw.abs().max() <= 0.5 and raw.std() == pytest.approx(0.5 / math.sqrt(3), rel=0.1)  # U(-0.5, 0.5)
+    with torch.no_grad():  # known weights: prompt j's encoder is x -> W2_j gelu(W1_j x + b1_j) + b2_j
+        for mlp in (sources, private):
+            for j in range(3):
+                mlp.down_weight[j] = torch.linspace(-1, 1, 32 * 5).view(32, 5) * (j + 1)
+                mlp.down_bias[j] = 0.1 * j
+                mlp.up_weight[j] = torch.linspace(1, -1, 5 * 32).view(5, 32) / (j + 1)
+                mlp.up_bias[j] = -0.2 * j
+    raw_sources, raw_private = encoder.embedding.weight.detach().view(3, 4, 32), encoder.private.value().detach()
+    for j in range(3):
+        w1 = torch.linspace(-1, 1, 32 * 5).view(32, 5) * (j + 1)
+        w2 = torch.linspace(1, -1, 5 * 32).view(5, 32) / (j + 1)
+        for encoded, raw in ((encoder.source_prompts(), raw_sources), (encoder.private_prompts(), raw_private)):
+            torch.testing.assert_close(encoded[j], torch.nn.functional.gelu(raw[j] @ w1 + 0.1 * j) @ w2 - 0.2 * j)
+    # the default width is the model's hidden size, as in the authors' MLPPromptEncoder
+    _, default = _encoder(prompt_encoder="per_prompt")
+    assert default.reparameterization.down_weight.shape == (3, 32, 32)
+
+
+def test_authors_recipe():
+    tiny = TINY_MODELS["gpt2"]
+    config = ComPTConfig.authors_recipe(task_type=tiny.task_type, task_names=TASKS, num_source_prompts=3,
+                                        num_virtual_tokens=4, share_temperature=2.0)
+    assert (config.share, config.prompt_encoder, config.router_sampling, config.bernoulli_anneal_schedule) == (
+        "sampled_convex", "per_prompt", "relaxed_bernoulli", "linear")
+    assert (config.relaxed_bernoulli, config.bernoulli_temperature, config.bernoulli_min_temperature,
+            config.bernoulli_anneal_rate, config.uniform_init_range, config.normalization) == (
+        True, 5.0, 0.001, 0.02, 0.5, "softmax")
+    assert config.share_temperature == 2.0  # overrides win
+    assert COMPT_AUTHORS_LEARNING_RATES == {"source_lr": 0.05, "private_lr": 0.05, "router_lr": 0.1}
+    model = get_peft_model(tiny.build(), config)
+    encoder = model.prompt_encoder["default"]
+    groups = {g["name"]: g for g in compt_parameter_groups(model, **COMPT_AUTHORS_LEARNING_RATES)}
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert {id(p) for p in encoder.private_reparameterization.parameters()} <= ids["private"]
+    assert {id(p) for p in encoder.reparameterization.parameters()} <= ids["source"]
+    assert id(encoder.shares.trainable) in ids["router"] and groups["router"]["lr"] == 0.1
+
+
+def test_old_configs_mean_what_they_meant():
+    tiny = TINY_MODELS["gpt2"]
+    assert compt_config(tiny).prompt_encoder == "none"
+    assert compt_config(tiny, prompt_mlp_bottleneck_size=8).prompt_encoder == "shared_mlp"
+    defaults = compt_config(tiny)
+    assert (defaults.share, defaults.relaxed_bernoulli, defaults.router_sampling, defaults.bernoulli_anneal_schedule,
+            defaults.uniform_init_range) == ("gates", False, "noisy_logits", "exponential", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,25 +425,34 @@ def test_trainer_loss_falls(name, composition, tmp_path):
             assert not torch.equal(p.detach(), before[n]), f"{n} did not train"
 
 
+AUTHORS_OPTIONS = dict(share="sampled_convex", relaxed_bernoulli=True, router_sampling="relaxed_bernoulli",
+                       bernoulli_anneal_schedule="linear", bernoulli_temperature=5.0, bernoulli_anneal_rate=0.02,
+                       bernoulli_min_temperature=0.001, prompt_encoder="per_prompt", uniform_init_range=0.5)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "bart", "roberta"])
-@pytest.mark.parametrize("mlp", [None, 8])
-def test_save_load_and_export_logits_equal(name, mlp, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"prompt_mlp_bottleneck_size": 8}, AUTHORS_OPTIONS],
+                         ids=["plain", "shared_mlp", "authors"])
+def test_save_load_and_export_logits_equal(name, options, tmp_path):
     tiny = TINY_MODELS[name]
-    model = trained(tiny, tmp_path, normalization="sparsemax", prompt_mlp_bottleneck_size=mlp)
+    model = trained(tiny, tmp_path, normalization="sparsemax", **options)
     batch = task_batch(tiny, seed=1)
     expected = logits(model, batch)
     model.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert saved["router_logits"].shape == (3, 3) and saved["private_prompt_embeddings"].shape == (12, 32)
-    assert ("raw_prompt_embeddings" in saved) == (mlp is not None)
+    encoded = model.peft_config["default"].prompt_encoder != "none"
+    assert ("raw_prompt_embeddings" in saved) == encoded
+    assert any(k.startswith("private_reparameterization.") for k in saved) == (options is AUTHORS_OPTIONS)
+    assert ("share_logits" in saved) == (options is AUTHORS_OPTIONS) != ("gate_logits" in saved)
     assert isinstance(PeftConfig.from_pretrained(tmp_path / "adapter"), ComPTConfig)
 
     loaded = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "adapter")
-    assert loaded.prompt_encoder["default"].reparameterization is None
+    inference_encoder = loaded.prompt_encoder["default"]
+    assert inference_encoder.reparameterization is None and inference_encoder.private_reparameterization is None
     torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)
 
-    resumed = get_peft_model(tiny.saved(tmp_path), compt_config(tiny, normalization="sparsemax",
-                                                                prompt_mlp_bottleneck_size=mlp))
+    resumed = get_peft_model(tiny.saved(tmp_path), compt_config(tiny, normalization="sparsemax", **options))
     resumed.load_adapter(tmp_path / "adapter", adapter_name="default", is_trainable=True)
     torch.testing.assert_close(logits(resumed.eval(), batch), expected, atol=1e-5, rtol=0)
 
@@ -358,11 +473,12 @@ def test_export_needs_a_task(tmp_path):
         export_prompt_tuning(model, tmp_path, task="delta")
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_training(tmp_path):
+@pytest.mark.parametrize("config", [dict(relaxed_bernoulli=True, prompt_mlp_bottleneck_size=8, normalization="sigmoid"),
+                                    AUTHORS_OPTIONS], ids=["shared_mlp", "authors"])
+def test_resume_from_checkpoint_matches_uninterrupted_training(config, tmp_path):
     tiny = TINY_MODELS["gpt2"]
     data = ListDataset(task_batch(tiny), repeat=4)
     overrides = dict(max_steps=8, save_strategy="steps", save_steps=4, remove_unused_columns=False)
-    config = dict(relaxed_bernoulli=True, prompt_mlp_bottleneck_size=8, normalization="sigmoid")
 
     def run(output_dir, resume=None):
         model = get_peft_model(tiny.build(), compt_config(tiny, **config))
@@ -373,8 +489,24 @@ def test_resume_from_checkpoint_matches_uninterrupted_training(tmp_path):
     full = run(tmp_path / "full")
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))
     assert int(full["sampling_step"]) == 8
+    assert set(resumed) == set(full)
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_temperature_schedule_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    data = ListDataset(task_batch(tiny), repeat=4)
+
+    def temperature_after(steps, **batching):
+        model = get_peft_model(tiny.build(), compt_config(tiny, **AUTHORS_OPTIONS))
+        make_trainer(model, tmp_path / str(batching), data, max_steps=steps, remove_unused_columns=False,
+                     **batching).train()
+        encoder = model.prompt_encoder["default"]
+        return int(encoder.sampling_step), encoder.temperature()
+
+    accumulated = temperature_after(3, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert accumulated == temperature_after(3, per_device_train_batch_size=4) == (3, pytest.approx(5.0 - 3 * 0.02))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "t5"])
@@ -453,6 +585,9 @@ def test_add_tasks_errors(tmp_path):
         add_tasks(model, 1)
     with pytest.raises(ValueError, match="task_names must be unique"):
         add_tasks(model, ["alpha"])
+    per_prompt = get_peft_model(tiny.build(), compt_config(tiny, prompt_encoder="per_prompt"))
+    with pytest.raises(ValueError, match="does not support prompt_encoder='per_prompt'"):
+        add_tasks(per_prompt, ["delta"])
 
 
 def test_trainer_uses_per_group_learning_rates(tmp_path):
@@ -499,6 +634,19 @@ def test_trainer_uses_per_group_learning_rates(tmp_path):
         ({"bernoulli_min_temperature": 2.0}, "must not exceed bernoulli_temperature"),
         ({"bernoulli_anneal_rate": -1}, "bernoulli_anneal_rate must be a number >= 0"),
         ({"prompt_mlp_bottleneck_size": 0}, "prompt_mlp_bottleneck_size must be None or a positive integer"),
+        ({"share": "convex"}, r"share must be one of \('gates', 'sampled_convex'\)"),
+        ({"share": "sampled_convex", "private_prompt": False}, "mixes .* set private_prompt=True"),
+        ({"share": "sampled_convex", "learn_gates": False}, "learn_gates=False fixes the gates of share='gates'"),
+        ({"share_temperature": 0}, "share_temperature must be a positive number"),
+        ({"router_sampling": "gumbel"}, "router_sampling must be one of"),
+        ({"bernoulli_anneal_schedule": "cosine"}, r"anneal_schedule must be one of \('exponential', 'linear'\)"),
+        ({"prompt_encoder": "lstm"}, "prompt_encoder must be one of"),
+        ({"prompt_encoder": "shared_mlp"}, "prompt_mlp_bottleneck_size is the width of prompt_encoder='shared_mlp'"),
+        ({"prompt_encoder": "per_prompt", "prompt_mlp_bottleneck_size": 8}, "set both or neither"),
+        ({"prompt_encoder_hidden_size": 8}, "prompt_encoder_hidden_size is the width of prompt_encoder='per_prompt'"),
+        ({"prompt_encoder": "per_prompt", "prompt_encoder_hidden_size": 0}, "hidden_size must be None or a positive"),
+        ({"uniform_init_range": -0.5}, "uniform_init_range must be None or a positive number"),
+        ({"uniform_init_range": 0.5, "prompt_tuning_init": "SAMPLE_VOCAB"}, "combined with prompt_tuning_init='SAMPLE"),
         ({"num_frozen_tasks": 3}, r"num_frozen_tasks must be an integer in \[0, num_tasks=3\)"),
         ({"private_prompt": "no"}, "private_prompt must be True or False"),
         ({"task_type": "FEATURE_EXTRACTION"}, "ComPT does not support task_type='FEATURE_EXTRACTION'"),

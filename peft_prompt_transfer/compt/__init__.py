@@ -3,12 +3,13 @@
 from .config import COMPT, ComPTConfig
 from .extend import add_tasks
 from .model import ComPTEncoder, set_active_task
-from .optim import compt_parameter_groups, create_compt_optimizer
+from .optim import COMPT_AUTHORS_LEARNING_RATES, compt_parameter_groups, create_compt_optimizer
 from .plot import plot_routing_weights
 from .sparsemax import sparsemax
 
 __all__ = [
     "COMPT",
+    "COMPT_AUTHORS_LEARNING_RATES",
     "ComPTConfig",
     "ComPTEncoder",
     "add_tasks",

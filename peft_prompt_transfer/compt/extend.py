@@ -37,6 +37,11 @@ def add_tasks(model: PeftModel, new_tasks: Union[Sequence[str], int], adapter_na
     if not isinstance(config, ComPTConfig):
         raise ValueError(f"add_tasks extends ComPT adapters; adapter {adapter_name!r} is {config.peft_type}.")
     old = model.prompt_encoder[adapter_name]
+    if config.prompt_encoder == "per_prompt":
+        raise ValueError(
+            "add_tasks does not support prompt_encoder='per_prompt' yet: every private prompt has its own encoder, "
+            "and the existing tasks' encoders would have to be frozen apart from the new ones."
+        )
     if config.prompt_mlp_bottleneck_size is not None and old.reparameterization is None:
         raise ValueError(
             "This ComPT adapter was loaded for inference, so its prompt MLP is folded away and the raw prompts are "
@@ -61,7 +66,7 @@ def add_tasks(model: PeftModel, new_tasks: Union[Sequence[str], int], adapter_na
         if old.reparameterization is not None:
             encoder.reparameterization.load_state_dict(old.reparameterization.state_dict())
         encoder.sampling_step.copy_(old.sampling_step)
-        for table_name in ("private", "router", "gates"):
+        for table_name in ("private", "router", "gates", "shares"):
             old_table, table = getattr(old, table_name), getattr(encoder, table_name)
             if table is not None:
                 table.frozen.copy_(old_table.value())

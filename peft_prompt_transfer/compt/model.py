@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..base import TransferPromptEncoder, initial_prompt
 from ..multitask import check_task_ids
@@ -18,8 +20,45 @@ PRIVATE_KEY = "private_prompt_embeddings"
 RAW_PRIVATE_KEY = "raw_private_prompt_embeddings"
 ROUTER_KEY = "router_logits"
 GATE_KEY = "gate_logits"
+SHARE_KEY = "share_logits"
 STEP_KEY = "sampling_step"
 _MLP_PREFIX = "reparameterization."
+_PRIVATE_MLP_PREFIX = "private_reparameterization."
+# every ComPT encoder alive, for the optimizer step post-hook that advances its `sampling_step`
+_step_counting_encoders: "weakref.WeakSet[ComPTEncoder]" = weakref.WeakSet()
+_step_counter_handle = None
+
+
+def _relaxed_bernoulli_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`(logits + L) / temperature` with logistic noise `L`: its sigmoid is a relaxed-Bernoulli sample (as
+    `torch.distributions.RelaxedBernoulli(temperature, logits=logits).rsample()`)."""
+    uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    return (logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature
+
+
+def _register_step_counter(encoder: "ComPTEncoder") -> None:
+    """Have `encoder.sampling_step` count the optimizer steps that follow its training forward passes.
+
+    A global torch optimizer step post-hook (registered once) advances the counter of every encoder that had a
+    training forward since its last counted step. So it counts optimizer steps, not forward passes (gradient
+    accumulation does not change it), in the Trainer and in a plain PyTorch loop alike, and a wrapper optimizer
+    that steps an inner one (accelerate's) counts once. It does not look for the encoder's parameters in the
+    optimizer, since DeepSpeed ZeRO and FSDP step flattened copies of them; so the first optimizer step after a
+    training forward counts, whichever optimizer takes it. The counter is saved with the adapter, so resuming
+    from a checkpoint continues the temperature schedule exactly.
+    """
+    global _step_counter_handle
+    if _step_counter_handle is None:
+        _step_counter_handle = register_optimizer_step_post_hook(_count_optimizer_step)
+    _step_counting_encoders.add(encoder)
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    for encoder in list(_step_counting_encoders):
+        if encoder._forward_since_step:
+            encoder._forward_since_step = False
+            with torch.no_grad():
+                encoder.sampling_step += 1
 
 
 class _TaskTable(nn.Module):
@@ -55,10 +94,13 @@ class ComPTEncoder(TransferPromptEncoder):
     The prompt encoder of ComPT.
 
     It holds the source prompts in `embedding` (`[num_source_prompts * prompt_length, token_dim]`), the private
-    prompts, the router logits (`[num_tasks, num_source_prompts]`) and the gate logits (`[num_tasks, 2]`), and
-    composes one prompt per task; `forward(batch_size, task_ids)` returns each example's task prompt, so a batch
-    may mix tasks. With `prompt_mlp_bottleneck_size` the source and private prompts pass through a shared MLP while
-    training; in inference mode the encoder holds the folded prompts and builds no MLP.
+    prompts, the router logits (`[num_tasks, num_source_prompts]`) and either the gate logits (`[num_tasks, 2]`,
+    `share="gates"`) or the share logits (`[num_tasks, 1]`, `share="sampled_convex"`), and composes one prompt per
+    task; `forward(batch_size, task_ids)` returns each example's task prompt, so a batch may mix tasks. With a
+    `prompt_encoder` the source and private prompts pass through it while training (`reparameterization`, and with
+    `"per_prompt"` also `private_reparameterization`); in inference mode the encoder holds the encoded prompts and
+    builds no prompt encoder. `sampling_step` counts the optimizer steps taken, the clock of the temperature
+    schedule.
 
     Args:
         config ([`ComPTConfig`]): The configuration.
@@ -88,20 +130,27 @@ class ComPTEncoder(TransferPromptEncoder):
         self.embedding = nn.Embedding(num_sources * length, hidden)
         if training:
             with torch.no_grad():
-                self.embedding.weight.copy_(initial_prompt(config, word_embeddings, num_sources * length))
+                self.embedding.weight.copy_(self._initial_prompts(word_embeddings, num_sources * length))
         self.private: Optional[_TaskTable] = None
         if config.private_prompt:
             rows = (
-                initial_prompt(config, word_embeddings, num_tasks * length)
+                self._initial_prompts(word_embeddings, num_tasks * length)
                 if training
                 else torch.zeros(num_tasks * length, hidden)
             )
             self.private = _TaskTable(rows.view(num_tasks, length, hidden), num_frozen)
-        # zero logits: every source starts equally weighted; zero gate logits: alpha = beta = 0.5
+        # zero logits: every source starts equally weighted; zero gate / share logits: alpha = beta = 0.5
         self.router = _TaskTable(torch.zeros(num_tasks, num_sources), num_frozen)
-        self.gates = _TaskTable(torch.zeros(num_tasks, 2), num_frozen) if config.learn_gates else None
+        self.gates: Optional[_TaskTable] = None
+        self.shares: Optional[_TaskTable] = None
+        if config.share == "sampled_convex":
+            self.shares = _TaskTable(torch.zeros(num_tasks, 1), num_frozen)
+        elif config.learn_gates:
+            self.gates = _TaskTable(torch.zeros(num_tasks, 2), num_frozen)
+        # the prompt encoders: `reparameterization` encodes the source prompts (and, if shared, the private ones)
         self.reparameterization: Optional[ResidualMLP] = None
-        if training and config.prompt_mlp_bottleneck_size is not None:
+        self.private_reparameterization: Optional[ResidualMLP] = None
+        if training and config.prompt_encoder == "shared_mlp":
             self.reparameterization = ResidualMLP(
                 num_mlps=1,
                 token_dim=hidden,
@@ -111,7 +160,23 @@ class ComPTEncoder(TransferPromptEncoder):
                 dropout=0.0,
                 residual=config.prompt_mlp_residual,
             )
+        elif training and config.prompt_encoder == "per_prompt":
+            # the authors' MLPPromptEncoder: Linear(d, h) -> GELU -> Linear(h, d) per prompt, no skip, no norm
+            per_prompt = dict(
+                token_dim=hidden,
+                bottleneck_size=config.prompt_encoder_hidden_size or hidden,
+                activation="gelu",
+                layer_norm=False,
+                dropout=0.0,
+                residual=False,
+            )
+            self.reparameterization = ResidualMLP(num_mlps=num_sources, **per_prompt)
+            if config.private_prompt:
+                self.private_reparameterization = ResidualMLP(num_mlps=num_tasks, **per_prompt)
+        # optimizer steps taken (the temperature schedule's clock), counted by _count_optimizer_step
         self.register_buffer("sampling_step", torch.zeros((), dtype=torch.long))
+        self._forward_since_step = False
+        _register_step_counter(self)
         # the task that calls without task_ids use (set_active_task); None: task_ids are required
         self.active_task: Optional[int] = None
         if num_frozen:
@@ -120,39 +185,58 @@ class ComPTEncoder(TransferPromptEncoder):
             if self.reparameterization is not None:
                 self.reparameterization.requires_grad_(False)
 
+    def _initial_prompts(self, word_embeddings: nn.Module, num_tokens: int) -> torch.Tensor:
+        cfg = self.config
+        if cfg.uniform_init_range is None:
+            return initial_prompt(cfg, word_embeddings, num_tokens)
+        return torch.empty(num_tokens, cfg.token_dim).uniform_(-cfg.uniform_init_range, cfg.uniform_init_range)
+
     # -- composition ---------------------------------------------------------------------------
 
-    def _fold(self, prompts: torch.Tensor) -> torch.Tensor:
-        if self.reparameterization is None:
+    @staticmethod
+    def _encode(prompts: torch.Tensor, encoder: Optional[ResidualMLP]) -> torch.Tensor:
+        if encoder is None:
             return prompts
-        return self.reparameterization(prompts.reshape(-1, prompts.shape[-1])).view_as(prompts)
+        return encoder(prompts.reshape(-1, prompts.shape[-1])).view_as(prompts)
 
     def source_prompts(self) -> torch.Tensor:
-        """`[num_source_prompts, prompt_length, token_dim]`, after the MLP if there is one."""
+        """`[num_source_prompts, prompt_length, token_dim]`, after the prompt encoder if there is one."""
         cfg = self.config
-        return self._fold(self.embedding.weight.view(cfg.num_source_prompts, cfg.prompt_length, cfg.token_dim))
+        raw = self.embedding.weight.view(cfg.num_source_prompts, cfg.prompt_length, cfg.token_dim)
+        return self._encode(raw, self.reparameterization)
 
     def private_prompts(self) -> Optional[torch.Tensor]:
-        """`[num_tasks, prompt_length, token_dim]`, after the MLP if there is one (None without private prompts)."""
-        return None if self.private is None else self._fold(self.private.value())
+        """`[num_tasks, prompt_length, token_dim]`, after the prompt encoder if there is one (None without private
+        prompts)."""
+        if self.private is None:
+            return None
+        if self.config.prompt_encoder == "per_prompt":
+            return self._encode(self.private.value(), self.private_reparameterization)
+        return self._encode(self.private.value(), self.reparameterization)
 
     def temperature(self) -> float:
-        """The current relaxed-Bernoulli sampling temperature."""
+        """The router's relaxed-Bernoulli sampling temperature after `sampling_step` optimizer steps."""
         cfg = self.config
-        annealed = cfg.bernoulli_temperature * math.exp(-cfg.bernoulli_anneal_rate * int(self.sampling_step))
+        steps = int(self.sampling_step)
+        if cfg.bernoulli_anneal_schedule == "linear":
+            annealed = cfg.bernoulli_temperature - cfg.bernoulli_anneal_rate * steps
+        else:
+            annealed = cfg.bernoulli_temperature * math.exp(-cfg.bernoulli_anneal_rate * steps)
         return max(cfg.bernoulli_min_temperature, annealed)
 
     def source_weights(self, sample: bool = False) -> torch.Tensor:
         """Normalised source weights `[num_tasks, num_source_prompts]`, before gating.
 
         With `sample=True` the router logits get logistic noise and are divided by the annealed temperature
-        (a relaxed Bernoulli sample for `sigmoid`, its softmax / sparsemax analogue otherwise).
+        (a relaxed Bernoulli sample for `sigmoid`, its softmax / sparsemax analogue otherwise); with
+        `router_sampling="relaxed_bernoulli"` the sigmoid of that, a relaxed-Bernoulli sample, is what is normalised.
         """
         cfg = self.config
         logits = self.router.value()
         if sample:
-            uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-            logits = (logits + torch.log(uniform) - torch.log1p(-uniform)) / self.temperature()
+            logits = _relaxed_bernoulli_logits(logits, self.temperature())
+            if cfg.router_sampling == "relaxed_bernoulli":
+                logits = torch.sigmoid(logits)
         keep = None
         if cfg.top_k is not None and cfg.top_k < cfg.num_source_prompts:
             keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, logits.topk(cfg.top_k, dim=-1).indices, True)
@@ -163,8 +247,19 @@ class ComPTEncoder(TransferPromptEncoder):
             logits = logits.masked_fill(~keep, float("-inf"))
         return torch.softmax(logits, dim=-1) if cfg.normalization == "softmax" else sparsemax(logits)
 
-    def gate_values(self) -> torch.Tensor:
-        """`[num_tasks, 2]`: the shared gate alpha_t and the private gate beta_t of each task."""
+    def gate_values(self, sample: bool = False) -> torch.Tensor:
+        """`[num_tasks, 2]`: the coefficient alpha_t of the shared part and beta_t of the private part of each task.
+
+        With `share="gates"` they are the two gates `sigmoid(a_t)`, `sigmoid(b_t)` (1 and 1 without `learn_gates`);
+        with `share="sampled_convex"` they are `1 - s_t` and `s_t`, where the share `s_t` is `sigmoid(l_t)`, or with
+        `sample=True` a relaxed-Bernoulli sample with logits `l_t` at `share_temperature`.
+        """
+        if self.shares is not None:
+            logits = self.shares.value()
+            if sample:
+                logits = _relaxed_bernoulli_logits(logits, self.config.share_temperature)
+            share = torch.sigmoid(logits)
+            return torch.cat([1 - share, share], dim=1)
         if self.gates is None:
             return self.router.value().new_ones(self.config.num_tasks, 2)
         return torch.sigmoid(self.gates.value())
@@ -176,11 +271,10 @@ class ComPTEncoder(TransferPromptEncoder):
 
     def task_prompts(self) -> torch.Tensor:
         """The composed prompt of every task, `[num_tasks, num_virtual_tokens, token_dim]`."""
-        sample = self.training and self.config.relaxed_bernoulli
-        if sample:
-            self.sampling_step += 1
-        gates = self.gate_values()  # [num_tasks, 2]: alpha (shared), beta (private)
-        weights = self.source_weights(sample=sample) * gates[:, :1]
+        if self.training:
+            self._forward_since_step = True
+        gates = self.gate_values(sample=self.training)  # [num_tasks, 2]: alpha (shared), beta (private)
+        weights = self.source_weights(sample=self.training and self.config.relaxed_bernoulli) * gates[:, :1]
         sources = self.source_prompts()
         # an explicit sum over sources: each task's prompt is computed by the same operations whatever the number
         # of tasks, so adding a task leaves the existing tasks' prompts bit-for-bit unchanged
@@ -226,15 +320,23 @@ class ComPTEncoder(TransferPromptEncoder):
             state[ROUTER_KEY] = self.router.value().detach().clone()
             if self.gates is not None:
                 state[GATE_KEY] = self.gates.value().detach().clone()
+            if self.shares is not None:
+                state[SHARE_KEY] = self.shares.value().detach().clone()
             state[STEP_KEY] = self.sampling_step.detach().clone().reshape(1)
             if self.reparameterization is not None:
                 # training state: the raw prompts and the MLP, for exact resumption
                 state[RAW_PROMPT_KEY] = self.embedding.weight.detach().clone()
                 if self.private is not None:
                     state[RAW_PRIVATE_KEY] = self.private.value().reshape(-1, hidden).detach().clone()
-                for name, tensor in self.reparameterization.state_dict().items():
-                    state[_MLP_PREFIX + name] = tensor.detach().clone()
+                for prefix, encoder in self._prompt_encoders().items():
+                    for name, tensor in encoder.state_dict().items():
+                        state[prefix + name] = tensor.detach().clone()
         return state
+
+    def _prompt_encoders(self) -> dict[str, ResidualMLP]:
+        """The prompt encoders by their prefix in the saved training state."""
+        encoders = {_MLP_PREFIX: self.reparameterization, _PRIVATE_MLP_PREFIX: self.private_reparameterization}
+        return {prefix: encoder for prefix, encoder in encoders.items() if encoder is not None}
 
     def _expected_shapes(self) -> dict[str, tuple]:
         cfg = self.config
@@ -244,6 +346,8 @@ class ComPTEncoder(TransferPromptEncoder):
             shapes[PRIVATE_KEY] = (cfg.num_tasks * cfg.prompt_length, cfg.token_dim)
         if self.gates is not None:
             shapes[GATE_KEY] = (cfg.num_tasks, 2)
+        if self.shares is not None:
+            shapes[SHARE_KEY] = (cfg.num_tasks, 1)
         return shapes
 
     def check_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -269,6 +373,8 @@ class ComPTEncoder(TransferPromptEncoder):
         self.router.assign(state_dict[ROUTER_KEY])
         if self.gates is not None:
             self.gates.assign(state_dict[GATE_KEY])
+        if self.shares is not None:
+            self.shares.assign(state_dict[SHARE_KEY])
         if STEP_KEY in state_dict:
             self.sampling_step.copy_(state_dict[STEP_KEY].reshape(()))
         sources, private = state_dict["prompt_embeddings"], state_dict.get(PRIVATE_KEY)
@@ -276,10 +382,12 @@ class ComPTEncoder(TransferPromptEncoder):
             if RAW_PROMPT_KEY not in state_dict:
                 raise ValueError(
                     "This ComPT adapter holds only the folded prompts (it was saved in inference mode or exported), "
-                    "not the raw prompts and MLP that training needs. Load it for inference (is_trainable=False)."
+                    "not the raw prompts and prompt encoders that training needs. Load it for inference "
+                    "(is_trainable=False)."
                 )
-            mlp_state = {k[len(_MLP_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_MLP_PREFIX)}
-            self.reparameterization.load_state_dict(mlp_state, strict=True)
+            for prefix, encoder in self._prompt_encoders().items():
+                encoder_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+                encoder.load_state_dict(encoder_state, strict=True)
             sources, private = state_dict[RAW_PROMPT_KEY], state_dict.get(RAW_PRIVATE_KEY)
         self.embedding.weight.copy_(sources)
         if self.private is not None:

@@ -9,6 +9,10 @@ from peft import PeftModel
 
 from .config import ComPTConfig
 
+# the learning rates of the authors' CrossPT configs: prompt_learning_rate 0.05 (source and private prompts with
+# their encoders), attn_learning_rate 0.1 (router and share logits); their schedule: linear with 20% warm-up
+COMPT_AUTHORS_LEARNING_RATES = {"source_lr": 0.05, "private_lr": 0.05, "router_lr": 0.1}
+
 
 def compt_parameter_groups(
     model: PeftModel,
@@ -21,8 +25,9 @@ def compt_parameter_groups(
 ) -> list[dict]:
     """Optimizer parameter groups that train ComPT's parts at different speeds, as the paper does.
 
-    Groups (only trainable parameters, each listed once): `source` (source prompts and the prompt MLP),
-    `private` (private prompts), `router` (router logits and gates) and `other` (anything else trainable, e.g. a
+    Groups (only trainable parameters, each listed once): `source` (source prompts and their prompt encoder, or
+    the shared prompt MLP), `private` (private prompts and their per-prompt encoders), `router` (router logits and
+    gates or share logits) and `other` (anything else trainable, e.g. a
     classification head from `modules_to_save`, at `other_lr`, default `source_lr`). Empty groups are left out.
 
     Use them with any torch optimizer, and with the Trainer through `optimizers=`:
@@ -32,7 +37,8 @@ def compt_parameter_groups(
     >>> trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
     ```
 
-    The Trainer's learning-rate schedule then scales every group by the same factor.
+    The Trainer's learning-rate schedule then scales every group by the same factor. The authors' rates are
+    `compt_parameter_groups(model, **COMPT_AUTHORS_LEARNING_RATES)`.
     """
     adapter_name = adapter_name or model.active_adapter
     if not isinstance(model.peft_config.get(adapter_name), ComPTConfig):
@@ -41,11 +47,13 @@ def compt_parameter_groups(
         if not lr >= 0:
             raise ValueError(f"{name} must be >= 0, got {lr}.")
     encoder = model.prompt_encoder[adapter_name]
+    def params(*modules) -> list[torch.nn.Parameter]:
+        return [p for module in modules if module is not None for p in module.parameters()]
+
     parts = {
-        "source": [encoder.embedding.weight]
-        + ([] if encoder.reparameterization is None else list(encoder.reparameterization.parameters())),
-        "private": [] if encoder.private is None else [encoder.private.trainable],
-        "router": [encoder.router.trainable] + ([] if encoder.gates is None else [encoder.gates.trainable]),
+        "source": [encoder.embedding.weight] + params(encoder.reparameterization),
+        "private": params(encoder.private, encoder.private_reparameterization),
+        "router": params(encoder.router, encoder.gates, encoder.shares),
     }
     claimed = {id(p) for params in parts.values() for p in params}
     parts["other"] = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
