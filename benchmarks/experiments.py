@@ -210,15 +210,18 @@ def make_optimizer(model, lr: float, method: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
 
-def train(model, dataset, backbone: Backbone, optimizer, steps: int, batch_size: int, seed: int) -> dict:
-    """Train with the stock Trainer (linear schedule, 6% warm-up); returns the loss curve and the time taken."""
+def train(model, dataset, backbone: Backbone, optimizer, steps: int, batch_size: int, seed: int,
+          collator=None) -> dict:
+    """Train with the stock Trainer (linear schedule, 6% warm-up); returns the loss curve and the time taken.
+
+    `collator` replaces the backbone's own (e.g. a [`ParticleReplicationCollator`] wrapping it)."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, warmup_steps=0.06,
             lr_scheduler_type="linear", logging_steps=max(1, steps // 10), save_strategy="no", report_to=[],
             disable_tqdm=True, use_cpu=True, seed=seed, data_seed=seed, remove_unused_columns=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=backbone.collator(),
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator or backbone.collator(),
                           optimizers=(optimizer, None))
         trainer.remove_callback(PrinterCallback)  # the suite's own progress bar reports progress
         start = time.perf_counter()
