@@ -48,8 +48,9 @@ BAYESIAN_PARTICLES = 4
 # which methods need what
 TRANSFER_METHODS = ("spot", "source_average", "mpt", "bayesian")
 MULTITASK_METHODS = ("compt", "shared_prompt", "prompt_tuning")
-# the ablation keeps the skip connection but drops the branch's LayerNorm, whose output starts at norm sqrt(hidden)
-RESIDUAL_METHODS = ("residual", "residual_no_layer_norm")
+# the ablation keeps the skip connection but drops the branch's LayerNorm, whose output starts at norm sqrt(hidden);
+# the embedding-RMS variant keeps the LayerNorm but scales its output to the vocabulary's token length
+RESIDUAL_METHODS = ("residual", "residual_no_layer_norm", "residual_embedding_rms")
 
 
 @dataclass(frozen=True)
@@ -324,8 +325,9 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
                                                         encoder_hidden_size=RESIDUAL_BOTTLENECK)), details
     if spec.method in RESIDUAL_METHODS:
         init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if spec.init == "vocab" else {}
-        config = ppt.ResidualPromptConfig(**common, bottleneck_size=RESIDUAL_BOTTLENECK,
-                                          layer_norm=spec.method == "residual", **init)
+        config = ppt.ResidualPromptConfig(
+            **common, bottleneck_size=RESIDUAL_BOTTLENECK, layer_norm=spec.method != "residual_no_layer_norm",
+            branch_scale="embedding_rms" if spec.method == "residual_embedding_rms" else "unit", **init)
         return get_peft_model(base, config), details
     if spec.method in ("spot", "source_average"):
         prompts = _source_prompts(backbone, spec)
