@@ -12,6 +12,7 @@ from .bayesian import (
     BayesianPromptConfig,
     BayesianPromptEncoder,
     ParticleReplicationCollator,
+    bayesian_parameter_groups,
     ensemble_predict,
     load_posterior,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "BayesianPromptConfig",
     "BayesianPromptEncoder",
     "ParticleReplicationCollator",
+    "bayesian_parameter_groups",
     "ensemble_predict",
     "load_posterior",
     "ComPTConfig",

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from peft import PeftModel
 
+from ..optim import adapter_encoder, parameter_groups
 from .config import ComPTConfig
 
 
@@ -34,29 +35,15 @@ def compt_parameter_groups(
 
     The Trainer's learning-rate schedule then scales every group by the same factor.
     """
-    adapter_name = adapter_name or model.active_adapter
-    if not isinstance(model.peft_config.get(adapter_name), ComPTConfig):
-        raise ValueError(f"compt_parameter_groups needs a ComPT adapter; {adapter_name!r} is not one.")
-    for name, lr in (("source_lr", source_lr), ("private_lr", private_lr), ("router_lr", router_lr)):
-        if not lr >= 0:
-            raise ValueError(f"{name} must be >= 0, got {lr}.")
-    encoder = model.prompt_encoder[adapter_name]
+    encoder = adapter_encoder(model, adapter_name, ComPTConfig, "compt_parameter_groups")
     parts = {
         "source": [encoder.embedding.weight]
         + ([] if encoder.reparameterization is None else list(encoder.reparameterization.parameters())),
         "private": [] if encoder.private is None else [encoder.private.trainable],
         "router": [encoder.router.trainable] + ([] if encoder.gates is None else [encoder.gates.trainable]),
     }
-    claimed = {id(p) for params in parts.values() for p in params}
-    parts["other"] = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
-    lrs = {"source": source_lr, "private": private_lr, "router": router_lr,
-           "other": source_lr if other_lr is None else other_lr}
-    groups = []
-    for name, params in parts.items():
-        params = [p for p in params if p.requires_grad]
-        if params:
-            groups.append({"name": name, "params": params, "lr": lrs[name], "weight_decay": weight_decay})
-    return groups
+    lrs = {"source": source_lr, "private": private_lr, "router": router_lr}
+    return parameter_groups(model, parts, lrs, source_lr if other_lr is None else other_lr, weight_decay)
 
 
 def create_compt_optimizer(
