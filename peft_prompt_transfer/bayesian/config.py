@@ -106,6 +106,8 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
             `b mod M` and one forward pass serves all particles, so a step costs about what prompt tuning costs.
             `"replicated"`: every particle sees every example; the batch must be expanded M times with
             [`ParticleReplicationCollator`] (or [`expand_for_particles`]) and a step costs about M forward passes.
+            Replicated is SVGD as its authors wrote it (every particle's gradient on the same minibatch); sharded
+            departs from it for the cost (see `benchmarks/svgd_assignment.py` for the measurement).
         source_tasks (`list[str]`, *optional*): Source: the names of the source tasks, in the order of the
             `task_ids` that [`combine_tasks`] assigns. Recorded in the posterior's config; `task_ids` passed to the
             model are checked against it (they do not change the prompt: the posterior is shared by all tasks).
@@ -149,7 +151,11 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
     )
     particle_assignment: Optional[str] = field(
         default=None,
-        metadata={"help": "Source stage: 'sharded' (example b -> particle b mod M, the default) or 'replicated'."},
+        metadata={
+            "help": "Source stage: 'sharded' (example b -> particle b mod M, the default: one forward pass for all "
+            "particles; departs from the SVGD authors, whose particles all see the whole batch) or 'replicated' "
+            "(the authors': every particle sees every example, M times the cost)."
+        },
     )
     source_tasks: Optional[list[str]] = field(
         default=None, metadata={"help": "Source stage: the source task names, in task_ids order."}
