@@ -257,8 +257,9 @@ class BayesianPromptEncoder(TransferPromptEncoder):
         """The gradient the optimizer should see, from the accumulated loss gradient `grad` of `embedding.weight`.
 
         Source: `-phi`, the SVGD direction ([`svgd_gradient`]). Target: `grad + regularization_weight * (P - mean)`
-        (decomposed: the regulariser's gradient with respect to `S`, [`anchor_gradients`]). Called automatically right before each optimizer step; call it yourself only if you update the parameters
-        without a `torch.optim.Optimizer`.
+        (decomposed: the regulariser's gradient with respect to `S`, [`anchor_gradients`]). Called automatically
+        right before each optimizer step; call it yourself only if you update the parameters without a
+        `torch.optim.Optimizer`.
         """
         weight = self.embedding.weight
         self._check_finite(grad)
