@@ -125,9 +125,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-virtual-tokens", type=int, default=20)
     parser.add_argument("--max-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", choices=[name for name, *_ in SETTINGS],
+                        default=[name for name, *_ in SETTINGS], help="Which settings to run (default: all).")
     args = parser.parse_args(argv)
     backbone, results = Backbone.load("minilm"), []
     for name, assignment, batch_size, likelihood_scale in SETTINGS:
+        if name not in args.settings:
+            continue
         with tempfile.TemporaryDirectory() as folder:
             result = {"setting": name, **source_stage(backbone, args, assignment, batch_size, likelihood_scale,
                                                       Path(folder))}
