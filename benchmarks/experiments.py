@@ -50,8 +50,9 @@ TRANSFER_METHODS = ("spot", "source_average", "mpt", "bayesian")
 # "compt_authors": ComPTConfig.authors_recipe, the authors' design, next to this package's defaults ("compt")
 COMPT_METHODS = ("compt", "compt_authors")
 MULTITASK_METHODS = (*COMPT_METHODS, "shared_prompt", "prompt_tuning")
-# the ablation keeps the skip connection but drops the branch's LayerNorm, whose output starts at norm sqrt(hidden)
-RESIDUAL_METHODS = ("residual", "residual_no_layer_norm")
+# the ablation keeps the skip connection but drops the branch's LayerNorm, whose output starts at norm sqrt(hidden);
+# the embedding-RMS variant keeps the LayerNorm but scales its output to the vocabulary's token length
+RESIDUAL_METHODS = ("residual", "residual_no_layer_norm", "residual_embedding_rms")
 
 
 @dataclass(frozen=True)
@@ -212,15 +213,18 @@ def make_optimizer(model, lr: float, method: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
 
-def train(model, dataset, backbone: Backbone, optimizer, steps: int, batch_size: int, seed: int) -> dict:
-    """Train with the stock Trainer (linear schedule, 6% warm-up); returns the loss curve and the time taken."""
+def train(model, dataset, backbone: Backbone, optimizer, steps: int, batch_size: int, seed: int,
+          collator=None) -> dict:
+    """Train with the stock Trainer (linear schedule, 6% warm-up); returns the loss curve and the time taken.
+
+    `collator` replaces the backbone's own (e.g. a [`ParticleReplicationCollator`] wrapping it)."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, warmup_steps=0.06,
             lr_scheduler_type="linear", logging_steps=max(1, steps // 10), save_strategy="no", report_to=[],
             disable_tqdm=True, use_cpu=True, seed=seed, data_seed=seed, remove_unused_columns=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=backbone.collator(),
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator or backbone.collator(),
                           optimizers=(optimizer, None))
         trainer.remove_callback(PrinterCallback)  # the suite's own progress bar reports progress
         start = time.perf_counter()
@@ -323,8 +327,9 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
                                                         encoder_hidden_size=RESIDUAL_BOTTLENECK)), details
     if spec.method in RESIDUAL_METHODS:
         init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if spec.init == "vocab" else {}
-        config = ppt.ResidualPromptConfig(**common, bottleneck_size=RESIDUAL_BOTTLENECK,
-                                          layer_norm=spec.method == "residual", **init)
+        config = ppt.ResidualPromptConfig(
+            **common, bottleneck_size=RESIDUAL_BOTTLENECK, layer_norm=spec.method != "residual_no_layer_norm",
+            branch_scale="embedding_rms" if spec.method == "residual_embedding_rms" else "unit", **init)
         return get_peft_model(base, config), details
     if spec.method in ("spot", "source_average"):
         prompts = _source_prompts(backbone, spec)

@@ -23,11 +23,13 @@ from benchmarks.experiments import RESIDUAL_BOTTLENECK
 
 
 def prompt_configs(task_type: str, num_virtual_tokens: int = 20, bottleneck_size: int = RESIDUAL_BOTTLENECK) -> dict:
-    """The claim-1 configs from the vocab init: plain prompt tuning, residual, and residual without LayerNorm."""
+    """The claim-1 configs from the vocab init: plain prompt tuning, residual, residual without LayerNorm, and
+    residual with the branch scaled to the word embeddings' RMS."""
     common = dict(task_type=task_type, num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB")
     residual = dict(common, bottleneck_size=bottleneck_size)
     return {"prompt_tuning": PromptTuningConfig(**common), "residual": ppt.ResidualPromptConfig(**residual),
-            "residual_no_layer_norm": ppt.ResidualPromptConfig(**residual, layer_norm=False)}
+            "residual_no_layer_norm": ppt.ResidualPromptConfig(**residual, layer_norm=False),
+            "residual_embedding_rms": ppt.ResidualPromptConfig(**residual, branch_scale="embedding_rms")}
 
 
 def first_steps(model: PeftModel, lr: float, steps: int = 5, seed: int = 0) -> dict:

@@ -19,6 +19,7 @@ REPOSITORY_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 LABELS = {
     "prompt_tuning": "peft PROMPT_TUNING", "p_tuning": "peft P_TUNING (MLP)", "residual": "residual (ours)",
     "residual_no_layer_norm": "residual without LayerNorm (ablation)",
+    "residual_embedding_rms": "residual, branch scaled to the embeddings' RMS",
     "full_finetuning": "full fine-tuning", "spot": "SPoT init (best single source)",
     "source_average": "average-of-sources init", "mpt": "peft MULTITASK_PROMPT_TUNING", "bayesian": "Bayesian (ours)",
     "compt": "ComPT (ours)", "compt_authors": "ComPT, the authors' recipe", "shared_prompt": "one shared prompt",
@@ -267,10 +268,11 @@ def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
         lines += _lr_table(group)
         lines.append("")
         variants = group["variant"].unique()
-        ablation = LABELS["residual_no_layer_norm"]
+        variants_of_the_branch = ("residual_no_layer_norm", "residual_embedding_rms")
         pairs = [(v, v.replace(LABELS[method], LABELS["prompt_tuning"]))
-                 for method in ("residual", "residual_no_layer_norm") for v in variants if v.startswith(LABELS[method])]
-        pairs += [(v, v.replace(ablation, LABELS["residual"])) for v in variants if v.startswith(ablation)]
+                 for method in ("residual", *variants_of_the_branch) for v in variants if v.startswith(LABELS[method])]
+        pairs += [(v, v.replace(LABELS[method], LABELS["residual"]))
+                  for method in variants_of_the_branch for v in variants if v.startswith(LABELS[method])]
         short = [v for v in variants if LABELS["residual"] in v and v.endswith(f" {group.num_virtual_tokens.min()} tokens")]
         long_pt = [v for v in variants if LABELS["prompt_tuning"] in v and "random" in v
                    and v.endswith(f" {group.num_virtual_tokens.max()} tokens")]

@@ -53,7 +53,9 @@ def residual_runs(budget: Budget, seed: int) -> list[RunSpec]:
     """Claim 1: residual vs plain prompt tuning (and P-tuning, full fine-tuning) across LRs, inits, lengths.
 
     The ablation without the branch's LayerNorm runs from the vocab init: it tests whether the LayerNorm, whose
-    output starts at norm sqrt(hidden), drowns that init (a random init already has that norm).
+    output starts at norm sqrt(hidden), drowns that init (a random init already has that norm). The variant whose
+    LayerNorm output is scaled to the word embeddings' RMS (`branch_scale="embedding_rms"`) runs from the vocab
+    init too: it keeps the LayerNorm's cap without drowning the init.
     """
     runs = []
     for task in budget.residual_tasks:
@@ -66,7 +68,8 @@ def residual_runs(budget: Budget, seed: int) -> list[RunSpec]:
                 # 10x shorter prompts
                 runs.append(replace(base, method=method, lr=lr, num_virtual_tokens=max(1, budget.num_virtual_tokens // 10)))
             runs.append(replace(base, method="p_tuning", lr=lr))
-            runs.append(replace(base, method="residual_no_layer_norm", lr=lr, init="vocab"))
+            runs += [replace(base, method=method, lr=lr, init="vocab")
+                     for method in ("residual_no_layer_norm", "residual_embedding_rms")]
         runs += [replace(base, method="full_finetuning", lr=lr) for lr in budget.finetune_lrs]
     # the causal LM with verbalised labels, on the first task
     causal = RunSpec(method="prompt_tuning", model="smollm2", tasks=(budget.residual_tasks[0],), seed=seed, lr=0.0,
@@ -74,7 +77,8 @@ def residual_runs(budget: Budget, seed: int) -> list[RunSpec]:
                      max_eval=budget.max_eval)
     for lr in budget.prompt_lrs["smollm2"]:
         runs += [replace(causal, method=method, lr=lr)
-                 for method in ("prompt_tuning", "residual", "p_tuning", "residual_no_layer_norm")]
+                 for method in ("prompt_tuning", "residual", "p_tuning", "residual_no_layer_norm",
+                                "residual_embedding_rms")]
     return runs
 
 

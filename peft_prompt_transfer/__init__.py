@@ -12,6 +12,7 @@ from .bayesian import (
     BayesianPromptConfig,
     BayesianPromptEncoder,
     ParticleReplicationCollator,
+    bayesian_parameter_groups,
     ensemble_predict,
     load_posterior,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "BayesianPromptConfig",
     "BayesianPromptEncoder",
     "ParticleReplicationCollator",
+    "bayesian_parameter_groups",
     "ensemble_predict",
     "load_posterior",
     "COMPT_AUTHORS_LEARNING_RATES",

@@ -17,6 +17,7 @@ from peft_prompt_transfer.bayesian import (
     BayesianPromptConfig,
     ParticleReplicationCollator,
     assign_particles,
+    bayesian_parameter_groups,
     ensemble_predict,
     expand_for_particles,
     load_posterior,
@@ -203,6 +204,10 @@ def test_transform_runs_once_per_optimizer_step_even_through_a_wrapper_optimizer
         ({"stage": "target"}, "stage='target' needs posterior"),
         ({"stage": "target", "posterior": "p", "num_particles": 4}, r"\['num_particles'\] is not used with stage='target'"),
         ({"stage": "target", "posterior": "p", "target_init": "particle:x"}, "target_init must be 'mean', 'sample'"),
+        ({"stage": "target", "posterior": "p", "target_prompt": "lowrank"}, "target_prompt must be one of"),
+        ({"stage": "target", "posterior": "p", "decomposition_rank": 0}, "decomposition_rank must be a positive"),
+        ({"stage": "target", "posterior": "p", "target_init_seed": 1.5}, "target_init_seed must be None or an int"),
+        ({"target_init_seed": 0}, r"\['target_init_seed'\] is not used with stage='source'"),
         ({"stage": "target", "posterior": "p", "target_init": "median"}, "target_init must be"),
         ({"stage": "target", "posterior": "p", "regularization_weight": -1}, "regularization_weight must be a finite"),
         ({"stage": "target", "posterior": "p", "prompt_tuning_init": "SAMPLE_VOCAB"}, "initialised from the posterior"),
@@ -220,6 +225,7 @@ def test_config_defaults_and_round_trip(tmp_path):
     assert source.source_tasks == ["rte", "cb"] and source.target_init is None and source.regularization_weight is None
     target = BayesianPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=3, stage="target", posterior=tmp_path)
     assert target.posterior == str(tmp_path) and target.target_init == "mean" and target.num_particles is None
+    assert (target.target_prompt, target.decomposition_rank, target.target_init_seed) == ("plain", 1, None)
     for config in (source, target):
         config.save_pretrained(tmp_path / config.stage)
         loaded = PeftConfig.from_pretrained(tmp_path / config.stage)
@@ -500,6 +506,82 @@ def test_target_initialisation_from_the_posterior(tmp_path):
         initial(target_init="particle:3")
 
 
+def test_random_target_inits_are_seeded(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    particles = saved_posterior(tiny, tmp_path / "posterior").prompt_encoder["default"].particles.detach()
+
+    def initial(**overrides):
+        model = get_peft_model(tiny.build(), target_config(tiny, tmp_path / "posterior", **overrides))
+        return model.prompt_encoder["default"].embedding.weight.detach()
+
+    drawn = [initial(target_init="particle:random", target_init_seed=seed) for seed in range(8)]
+    indices = [next(k for k in range(3) if torch.equal(d, particles[k])) for d in drawn]  # each draw is a particle
+    assert indices == [int(torch.randint(3, (), generator=torch.Generator().manual_seed(s))) for s in range(8)]
+    assert len(set(indices)) > 1
+    assert torch.equal(initial(target_init="sample", target_init_seed=5), initial(target_init="sample", target_init_seed=5))
+    assert not torch.equal(initial(target_init="sample", target_init_seed=5), initial(target_init="sample", target_init_seed=6))
+
+
+def decomposed_target(tiny, posterior, **overrides):
+    return get_peft_model(tiny.build(), target_config(tiny, posterior, target_prompt="decomposed", **overrides))
+
+
+def test_decomposed_target_starts_as_its_initial_prompt(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    particles = saved_posterior(tiny, tmp_path / "posterior").prompt_encoder["default"].particles.detach()
+    for rank in (1, 3):
+        encoder = decomposed_target(tiny, tmp_path / "posterior", decomposition_rank=rank).prompt_encoder["default"]
+        token_dim = particles.shape[-1]
+        assert encoder.task_cols.shape == (N_TOKENS, rank) and encoder.task_rows.shape == (rank, token_dim)
+        torch.testing.assert_close(encoder.task_cols @ encoder.task_rows, torch.ones(N_TOKENS, token_dim))
+        torch.testing.assert_close(encoder(batch_size=2)[1], particles.mean(0))
+        torch.testing.assert_close(encoder.inference_prompt(), particles.mean(0))
+    assert encoder.task_cols[:, 1:].abs().max() > 0  # the extra ranks differ, so they get different gradients
+
+
+def test_decomposed_regulariser_gradients_are_those_of_half_lambda_squared_distance_of_the_product(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    posterior = saved_posterior(tiny, tmp_path / "posterior").prompt_encoder["default"].particles.detach()
+    model = decomposed_target(tiny, tmp_path / "posterior", target_init="particle:0", regularization_weight=0.3,
+                              decomposition_rank=2)
+    encoder = model.prompt_encoder["default"]
+    with torch.no_grad():  # move U and V off their start, so that every term of the gradient shows
+        encoder.task_cols.add_(0.1 * torch.randn(encoder.task_cols.shape))
+        encoder.task_rows.add_(0.1 * torch.randn(encoder.task_rows.shape))
+    parameters = [encoder.embedding.weight, encoder.task_cols, encoder.task_rows]
+    batch = make_batch(tiny)
+    # the reference, by hand: autograd of loss + 0.3/2 ||S ⊙ (U V) - mean||^2
+    shared, cols, rows = (p.detach().clone().requires_grad_() for p in parameters)
+    plain = get_peft_model(tiny.build(), plain_prompt_config(tiny))
+    plain.prompt_encoder["default"].embedding.weight.requires_grad_(False)
+    prompt = shared * (cols @ rows)
+    plain.prompt_encoder["default"].embedding.forward = lambda indices: prompt.unsqueeze(0).expand(len(indices), -1, -1)
+    total = plain(**batch).loss + 0.3 / 2 * (prompt - posterior.mean(0)).pow(2).sum()
+    expected = torch.autograd.grad(total, [shared, cols, rows])
+
+    before = [p.detach().clone() for p in parameters]
+    optimizer = torch.optim.SGD(parameters, lr=1.0)
+    model(**batch).loss.backward()
+    optimizer.step()  # the regulariser's gradients are added right before the step
+    for old, new, grad in zip(before, parameters, expected):
+        torch.testing.assert_close(old - new.detach(), grad, atol=1e-6, rtol=1e-5)
+
+
+def test_bayesian_parameter_groups_give_each_part_its_learning_rate(tmp_path):
+    tiny = TINY_MODELS["bert"]
+    saved_posterior(tiny, tmp_path / "posterior")
+    model = decomposed_target(tiny, tmp_path / "posterior")
+    encoder = model.prompt_encoder["default"]
+    groups = {g["name"]: g for g in bayesian_parameter_groups(model, shared_lr=0.3, task_lr=1e-3, other_lr=1e-2)}
+    assert {n: g["lr"] for n, g in groups.items()} == {"shared": 0.3, "task": 1e-3, "other": 1e-2}
+    assert groups["shared"]["params"] == [encoder.embedding.weight]
+    assert groups["task"]["params"] == [encoder.task_cols, encoder.task_rows]
+    assert groups["other"]["params"] and all("classifier" in n for n, p in model.named_parameters()
+                                             if p.requires_grad and any(p is q for q in groups["other"]["params"]))
+    with pytest.raises(ValueError, match="needs a BayesianPromptConfig adapter"):
+        bayesian_parameter_groups(get_peft_model(tiny.build(), plain_prompt_config(tiny)), 0.1, 0.1)
+
+
 def test_regulariser_gradient_is_that_of_half_lambda_squared_distance(tmp_path):
     tiny = TINY_MODELS["gpt2"]
     posterior = saved_posterior(tiny, tmp_path / "posterior").prompt_encoder["default"].particles.detach()
@@ -523,11 +605,13 @@ def test_regulariser_gradient_is_that_of_half_lambda_squared_distance(tmp_path):
     assert (before - posterior.mean(0)).abs().max() > 0.1  # particle 0 is away from the mean: the term is not zero
 
 
-@pytest.mark.parametrize("name", ["gpt2", "t5", "bert"])
-def test_target_training_save_load_and_export(name, tmp_path):
+@pytest.mark.parametrize(
+    "name, target_prompt", [("gpt2", "plain"), ("t5", "plain"), ("bert", "plain"), ("gpt2", "decomposed")]
+)
+def test_target_training_save_load_and_export(name, target_prompt, tmp_path):
     tiny = TINY_MODELS[name]
     saved_posterior(tiny, tmp_path / "posterior")
-    model = get_peft_model(tiny.saved(tmp_path), target_config(tiny, tmp_path / "posterior"))
+    model = get_peft_model(tiny.saved(tmp_path), target_config(tiny, tmp_path / "posterior", target_prompt=target_prompt))
     trainer = make_trainer(model, tmp_path / "train", ListDataset(make_batch(tiny)), max_steps=15)
     trainer.train()
     losses = train_losses(trainer)
@@ -547,6 +631,19 @@ def test_target_training_save_load_and_export(name, tmp_path):
     assert PeftConfig.from_pretrained(tmp_path / "exported").peft_type == "PROMPT_TUNING"
     exported = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "exported")
     torch.testing.assert_close(logits(exported, batch), expected, atol=1e-5, rtol=0)
+
+    trainable = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "target", is_trainable=True).eval()
+    for key, value in model.prompt_encoder["default"].state_dict().items():
+        torch.testing.assert_close(trainable.prompt_encoder["default"].state_dict()[key], value, atol=0, rtol=0)
+    torch.testing.assert_close(logits(trainable, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_a_plain_target_does_not_load_as_a_decomposed_one(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    saved_posterior(tiny, tmp_path / "posterior")
+    get_peft_model(tiny.build(), target_config(tiny, tmp_path / "posterior")).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="target_prompt='decomposed', but the adapter weights have no"):
+        decomposed_target(tiny, tmp_path / "posterior").load_adapter(tmp_path / "plain", "default", is_trainable=True)
 
 
 def test_loading_a_target_for_inference_does_not_need_its_posterior(tmp_path):
@@ -573,26 +670,38 @@ def test_source_posterior_exports_its_mean(tmp_path):
                                model.prompt_encoder["default"].particles.mean(0))
 
 
-@pytest.mark.parametrize("stage", ["source", "target"])
+@pytest.mark.parametrize("stage", ["source", "target", "decomposed target"])
 def test_resume_from_checkpoint_matches_uninterrupted_training(stage, tmp_path):
     tiny = TINY_MODELS["gpt2"]
-    if stage == "target":
+    if stage != "source":
         saved_posterior(tiny, tmp_path / "posterior")
     data = ListDataset(make_batch(tiny), repeat=4)
-    overrides = dict(max_steps=8, save_strategy="steps", save_steps=4, per_device_train_batch_size=4)
+    # the decomposed target: its own learning rates, under a schedule and gradient accumulation
+    accumulation = 2 if stage == "decomposed target" else 1
+    overrides = dict(max_steps=8, save_strategy="steps", save_steps=4, per_device_train_batch_size=4 // accumulation,
+                     gradient_accumulation_steps=accumulation, lr_scheduler_type="linear", warmup_steps=2)
 
     def run(output_dir, resume=None):
         torch.manual_seed(0)
-        config = source_config(tiny) if stage == "source" else target_config(tiny, tmp_path / "posterior")
+        if stage == "source":
+            config = source_config(tiny)
+        else:
+            target_prompt = "decomposed" if stage == "decomposed target" else "plain"
+            config = target_config(tiny, tmp_path / "posterior", target_prompt=target_prompt)
         model = get_peft_model(tiny.build(), config)
-        trainer = make_trainer(model, output_dir, data, **overrides)
+        optimizers = (None, None)
+        if stage == "decomposed target":
+            optimizers = (torch.optim.AdamW(bayesian_parameter_groups(model, shared_lr=0.1, task_lr=0.01)), None)
+        trainer = make_trainer(model, output_dir, data, optimizers=optimizers, **overrides)
         trainer.train(resume_from_checkpoint=resume)
-        return model.prompt_encoder["default"].embedding.weight.detach().clone(), trainer
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, trainer
 
     full, _ = run(tmp_path / "full")
     resumed, trainer = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-4"))
     assert trainer.state.global_step == 8
-    torch.testing.assert_close(resumed, full, atol=1e-6, rtol=0)
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0, msg=key)
 
 
 def test_target_rejects_task_ids(tmp_path):

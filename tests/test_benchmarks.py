@@ -77,8 +77,9 @@ def test_full_suite_covers_every_claim_method_and_seed():
     keys = [spec.key() for _, spec in runs]
     assert len(keys) == len(set(keys))
     methods = {spec.method for _, spec in runs}
-    assert methods == {"prompt_tuning", "p_tuning", "residual", "residual_no_layer_norm", "full_finetuning", "spot",
-                       "source_average", "mpt", "bayesian", "compt", "compt_authors", "shared_prompt"}
+    assert methods == {"prompt_tuning", "p_tuning", "residual", "residual_no_layer_norm", "residual_embedding_rms",
+                       "full_finetuning", "spot", "source_average", "mpt", "bayesian", "compt", "compt_authors",
+                       "shared_prompt"}
     assert {claim for claim, _ in runs} == {"residual", "transfer", "multitask"}
     assert {spec.seed for _, spec in runs} == set(KSHOT_SEEDS)
     assert {spec.model for _, spec in runs} == {"minilm", "smollm2"}
@@ -187,8 +188,9 @@ def test_report_names_the_commands_its_records_came_from(tmp_path):
         "1 run from earlier starts that did not record their command")
 
 
-def test_report_pairs_the_layer_norm_ablation_with_residual_and_prompt_tuning(tmp_path):
-    scores = {"prompt_tuning": (0.80, 0.82), "residual": (0.78, 0.79), "residual_no_layer_norm": (0.83, 0.81)}
+def test_report_pairs_the_branch_variants_with_residual_and_prompt_tuning(tmp_path):
+    scores = {"prompt_tuning": (0.80, 0.82), "residual": (0.78, 0.79), "residual_no_layer_norm": (0.83, 0.81),
+              "residual_embedding_rms": (0.84, 0.80)}
     for method, by_seed in scores.items():
         for seed, score in zip((13, 21), by_seed):
             for lr, offset in ((0.01, 0.0), (0.03, -0.1)):  # the best LR is 0.01 for every method
@@ -204,6 +206,9 @@ def test_report_pairs_the_layer_norm_ablation_with_residual_and_prompt_tuning(tm
     assert f"{ablation} − {prompt_tuning}: +1.0 ± 2.8 points (1 of 2 seeds better)" in report
     assert f"{ablation} − {residual}: +3.5 ± 2.1 points (2 of 2 seeds better)" in report
     assert f"{residual} − {prompt_tuning}: -2.5 ± 0.7 points (0 of 2 seeds better)" in report
+    scaled = variant.format("residual, branch scaled to the embeddings' RMS")
+    assert f"{scaled} − {prompt_tuning}: +1.0 ± 4.2 points (1 of 2 seeds better)" in report
+    assert f"{scaled} − {residual}: +3.5 ± 3.5 points (2 of 2 seeds better)" in report
 
 
 def test_prompt_steps_measure_what_adamw_does_to_each_prompt():
@@ -220,11 +225,14 @@ def test_prompt_steps_measure_what_adamw_does_to_each_prompt():
         torch.manual_seed(0)
         results[name] = first_steps(get_peft_model(TINY_MODELS["gpt2"].build(hidden), config), lr, steps=3)
     plain, residual, no_norm = results["prompt_tuning"], results["residual"], results["residual_no_layer_norm"]
+    scaled = results["residual_embedding_rms"]
     assert plain["moves"] == pytest.approx([lr * hidden ** 0.5] * 3, rel=1e-3)
     assert plain["step0_cosine_to_vocab_init"] == pytest.approx(1.0)
     assert residual["step0_norm"] == pytest.approx(hidden ** 0.5, rel=0.05)  # the LayerNorm output dominates
     assert residual["step0_cosine_to_vocab_init"] < 0.5 < no_norm["step0_cosine_to_vocab_init"]
     assert residual["moves"][0] > 5 * plain["moves"][0] and no_norm["moves"][0] > 5 * plain["moves"][0]
+    # scaled to the embeddings' RMS, the branch is as long as a vocabulary token: the init is kept, not drowned
+    assert scaled["step0_norm"] < 2 * scaled["vocab_norm"] and scaled["step0_cosine_to_vocab_init"] > 0.5
 
 
 def test_task_errors_say_what_exists():

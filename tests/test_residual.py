@@ -44,6 +44,50 @@ def test_mlp_matches_paper_formula():
     torch.testing.assert_close(mlp(prompt), expected)
 
 
+def test_embedding_rms_branch_starts_as_long_as_a_vocabulary_token():
+    """branch_scale='embedding_rms': at step 0 every token's branch is LayerNorm(h) * rms, of norm rms * sqrt(d)
+    (times sqrt(var / (var + eps)), the LayerNorm's epsilon), where the paper's branch has norm sqrt(d)."""
+    tiny = TINY_MODELS["gpt2"]
+    base = tiny.build()
+    words = base.get_input_embeddings().weight.detach()
+    rms = words.pow(2).mean().sqrt().item()  # by hand: the root mean square of all entries
+    model = get_peft_model(base, residual_config(tiny, branch_scale="embedding_rms"))
+    encoder = model.prompt_encoder["default"]
+    mlp, prompt = encoder.reparameterization, encoder.embedding.weight.detach()
+    token_dim = prompt.shape[1]
+    assert mlp.output_scale.item() == pytest.approx(rms, rel=1e-6)
+    hidden = torch.relu(prompt @ mlp.down_weight[0] + mlp.down_bias[0]) @ mlp.up_weight[0] + mlp.up_bias[0]
+    variance = hidden.var(dim=-1, unbiased=False)
+    expected_norm = rms * token_dim**0.5 * (variance / (variance + 1e-5)).sqrt()
+    branch = (encoder(batch_size=1)[0] - prompt).detach()
+    torch.testing.assert_close(branch.norm(dim=-1), expected_norm, rtol=1e-5, atol=0)
+    unit = get_peft_model(tiny.build(), residual_config(tiny)).prompt_encoder["default"]
+    unit_branch = (unit(batch_size=1)[0] - unit.embedding.weight).detach()
+    assert unit_branch.norm(dim=-1).mean().item() == pytest.approx(token_dim**0.5, rel=1e-3)
+
+
+def test_embedding_rms_branch_saves_loads_and_exports_with_identical_logits(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    model = trained_model(tiny, tmp_path, branch_scale="embedding_rms")
+    batch = make_batch(tiny, seed=1)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+    assert "reparameterization.output_scale" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-5, rtol=0)
+    export_prompt_tuning(model, tmp_path / "exported")
+    exported = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "exported")
+    torch.testing.assert_close(logits(exported, batch), expected, atol=1e-5, rtol=0)
+    fresh = get_peft_model(tiny.saved(tmp_path), residual_config(tiny, branch_scale="embedding_rms"))
+    fresh.load_adapter(tmp_path / "adapter", adapter_name="default", is_trainable=True)
+    for key, value in model.prompt_encoder["default"].state_dict().items():
+        torch.testing.assert_close(fresh.prompt_encoder["default"].state_dict()[key], value, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="branch_scale must match"):  # the paper's branch has no output_scale
+        get_peft_model(tiny.saved(tmp_path), residual_config(tiny)).load_adapter(
+            tmp_path / "adapter", adapter_name="default", is_trainable=True
+        )
+
+
 def test_mlp_without_residual_or_layer_norm():
     torch.manual_seed(0)
     mlp = ResidualMLP(1, 8, 5, "tanh", layer_norm=False, dropout=0.0, residual=False)
@@ -87,6 +131,8 @@ def test_per_token_mlps_are_independent():
         ({"prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "x"}, "needs a non-empty prompt_tuning_init_text"),
         ({"tokenizer_kwargs": {"a": 1}}, "tokenizer_kwargs is only used with prompt_tuning_init='TEXT'"),
         ({"num_transformer_submodules": 2}, "num_transformer_submodules must be 1"),
+        ({"branch_scale": "rms"}, "branch_scale must be one of"),
+        ({"branch_scale": "embedding_rms", "layer_norm": False}, "needs layer_norm=True"),
     ],
 )
 def test_config_validation(overrides, message):
@@ -165,14 +211,16 @@ def test_load_adapter_trainable_restores_mlp_without_applying_it_twice(tiny, tmp
     torch.testing.assert_close(logits(fresh, batch), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "t5", "bert"])
-def test_resume_from_checkpoint_matches_uninterrupted_training(name, tmp_path):
+@pytest.mark.parametrize(
+    "name, branch_scale", [("gpt2", "unit"), ("t5", "unit"), ("bert", "unit"), ("gpt2", "embedding_rms")]
+)
+def test_resume_from_checkpoint_matches_uninterrupted_training(name, branch_scale, tmp_path):
     tiny = TINY_MODELS[name]
     data = ListDataset(make_batch(tiny), repeat=4)
     overrides = dict(max_steps=8, save_strategy="steps", save_steps=4, per_device_train_batch_size=4)
 
     def run(output_dir, resume=None):
-        model = get_peft_model(tiny.build(), residual_config(tiny, dropout=0.1))
+        model = get_peft_model(tiny.build(), residual_config(tiny, dropout=0.1, branch_scale=branch_scale))
         trainer = make_trainer(model, output_dir, data, **overrides)
         trainer.train(resume_from_checkpoint=resume)
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, trainer

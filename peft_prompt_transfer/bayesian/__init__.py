@@ -2,8 +2,10 @@
 tasks, and target prompts that start from it."""
 
 from .config import BAYESIAN_PROMPT_TUNING, BayesianPromptConfig
+from .decomposition import anchor_gradients, initial_task_factors
 from .ensemble import EnsemblePrediction, ensemble_predict
 from .model import BayesianPromptEncoder
+from .optim import bayesian_parameter_groups
 from .particles import ParticleReplicationCollator, assign_particles, expand_for_particles
 from .posterior import Posterior, load_posterior
 from .step_transform import register_pre_step_gradient_transform
@@ -16,9 +18,12 @@ __all__ = [
     "EnsemblePrediction",
     "ParticleReplicationCollator",
     "Posterior",
+    "anchor_gradients",
     "assign_particles",
+    "bayesian_parameter_groups",
     "ensemble_predict",
     "expand_for_particles",
+    "initial_task_factors",
     "load_posterior",
     "median_bandwidth",
     "rbf_kernel",

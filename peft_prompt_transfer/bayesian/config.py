@@ -15,7 +15,8 @@ from ..base import TransferPromptLearningConfig
 BAYESIAN_PROMPT_TUNING = "BAYESIAN_PROMPT_TUNING"
 STAGES = ("source", "target")
 PARTICLE_ASSIGNMENTS = ("sharded", "replicated")
-TARGET_INITS = ("mean", "particle:<k>", "sample")
+TARGET_INITS = ("mean", "particle:<k>", "particle:random", "sample")
+TARGET_PROMPTS = ("plain", "decomposed")
 
 # Stage-specific fields default to None and get these values in their own stage, so that a saved config shows
 # only the fields its stage uses (a target adapter does not claim num_particles=4).
@@ -26,7 +27,7 @@ SOURCE_DEFAULTS = {
     "likelihood_scale": 1.0,
     "particle_assignment": "sharded",
 }
-TARGET_DEFAULTS = {"target_init": "mean", "regularization_weight": 0.01}
+TARGET_DEFAULTS = {"target_init": "mean", "regularization_weight": 0.01, "target_prompt": "plain", "decomposition_rank": 1}
 
 
 def _is_number(value) -> bool:
@@ -34,16 +35,19 @@ def _is_number(value) -> bool:
 
 
 def parse_target_init(value: str) -> tuple[str, Optional[int]]:
-    """`"mean"` -> `("mean", None)`, `"particle:3"` -> `("particle", 3)`, `"sample"` -> `("sample", None)`."""
+    """`"mean"` -> `("mean", None)`, `"particle:3"` -> `("particle", 3)`, `"particle:random"` ->
+    `("particle", None)`, `"sample"` -> `("sample", None)`."""
     if value in ("mean", "sample"):
         return value, None
+    if value == "particle:random":
+        return "particle", None
     if isinstance(value, str) and value.startswith("particle:"):
         index = value[len("particle:") :]
         if index.isdigit():
             return "particle", int(index)
     raise ValueError(
-        f"target_init must be 'mean', 'sample' or 'particle:<k>' with k a particle index such as 'particle:0', "
-        f"got {value!r}."
+        f"target_init must be 'mean', 'sample', 'particle:random' or 'particle:<k>' with k a particle index such as "
+        f"'particle:0', got {value!r}."
     )
 
 
@@ -64,7 +68,12 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
 
     **Target stage** (`stage="target"`): one prompt for a new task starts from the posterior saved by a source-stage
     model (its mean by default) and is trained on the target loss plus `regularization_weight / 2 *
-    ||P - mean||^2`, which keeps it near the posterior mean.
+    ||P - mean||^2`, which keeps it near the posterior mean. With `target_prompt="decomposed"` (the paper's target
+    prompt, after MPT) the prompt is `P = S ⊙ (U V)`: a full-rank `S` started from the posterior, times a low-rank
+    `U V` (`[num_virtual_tokens, r] @ [r, token_dim]`, `r = decomposition_rank`) that starts as all ones, so that
+    `P = S` at step 0; the regulariser applies to `P`, the prompt the model sees. Train the two parts at their own
+    learning rates with [`bayesian_parameter_groups`]. It saves `P` as `prompt_embeddings` (so inference and
+    `export_prompt_tuning` need no decomposition) and `S`, `U`, `V` for resuming.
 
     The scales. SVGD balances a data term (the kernel-smoothed score) against a repulsive term (the kernel's
     gradient), whose norm with the median-heuristic bandwidth is about `2 log(M + 1) / dist` for particles `dist`
@@ -97,13 +106,26 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
             `b mod M` and one forward pass serves all particles, so a step costs about what prompt tuning costs.
             `"replicated"`: every particle sees every example; the batch must be expanded M times with
             [`ParticleReplicationCollator`] (or [`expand_for_particles`]) and a step costs about M forward passes.
+            Replicated is SVGD as its authors wrote it (every particle's gradient on the same minibatch); sharded
+            departs from it for the cost (see `benchmarks/svgd_assignment.py` for the measurement).
         source_tasks (`list[str]`, *optional*): Source: the names of the source tasks, in the order of the
             `task_ids` that [`combine_tasks`] assigns. Recorded in the posterior's config; `task_ids` passed to the
             model are checked against it (they do not change the prompt: the posterior is shared by all tasks).
         posterior (`str`): Target: a local directory or a Hugging Face Hub repo id holding a source-stage adapter.
         posterior_revision (`str`, *optional*): Target: the Hub revision of `posterior` (branch, tag or commit).
         target_init (`str`): Target: the initial prompt: `"mean"` (default: the posterior mean), `"particle:<k>"`
-            (particle k), or `"sample"` (a draw from the Gaussian with the particles' mean and per-entry variance).
+            (particle k), `"particle:random"` (a particle drawn uniformly: a sample of SVGD's empirical posterior,
+            the paper's "prompts sampled from the posterior"), or `"sample"` (a draw from the Gaussian with the
+            particles' mean and per-entry variance).
+        target_init_seed (`int`, *optional*): Target: the seed of the random draws of `"particle:random"` and
+            `"sample"` (and of the decomposition's extra rank columns). None (default): torch's global random
+            generator, so `torch.manual_seed` before `get_peft_model` makes them reproducible.
+        target_prompt (`str`): Target: `"plain"` (default: one trainable prompt) or `"decomposed"` (the paper's
+            MPT-style `S ⊙ (U V)`, see above). The default departs from the paper, pending the evidence suite.
+        decomposition_rank (`int`): Target, with `target_prompt="decomposed"`: the rank r of `U V`. Default 1 (the
+            paper's). `U`'s first column and `V`'s first row start as ones; with r > 1 the other columns of `U`
+            start from N(0, 0.02^2) (MPT's init) and the other rows of `V` at zero, so that `U V` is all ones at
+            step 0 and yet its ranks receive different gradients.
         regularization_weight (`float`): Target: the weight λ of `λ/2 * ||P - mean||^2` added to the mean loss.
             Default 0.01: the source stage's default prior (`prior_scale=10`, an L2 penalty of 0.01), re-centred on
             the posterior mean, i.e. the target prompt's prior is `N(mean, 10^2 I)`. 0 turns the regulariser off.
@@ -130,7 +152,11 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
     )
     particle_assignment: Optional[str] = field(
         default=None,
-        metadata={"help": "Source stage: 'sharded' (example b -> particle b mod M, the default) or 'replicated'."},
+        metadata={
+            "help": "Source stage: 'sharded' (example b -> particle b mod M, the default: one forward pass for all "
+            "particles; departs from the SVGD authors, whose particles all see the whole batch) or 'replicated' "
+            "(the authors': every particle sees every example, M times the cost)."
+        },
     )
     source_tasks: Optional[list[str]] = field(
         default=None, metadata={"help": "Source stage: the source task names, in task_ids order."}
@@ -147,6 +173,20 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
     regularization_weight: Optional[float] = field(
         default=None, metadata={"help": "Target stage: weight λ of λ/2 ||P - posterior mean||^2. Default 0.01."}
     )
+    target_init_seed: Optional[int] = field(
+        default=None,
+        metadata={"help": "Target stage: seed of the random target_init draws (None: torch's global generator)."},
+    )
+    target_prompt: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Target stage: 'plain' (default, one prompt: departs from the paper) or 'decomposed' (the "
+            "paper's S ⊙ (U V), S from the posterior, U V low rank and all ones at step 0)."
+        },
+    )
+    decomposition_rank: Optional[int] = field(
+        default=None, metadata={"help": "Target stage, target_prompt='decomposed': rank of U V. Default 1 (the paper's)."}
+    )
 
     @property
     def takes_task_ids(self) -> bool:
@@ -159,13 +199,16 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
         own, other = (SOURCE_DEFAULTS, TARGET_DEFAULTS) if self.stage == "source" else (TARGET_DEFAULTS, SOURCE_DEFAULTS)
-        other_fields = list(other) + (["source_tasks"] if self.stage == "target" else ["posterior", "posterior_revision"])
+        other_fields = list(other) + (
+            ["source_tasks"] if self.stage == "target" else ["posterior", "posterior_revision", "target_init_seed"]
+        )
         misplaced = [name for name in other_fields if getattr(self, name) is not None]
         if misplaced:
             raise ValueError(
                 f"{misplaced} {'is' if len(misplaced) == 1 else 'are'} not used with stage={self.stage!r}; remove "
                 f"{'it' if len(misplaced) == 1 else 'them'} (the source stage takes {sorted(SOURCE_DEFAULTS)} and "
-                f"source_tasks; the target stage takes posterior, posterior_revision and {sorted(TARGET_DEFAULTS)})."
+                f"source_tasks; the target stage takes posterior, posterior_revision, target_init_seed and "
+                f"{sorted(TARGET_DEFAULTS)})."
             )
         for name, default in own.items():
             if getattr(self, name) is None:
@@ -219,6 +262,15 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         if self.posterior_revision is not None and not (isinstance(self.posterior_revision, str) and self.posterior_revision):
             raise ValueError(f"posterior_revision must be a branch, tag or commit name, got {self.posterior_revision!r}.")
         parse_target_init(self.target_init)
+        if self.target_init_seed is not None and (
+            isinstance(self.target_init_seed, bool) or not isinstance(self.target_init_seed, int)
+        ):
+            raise ValueError(f"target_init_seed must be None or an integer, got {self.target_init_seed!r}.")
+        if self.target_prompt not in TARGET_PROMPTS:
+            raise ValueError(f"target_prompt must be one of {TARGET_PROMPTS}, got {self.target_prompt!r}.")
+        rank = self.decomposition_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"decomposition_rank must be a positive integer, got {rank!r}.")
         if not (_is_number(self.regularization_weight) and self.regularization_weight >= 0):
             raise ValueError(
                 f"regularization_weight must be a finite number >= 0 (0 turns the regulariser off), got "

@@ -12,12 +12,17 @@ from torch import nn
 from ..base import TransferPromptEncoder, initial_prompt
 from ..multitask import check_task_ids
 from .config import BAYESIAN_PROMPT_TUNING, BayesianPromptConfig
+from .decomposition import anchor_gradients, initial_task_factors
 from .particles import assign_particles
 from .posterior import PARTICLES_KEY, Posterior, load_posterior
 from .step_transform import _STEP_TRANSFORM_ATTR, register_pre_step_gradient_transform
 from .svgd import svgd_gradient
 
 POSTERIOR_MEAN_KEY = "posterior_mean"
+# a decomposed target's training state (its prompt_embeddings is the product S ⊙ (U V))
+SHARED_PROMPT_KEY = "shared_prompt"
+TASK_COLS_KEY = "task_cols"
+TASK_ROWS_KEY = "task_rows"
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -72,7 +77,11 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     **Target stage.** `embedding.weight` holds one prompt `P`, initialised from the posterior (`target_init`);
     before each optimizer step `regularization_weight * (P - mean)` is added to its gradient: the gradient of
     `regularization_weight / 2 * ||P - mean||^2`, counted once per step. The posterior mean is kept in the
-    `posterior_mean` buffer and saved with the adapter, so a resumed run keeps its anchor.
+    `posterior_mean` buffer and saved with the adapter, so a resumed run keeps its anchor. With
+    `target_prompt="decomposed"`, `embedding.weight` holds `S` and `task_cols`, `task_rows` hold `U`, `V`; the
+    prompt is `P = S ⊙ (U V)` and the regulariser's gradient with respect to each of the three
+    ([`anchor_gradients`]) is added to its gradient before each step. The regulariser is on `P`, the prompt the
+    model sees, rather than on `S` alone: on `S` alone `U V` could move `P` away from the posterior unchecked.
 
     **Inference.** In eval mode (`model.eval()`, as `Trainer.evaluate`, pipelines and `generate` after it run) a
     source posterior gives every row the posterior mean, the prompt `export_prompt_tuning` writes: predictions are
@@ -95,6 +104,9 @@ class BayesianPromptEncoder(TransferPromptEncoder):
         super().__init__(config, word_embeddings)
         num_tokens, token_dim = config.num_virtual_tokens, config.token_dim
         self.posterior_mean: Optional[torch.Tensor]
+        # a decomposed target's low-rank factors U, V; only while training (inference needs only the saved product)
+        self.task_cols: Optional[nn.Parameter] = None
+        self.task_rows: Optional[nn.Parameter] = None
         if config.stage == "source":
             self.embedding = ParticleEmbedding(config.num_particles, num_tokens, token_dim)
             self.register_buffer("posterior_mean", None)
@@ -109,8 +121,13 @@ class BayesianPromptEncoder(TransferPromptEncoder):
             else:
                 posterior = load_posterior(config.posterior, config.posterior_revision)
                 self._check_posterior_fits(posterior)
+                seed = config.target_init_seed
+                generator = None if seed is None else torch.Generator().manual_seed(seed)
                 with torch.no_grad():
-                    self.embedding.weight.copy_(posterior.initial_prompt(config.target_init))
+                    self.embedding.weight.copy_(posterior.initial_prompt(config.target_init, generator))
+                if config.target_prompt == "decomposed":
+                    cols, rows = initial_task_factors(num_tokens, token_dim, config.decomposition_rank, generator)
+                    self.task_cols, self.task_rows = nn.Parameter(cols), nn.Parameter(rows)
                 self.register_buffer("posterior_mean", posterior.mean(), persistent=False)
         if not config.inference_mode:
             self._register_step_transform()
@@ -145,9 +162,9 @@ class BayesianPromptEncoder(TransferPromptEncoder):
 
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_task_ids(task_ids, batch_size)
-        weight = self.embedding.weight
         if self.config.stage == "target":
-            return weight.unsqueeze(0).expand(batch_size, -1, -1)
+            return self._target_prompt().unsqueeze(0).expand(batch_size, -1, -1)
+        weight = self.embedding.weight
         num_particles = weight.shape[0]
         if not (self.training or self._one_particle_per_row):  # inference: the posterior mean for every row
             return weight.mean(dim=0).unsqueeze(0).expand(batch_size, -1, -1)
@@ -170,6 +187,12 @@ class BayesianPromptEncoder(TransferPromptEncoder):
             scale = (batch_size / (num_particles * counts))[rows].view(-1, 1, 1)
             prompts = _ScaleGradient.apply(prompts, scale)
         return prompts
+
+    def _target_prompt(self) -> torch.Tensor:
+        """The target stage's prompt: `embedding.weight`, or `S ⊙ (U V)` when decomposed."""
+        if self.task_cols is None:
+            return self.embedding.weight
+        return self.embedding.weight * (self.task_cols @ self.task_rows)
 
     @contextlib.contextmanager
     def one_particle_per_row(self) -> Iterator[None]:
@@ -199,18 +222,14 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     # -- the gradient transform -------------------------------------------------------------------
 
     def _register_step_transform(self) -> None:
-        weight = self.embedding.weight
-        if getattr(getattr(weight, _STEP_TRANSFORM_ATTR, None), "__self__", None) is not self:
-            register_pre_step_gradient_transform(weight, self.transform_gradient)
+        transforms = [(self.embedding.weight, self.transform_gradient)]
+        if self.task_cols is not None:
+            transforms += [(self.task_cols, self._task_cols_gradient), (self.task_rows, self._task_rows_gradient)]
+        for parameter, transform in transforms:
+            if getattr(getattr(parameter, _STEP_TRANSFORM_ATTR, None), "__self__", None) is not self:
+                register_pre_step_gradient_transform(parameter, transform)
 
-    def transform_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient the optimizer should see, from the accumulated loss gradient `grad` of `embedding.weight`.
-
-        Source: `-phi`, the SVGD direction ([`svgd_gradient`]). Target: `grad + regularization_weight * (P - mean)`.
-        Called automatically right before each optimizer step; call it yourself only if you update the parameters
-        without a `torch.optim.Optimizer`.
-        """
-        weight = self.embedding.weight
+    def _check_finite(self, grad: torch.Tensor) -> None:
         if not torch.isfinite(grad).all():
             # raised before the optimizer steps: the prompts keep their last finite values
             raise FloatingPointError(
@@ -218,6 +237,32 @@ class BayesianPromptEncoder(TransferPromptEncoder):
                 "finite), so the optimizer step was stopped and the prompts are unchanged. Lower the learning rate or "
                 "likelihood_scale, train in float32, or check the batch for empty or invalid labels."
             )
+
+    def _anchor_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The regulariser's gradients with respect to `S`, `U` and `V` of a decomposed target."""
+        shared = self.embedding.weight.detach()
+        anchor = self.posterior_mean.to(device=shared.device, dtype=shared.dtype)
+        return anchor_gradients(shared, self.task_cols.detach(), self.task_rows.detach(), anchor,
+                                self.config.regularization_weight)
+
+    def _task_cols_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        self._check_finite(grad)
+        return grad + self._anchor_gradients()[1]
+
+    def _task_rows_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        self._check_finite(grad)
+        return grad + self._anchor_gradients()[2]
+
+    def transform_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient the optimizer should see, from the accumulated loss gradient `grad` of `embedding.weight`.
+
+        Source: `-phi`, the SVGD direction ([`svgd_gradient`]). Target: `grad + regularization_weight * (P - mean)`
+        (decomposed: the regulariser's gradient with respect to `S`, [`anchor_gradients`]). Called automatically
+        right before each optimizer step; call it yourself only if you update the parameters without a
+        `torch.optim.Optimizer`.
+        """
+        weight = self.embedding.weight
+        self._check_finite(grad)
         if self.config.stage == "source":
             return svgd_gradient(
                 weight,
@@ -226,6 +271,8 @@ class BayesianPromptEncoder(TransferPromptEncoder):
                 prior_scale=self.config.prior_scale,
                 bandwidth=self.config.kernel_bandwidth,
             )
+        if self.task_cols is not None:
+            return grad + self._anchor_gradients()[0]
         anchor = self.posterior_mean.to(device=weight.device, dtype=weight.dtype)
         return grad + self.config.regularization_weight * (weight.detach() - anchor)
 
@@ -237,7 +284,7 @@ class BayesianPromptEncoder(TransferPromptEncoder):
             raise ValueError(f"{BAYESIAN_PROMPT_TUNING} has a single (shared) prompt; call without `task`.")
         if self.config.stage == "source":  # a plain prompt-tuning adapter can only hold one prompt: the mean
             return self.mean()
-        return self.embedding.weight.detach().clone()
+        return self._target_prompt().detach().clone()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         state = {"prompt_embeddings": self.inference_prompt()}
@@ -245,11 +292,17 @@ class BayesianPromptEncoder(TransferPromptEncoder):
             state[PARTICLES_KEY] = self.embedding.weight.detach().clone()
         elif self.posterior_mean is not None:
             state[POSTERIOR_MEAN_KEY] = self.posterior_mean.detach().clone()
+        if self.task_cols is not None:
+            state[SHARED_PROMPT_KEY] = self.embedding.weight.detach().clone()
+            state[TASK_COLS_KEY] = self.task_cols.detach().clone()
+            state[TASK_ROWS_KEY] = self.task_rows.detach().clone()
         return state
 
     def check_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         if self.config.stage == "target":
             super().check_adapter_state_dict(state_dict)
+            if self.task_cols is not None:
+                self._check_decomposition_state(state_dict)
             return
         if PARTICLES_KEY not in state_dict:
             raise ValueError(
@@ -275,10 +328,32 @@ class BayesianPromptEncoder(TransferPromptEncoder):
         if self.config.stage == "source":
             self.embedding.weight.copy_(state_dict[PARTICLES_KEY])
             return
-        self.embedding.weight.copy_(state_dict["prompt_embeddings"])
+        if self.task_cols is not None:
+            self.embedding.weight.copy_(state_dict[SHARED_PROMPT_KEY])
+            self.task_cols.copy_(state_dict[TASK_COLS_KEY])
+            self.task_rows.copy_(state_dict[TASK_ROWS_KEY])
+        else:  # a plain target (or a decomposed one continued as plain): the prompt the model saw
+            self.embedding.weight.copy_(state_dict["prompt_embeddings"])
         if self.posterior_mean is not None and POSTERIOR_MEAN_KEY in state_dict:
             # the anchor the run started with, even if the posterior directory has changed since
             self.posterior_mean.copy_(state_dict[POSTERIOR_MEAN_KEY])
+
+    def _check_decomposition_state(self, state_dict: dict[str, torch.Tensor]) -> None:
+        keys = (SHARED_PROMPT_KEY, TASK_COLS_KEY, TASK_ROWS_KEY)
+        if not all(key in state_dict for key in keys):
+            raise ValueError(
+                f"This target has target_prompt='decomposed', but the adapter weights have no {list(keys)} (found "
+                f"{sorted(state_dict)[:8]}): they were saved by a plain target or for inference. Load them with the "
+                "adapter_config.json they were saved with, or train a plain target (target_prompt='plain') from them."
+            )
+        expected = {key: tuple(t.shape) for key, t in zip(keys, (self.embedding.weight, self.task_cols, self.task_rows))}
+        found = {key: tuple(state_dict[key].shape) for key in keys}
+        if found != expected:
+            raise ValueError(
+                f"The saved decomposition has shapes {found}, but this config expects {expected} "
+                f"(decomposition_rank={self.config.decomposition_rank}). Load it with the adapter_config.json it was "
+                "saved with."
+            )
 
     def _check_posterior_fits(self, posterior: Posterior) -> None:
         found = tuple(posterior.particles.shape[1:])

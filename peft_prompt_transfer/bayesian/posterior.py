@@ -36,17 +36,21 @@ class Posterior:
         """The posterior mean prompt `[num_virtual_tokens, token_dim]`: the average of the particles."""
         return self.particles.mean(dim=0)
 
-    def initial_prompt(self, target_init: str) -> torch.Tensor:
+    def initial_prompt(self, target_init: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """A target prompt `[num_virtual_tokens, token_dim]` as `target_init` says.
 
-        `"mean"`: the posterior mean. `"particle:<k>"`: particle k. `"sample"`: a draw from the Gaussian with the
-        particles' mean and per-entry variance (torch's global random generator; zero variance with one particle).
+        `"mean"`: the posterior mean. `"particle:<k>"`: particle k. `"particle:random"`: a particle drawn uniformly
+        (SVGD's particles are its samples of the posterior). `"sample"`: a draw from the Gaussian with the particles'
+        mean and per-entry variance (zero variance with one particle). The draws use `generator` (default: torch's
+        global random generator).
         """
         kind, index = parse_target_init(target_init)
         if kind == "mean":
             return self.mean()
         num_particles = self.particles.shape[0]
         if kind == "particle":
+            if index is None:
+                index = int(torch.randint(num_particles, (), generator=generator))
             if index >= num_particles:
                 raise ValueError(
                     f"target_init={target_init!r}, but the posterior {self.location!r} has {num_particles} particles "
@@ -54,7 +58,7 @@ class Posterior:
                 )
             return self.particles[index].clone()
         std = self.particles.std(dim=0) if num_particles > 1 else torch.zeros_like(self.particles[0])
-        return self.mean() + std * torch.randn(std.shape, dtype=std.dtype)
+        return self.mean() + std * torch.randn(std.shape, dtype=std.dtype, generator=generator)
 
 
 def _posterior_file(posterior: str, revision: Optional[str], filename: str) -> str:

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from peft import PeftModel
 
+from ..optim import adapter_encoder, parameter_groups
 from .config import ComPTConfig
 
 # the learning rates of the authors' CrossPT configs: prompt_learning_rate 0.05 (source and private prompts with
@@ -40,13 +41,8 @@ def compt_parameter_groups(
     The Trainer's learning-rate schedule then scales every group by the same factor. The authors' rates are
     `compt_parameter_groups(model, **COMPT_AUTHORS_LEARNING_RATES)`.
     """
-    adapter_name = adapter_name or model.active_adapter
-    if not isinstance(model.peft_config.get(adapter_name), ComPTConfig):
-        raise ValueError(f"compt_parameter_groups needs a ComPT adapter; {adapter_name!r} is not one.")
-    for name, lr in (("source_lr", source_lr), ("private_lr", private_lr), ("router_lr", router_lr)):
-        if not lr >= 0:
-            raise ValueError(f"{name} must be >= 0, got {lr}.")
-    encoder = model.prompt_encoder[adapter_name]
+    encoder = adapter_encoder(model, adapter_name, ComPTConfig, "compt_parameter_groups")
+
     def params(*modules) -> list[torch.nn.Parameter]:
         return [p for module in modules if module is not None for p in module.parameters()]
 
@@ -55,16 +51,8 @@ def compt_parameter_groups(
         "private": params(encoder.private, encoder.private_reparameterization),
         "router": params(encoder.router, encoder.gates, encoder.shares),
     }
-    claimed = {id(p) for params in parts.values() for p in params}
-    parts["other"] = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
-    lrs = {"source": source_lr, "private": private_lr, "router": router_lr,
-           "other": source_lr if other_lr is None else other_lr}
-    groups = []
-    for name, params in parts.items():
-        params = [p for p in params if p.requires_grad]
-        if params:
-            groups.append({"name": name, "params": params, "lr": lrs[name], "weight_decay": weight_decay})
-    return groups
+    lrs = {"source": source_lr, "private": private_lr, "router": router_lr}
+    return parameter_groups(model, parts, lrs, source_lr if other_lr is None else other_lr, weight_decay)
 
 
 def create_compt_optimizer(

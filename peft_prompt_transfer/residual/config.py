@@ -8,6 +8,7 @@ from ..base import TransferPromptLearningConfig
 
 RESIDUAL_PROMPT_TUNING = "RESIDUAL_PROMPT_TUNING"
 ACTIVATIONS = ("relu", "gelu", "tanh", "silu", "sigmoid", "identity")
+BRANCH_SCALES = ("unit", "embedding_rms")
 
 
 @dataclass
@@ -28,6 +29,14 @@ class ResidualPromptConfig(TransferPromptLearningConfig):
         activation (`str`): Non-linearity between the two projections: one of `relu`, `gelu`, `tanh`,
             `silu`, `sigmoid`, `identity`.
         layer_norm (`bool`): LayerNorm at the end of the MLP branch, before the skip add (paper default: on).
+        branch_scale (`str`): The scale of the LayerNorm's output. `"unit"` (the paper's branch, the default): gain
+            1, so at step 0 the branch adds a vector of norm `sqrt(token_dim)` to every prompt token, 20 on
+            all-MiniLM-L6-v2 (whose vocabulary tokens have norm 1.1) and 24 on SmolLM2 (3.3): it drowns a vocabulary
+            initialisation. T5, where the paper measured, has N(0, 1) embedding rows, as long as the branch.
+            `"embedding_rms"`: the LayerNorm's output (after its gain and bias) is multiplied by the word
+            embeddings' RMS entry `sqrt(mean(W^2))`, a fixed buffer, so the branch starts as long as a vocabulary
+            token (`rms * sqrt(token_dim)`) and keeps the LayerNorm's cap, and the optimizer moves the gain and bias
+            in units of the embeddings' scale. Needs `layer_norm=True`.
         dropout (`float`): Dropout after the activation, in [0, 1).
         shared_mlp (`bool`): One MLP for all prompt tokens (paper default) or one MLP per token.
         residual (`bool`): Add the skip connection. `False` gives the plain MLP reparameterisation baseline.
@@ -39,6 +48,14 @@ class ResidualPromptConfig(TransferPromptLearningConfig):
     )
     layer_norm: bool = field(
         default=True, metadata={"help": "LayerNorm at the end of the MLP branch, before the skip connection."}
+    )
+    branch_scale: str = field(
+        default="unit",
+        metadata={
+            "help": "Scale of the branch's LayerNorm output: 'unit' (the paper's, gain 1: the branch starts at norm "
+            "sqrt(token_dim)) or 'embedding_rms' (times the word embeddings' RMS entry: the branch starts as long "
+            "as a vocabulary token)."
+        },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout after the activation, in [0, 1)."})
     shared_mlp: bool = field(
@@ -60,3 +77,10 @@ class ResidualPromptConfig(TransferPromptLearningConfig):
         for name in ("layer_norm", "shared_mlp", "residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.branch_scale not in BRANCH_SCALES:
+            raise ValueError(f"branch_scale must be one of {BRANCH_SCALES}, got {self.branch_scale!r}.")
+        if self.branch_scale != "unit" and not self.layer_norm:
+            raise ValueError(
+                f"branch_scale={self.branch_scale!r} scales the output of the branch's LayerNorm, so it needs "
+                "layer_norm=True (without the LayerNorm the branch's scale is set by its weights alone)."
+            )

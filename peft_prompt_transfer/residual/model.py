@@ -26,7 +26,9 @@ RAW_PROMPT_KEY = "raw_prompt_embeddings"
 
 class ResidualMLP(nn.Module):
     """
-    The bottleneck MLP `x -> LayerNorm(W_up act(W_down x + b_down) + b_up)` with an optional skip connection.
+    The bottleneck MLP `x -> s * LayerNorm(W_up act(W_down x + b_down) + b_up)` with an optional skip connection.
+
+    `s` is `output_scale`, a fixed buffer (1 in the paper's branch, where it is not stored).
 
     With `num_mlps == 1` one MLP is shared by all prompt tokens; with `num_mlps == num_tokens` each token has
     its own MLP. Both run as one batched matrix product (instead of the paper code's list of per-token
@@ -40,6 +42,8 @@ class ResidualMLP(nn.Module):
         layer_norm (`bool`): LayerNorm over the branch output, before the skip add.
         dropout (`float`): Dropout probability after the activation.
         residual (`bool`): Whether to add the input to the branch output.
+        output_scale (`float`, *optional*): The fixed factor `s` of the LayerNorm's output (after its gain and
+            bias); None for the paper's branch (`s = 1`).
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class ResidualMLP(nn.Module):
         layer_norm: bool,
         dropout: float,
         residual: bool,
+        output_scale: Optional[float] = None,
     ):
         super().__init__()
         self.num_mlps = num_mlps
@@ -67,6 +72,8 @@ class ResidualMLP(nn.Module):
         else:
             self.register_parameter("norm_weight", None)
             self.register_parameter("norm_bias", None)
+        # a buffer, saved with the MLP, so that a resumed run keeps the scale it started with
+        self.register_buffer("output_scale", None if output_scale is None else torch.tensor(float(output_scale)))
         # the initialisation of nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
         for weight, bias, fan_in in (
             (self.down_weight, self.down_bias, token_dim),
@@ -86,8 +93,17 @@ class ResidualMLP(nn.Module):
         branch = torch.baddbmm(self.up_bias, hidden, self.up_weight)
         if self.norm_weight is not None:
             branch = F.layer_norm(branch, (token_dim,)) * self.norm_weight + self.norm_bias
+            if self.output_scale is not None:
+                branch = branch * self.output_scale
         out = branch + x if self.residual else branch
         return out.reshape(num_tokens, token_dim)
+
+
+@torch.no_grad()
+def embedding_rms(word_embeddings: nn.Module) -> float:
+    """The root mean square entry `sqrt(mean(W^2))` of the word embeddings: a vocabulary token's norm is about
+    `rms * sqrt(token_dim)`."""
+    return word_embeddings.weight.detach().float().pow(2).mean().sqrt().item()
 
 
 class ResidualPromptEncoder(TransferPromptEncoder):
@@ -130,6 +146,7 @@ class ResidualPromptEncoder(TransferPromptEncoder):
                 layer_norm=config.layer_norm,
                 dropout=config.dropout,
                 residual=config.residual,
+                output_scale=embedding_rms(word_embeddings) if config.branch_scale == "embedding_rms" else None,
             )
 
     def _prompt(self) -> torch.Tensor:
@@ -186,8 +203,8 @@ class ResidualPromptEncoder(TransferPromptEncoder):
         if found != expected:
             raise ValueError(
                 f"The saved reparameterisation MLP does not match this config: saved {found}, expected {expected}. "
-                "Load the adapter with its own adapter_config.json (bottleneck_size, shared_mlp and layer_norm "
-                "must match)."
+                "Load the adapter with its own adapter_config.json (bottleneck_size, shared_mlp, layer_norm and "
+                "branch_scale must match)."
             )
         self.embedding.weight.copy_(state_dict[RAW_PROMPT_KEY])
         self.reparameterization.load_state_dict(mlp_state, strict=True)
