@@ -232,7 +232,7 @@ def _wrap_get_prompt_embedding_to_save(original):
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
         if not is_ours(self.peft_config[adapter_name]):
             return original(self, adapter_name)
-        return self.prompt_encoder[adapter_name].adapter_state_dict()["prompt_embeddings"].detach().cpu()
+        return self.prompt_encoder[adapter_name].whole_adapter_state_dict()["prompt_embeddings"].detach().cpu()
 
     return get_prompt_embedding_to_save
 
@@ -566,7 +566,7 @@ def _wrap_get_peft_model_state_dict(original):
         result = original(model, state_dict, adapter_name, *args, **kwargs)
         config = model.peft_config[adapter_name]
         if is_ours(config):
-            result.update(model.prompt_encoder[adapter_name].adapter_state_dict())
+            result.update(model.prompt_encoder[adapter_name].whole_adapter_state_dict())
         return result
 
     return get_peft_model_state_dict

@@ -9,12 +9,12 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from ..base import TransferPromptEncoder, initial_prompt
+from ..base import TransferPromptEncoder, full_tensor, initial_prompt
 from ..multitask import check_task_ids
 from .config import BAYESIAN_PROMPT_TUNING, BayesianPromptConfig
 from .particles import assign_particles
 from .posterior import PARTICLES_KEY, Posterior, load_posterior
-from .step_transform import _STEP_TRANSFORM_ATTR, register_pre_step_gradient_transform
+from .step_transform import _STEP_TRANSFORM_ATTR, register_module_pre_step_gradient_transform
 from .svgd import svgd_gradient
 
 POSTERIOR_MEAN_KEY = "posterior_mean"
@@ -62,12 +62,14 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     and the optimizer sees `-phi`. `dLoss/dP_j` is the gradient of the model's mean loss over the batch, in which
     particle j owns 1/M of the rows, so `M * dLoss/dP_j` is the gradient of particle j's own mean loss (when the
     batch size is not a multiple of M, `forward` rescales each particle's rows so this still holds). The
-    transform runs once per optimizer step ([`register_pre_step_gradient_transform`]), on the gradient summed over
+    transform runs once per optimizer step ([`register_module_pre_step_gradient_transform`]), on the gradient summed over
     gradient-accumulation micro-batches, so the prior and repulsive terms are counted once however many
     micro-batches there are. Under DDP it runs on the gradient DDP has already averaged across processes, with
     particles that are identical on every process, so every process computes the same update. (The transform is
     affine in the loss gradient, so this equals averaging per-process transforms; the prior and repulsive terms,
-    which do not depend on the data, are added exactly once.)
+    which do not depend on the data, are added exactly once.) Under FSDP2, which shards the particles across
+    processes, every process gathers the whole reduced gradient and the whole particle matrix, computes the same
+    update and keeps its own shard of it.
 
     **Target stage.** `embedding.weight` holds one prompt `P`, initialised from the posterior (`target_init`);
     before each optimizer step `regularization_weight * (P - mean)` is added to its gradient: the gradient of
@@ -201,16 +203,17 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     def _register_step_transform(self) -> None:
         weight = self.embedding.weight
         if getattr(getattr(weight, _STEP_TRANSFORM_ATTR, None), "__self__", None) is not self:
-            register_pre_step_gradient_transform(weight, self.transform_gradient)
+            register_module_pre_step_gradient_transform(self.embedding, "weight", self.transform_gradient)
 
     def transform_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient the optimizer should see, from the accumulated loss gradient `grad` of `embedding.weight`.
 
         Source: `-phi`, the SVGD direction ([`svgd_gradient`]). Target: `grad + regularization_weight * (P - mean)`.
         Called automatically right before each optimizer step; call it yourself only if you update the parameters
-        without a `torch.optim.Optimizer`.
+        without a `torch.optim.Optimizer`. Under FSDP2, `grad` is the whole gradient and the particles are gathered
+        too (see [`register_pre_step_gradient_transform`]).
         """
-        weight = self.embedding.weight
+        weight = full_tensor(self.embedding.weight)
         if not torch.isfinite(grad).all():
             # raised before the optimizer steps: the prompts keep their last finite values
             raise FloatingPointError(
