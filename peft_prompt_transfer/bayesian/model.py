@@ -148,21 +148,21 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_task_ids(task_ids, batch_size)
         weight = self.embedding.weight
+        training = self.training and weight.requires_grad
+        if training:
+            self._register_step_transform()  # again: a deep copy of this encoder has a fresh parameter
         if self.config.stage == "target":
             return weight.unsqueeze(0).expand(batch_size, -1, -1)
         num_particles = weight.shape[0]
         if not (self.training or self._one_particle_per_row):  # inference: the posterior mean for every row
             return weight.mean(dim=0).unsqueeze(0).expand(batch_size, -1, -1)
-        training = self.training and weight.requires_grad
-        if training:
-            self._register_step_transform()  # again: a deep copy of this encoder has a fresh parameter
-            if self.config.particle_assignment == "replicated" and batch_size % num_particles:
-                raise ValueError(
-                    f"particle_assignment='replicated' needs each example repeated num_particles={num_particles} "
-                    f"times, but the batch has {batch_size} rows. Pass "
-                    f"data_collator=ParticleReplicationCollator({num_particles}, your_collator) to the Trainer (or "
-                    "expand_for_particles(batch, num_particles) in your own loop)."
-                )
+        if training and self.config.particle_assignment == "replicated" and batch_size % num_particles:
+            raise ValueError(
+                f"particle_assignment='replicated' needs each example repeated num_particles={num_particles} "
+                f"times, but the batch has {batch_size} rows. Pass "
+                f"data_collator=ParticleReplicationCollator({num_particles}, your_collator) to the Trainer (or "
+                "expand_for_particles(batch, num_particles) in your own loop)."
+            )
         rows = assign_particles(batch_size, num_particles, weight.device)
         prompts = weight.index_select(0, rows)
         if batch_size % num_particles and torch.is_grad_enabled() and weight.requires_grad:
@@ -202,6 +202,14 @@ class BayesianPromptEncoder(TransferPromptEncoder):
 
     def _register_step_transform(self) -> None:
         weight = self.embedding.weight
+        if hasattr(weight, "ds_id"):
+            # ZeRO-3 steps its own flat fp32 partitions, never this parameter: the transform would silently not run
+            raise NotImplementedError(
+                f"Training a {BAYESIAN_PROMPT_TUNING} adapter under DeepSpeed ZeRO-3 is not supported: ZeRO-3's "
+                "optimizer steps flattened partitions of the prompt parameters, where the SVGD (source stage) or "
+                "anchor (target stage) gradient transform cannot run, so training would silently skip it. Train with "
+                "DDP or FSDP2 (see the README's 'Scaling out'); ZeRO-3 works for inference and for the other methods."
+            )
         if getattr(getattr(weight, _STEP_TRANSFORM_ATTR, None), "__self__", None) is not self:
             register_module_pre_step_gradient_transform(self.embedding, "weight", self.transform_gradient)
 
