@@ -3,7 +3,7 @@
 Used by tests/test_distributed.py: the same global batch (4 examples per step) is either one process's batch or
 2 processes x 2 examples (DDP or, with --fsdp fsdp2, FSDP2; gloo backend on the CPU). Rank 0 writes the losses,
 the trained adapter state (state.safetensors) and the package it imported (run.json); every rank takes part in
-`save_pretrained` into DIR/adapter.
+`save_pretrained` into DIR/adapter and in `Trainer.save_model` into DIR/trainer.
 
     python tests/ddp_worker.py --method compt --out DIR --per-device-batch 4
     torchrun --nproc_per_node 2 tests/ddp_worker.py --method compt --out DIR --per-device-batch 2 [--fsdp fsdp2]
@@ -102,6 +102,7 @@ def main() -> None:
     # every rank takes part: under FSDP2 the adapter's parameters are sharded and saving gathers them
     state = {k: v.contiguous() for k, v in model.prompt_encoder["default"].whole_adapter_state_dict().items()}
     model.save_pretrained(os.path.join(args.out, "adapter"), is_main_process=trainer.is_world_process_zero())
+    trainer.save_model(os.path.join(args.out, "trainer"))  # under FSDP2: a full state dict, saved by rank 0 only
     if trainer.is_world_process_zero():
         save_file(state, os.path.join(args.out, "state.safetensors"))
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -5,8 +5,9 @@ examples per step; `torchrun --nproc_per_node 2` and `accelerate launch --multi_
 2 examples per process; `torchrun --nproc_per_node 2` with the Trainer's FSDP2 (each GPT-2 block, then the
 PeftModel, sharded). Losses and the trained adapter state must agree to 1e-5 (float32 all-reduce sums in another
 order). This covers the SVGD source stage (its gradient transform runs after DDP has averaged the gradients, or,
-under FSDP2, on the whole gradient gathered after the reduce-scatter) and ComPT's mixed-task batches. The adapter
-that `save_pretrained` wrote from the FSDP2 run loads in this one process with the logits of the one-process run's.
+under FSDP2, on the whole gradient gathered after the reduce-scatter) and ComPT's mixed-task batches. The adapters
+that `save_pretrained` (on every rank) and `Trainer.save_model` (a full state dict, saved by rank 0) wrote from the
+FSDP2 run load in this one process with the logits of the one-process run's.
 """
 
 from __future__ import annotations
@@ -107,12 +108,14 @@ def test_fsdp2_matches_one_process(method, single_process, tmp_path):
     distributed = _launch(LAUNCHERS["torchrun"](_free_port()), method, tmp_path, 2, "--fsdp", "fsdp2")
     _assert_same_training(distributed, reference)
 
-    # what save_pretrained wrote from the sharded run loads in one process, with the one-process run's logits
+    # what save_pretrained and Trainer.save_model wrote from the sharded run loads in one process, with the
+    # one-process run's logits
     inputs = stack_collator(list(dataset(method)))
     del inputs["labels"]
-    logits = []
-    for run in (reference, distributed):
-        model = PeftModel.from_pretrained(TINY_MODELS["gpt2"].build(), run["out"] / "adapter").eval()
-        with torch.no_grad():
-            logits.append(model(**inputs).logits)
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    for folder in ("adapter", "trainer"):
+        logits = []
+        for run in (reference, distributed):
+            model = PeftModel.from_pretrained(TINY_MODELS["gpt2"].build(), run["out"] / folder).eval()
+            with torch.no_grad():
+                logits.append(model(**inputs).logits)
+        torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0, msg=folder)
