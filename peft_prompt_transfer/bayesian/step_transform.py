@@ -15,7 +15,7 @@ _STEP_TRANSFORM_ATTR = "_peft_prompt_transfer_step_transform"
 _TRANSFORMED_ATTR = "_peft_prompt_transfer_transformed_grad"
 _step_hook_handle = None
 # module -> (name of its parameter, weak reference to the transform): see register_module_pre_step_gradient_transform
-_module_transforms: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, weakref.WeakMethod]]" = (
+_module_transforms: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, weakref.WeakMethod]] = (
     weakref.WeakKeyDictionary()
 )
 
