@@ -12,11 +12,12 @@ more than that today:
 4. `PeftModelForSeq2SeqLM.forward` / `generate` only put prompts on the encoder for
    `PROMPT_TUNING` / `P_TUNING`; ours take the same path, with `task_ids`.
 5. `PeftModel.get_prompt_embedding_to_save` feeds token indices to the encoder; ours ask it for
-   the prompt that inference uses.
+   the prompt that inference uses (under FSDP2 without gathering the shards: see 7).
 6. `PeftModel.create_or_update_model_card` gets our package's tag and install/import lines, so
    that someone without the plugin learns what to install.
 7. peft < 0.21 has no `BasePromptEncoder` save/load hooks: `get_peft_model_state_dict` /
-   `set_peft_model_state_dict` are wrapped so that our encoders' hooks run there too.
+   `set_peft_model_state_dict` are wrapped so that our encoders' hooks run there too, with the state dict
+   they are given (under FSDP2 the Trainer hands the full one to the first process only, which saves alone).
 8. `PeftModel.save_pretrained` writes our adapters into a staging folder beside the target and then moves
    each file into place, so a failed or interrupted save leaves the previous adapter intact.
 9. `PeftModel.load_adapter` turns a truncated or corrupted `adapter_model.safetensors` of our adapters
@@ -75,6 +76,7 @@ import peft
 import peft.peft_model as peft_model_module
 import torch
 import transformers
+from torch.distributed.tensor import DTensor
 from packaging.version import Version
 from peft import PeftConfig, PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM, PromptTuningConfig
 from peft.config import PeftConfigMixin
@@ -232,7 +234,13 @@ def _wrap_get_prompt_embedding_to_save(original):
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
         if not is_ours(self.peft_config[adapter_name]):
             return original(self, adapter_name)
-        return self.prompt_encoder[adapter_name].adapter_state_dict()["prompt_embeddings"].detach().cpu()
+        encoder = self.prompt_encoder[adapter_name]
+        if any(isinstance(parameter, DTensor) for parameter in encoder.parameters()):
+            # FSDP2-sharded: peft < 0.21 calls this while building the state dict, where the wrapper below puts the
+            # encoder's own entries, gathered or from the Trainer's full state dict, over it. Gathering here would
+            # hang when only the first process saves (Trainer.save_model).
+            return encoder.embedding.weight.detach()
+        return encoder.whole_adapter_state_dict()["prompt_embeddings"].detach().cpu()
 
     return get_prompt_embedding_to_save
 
@@ -566,7 +574,8 @@ def _wrap_get_peft_model_state_dict(original):
         result = original(model, state_dict, adapter_name, *args, **kwargs)
         config = model.peft_config[adapter_name]
         if is_ours(config):
-            result.update(model.prompt_encoder[adapter_name].adapter_state_dict())
+            encoder_cls = type(model.prompt_encoder[adapter_name])
+            result.update(encoder_cls._get_adapter_state_dict(model, config, adapter_name, state_dict, None))
         return result
 
     return get_peft_model_state_dict

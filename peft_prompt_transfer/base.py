@@ -2,16 +2,66 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from peft import PromptLearningConfig
 from peft.tuners.prompt_tuning import PromptEmbedding, PromptTuningInit
 
 from ._peft_integration import IMPORT_LINE, PACKAGE_NAME, BasePromptEncoder
 from ._version import __version__
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded `DTensor` (FSDP2's parameters and gradients), else `tensor` itself.
+
+    Gathering is a collective: under FSDP2 every rank must call this, in the same order.
+    """
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def reshard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` sharded as the `DTensor` `like` is (this rank's part, no communication), else `whole` itself."""
+    if not isinstance(like, DTensor):
+        return whole
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+
+
+@contextlib.contextmanager
+def gathered_parameters(
+    module: torch.nn.Module, whole_state: Optional[dict[str, torch.Tensor]] = None
+) -> Iterator[None]:
+    """Within this context the sharded (FSDP2 `DTensor`) parameters of `module` are whole plain tensors.
+
+    Saving, loading and exporting an encoder read or write its parameters as a whole (a residual prompt goes through
+    its MLP, ComPT's prompts through the router), which works on the whole tensors and not on the shards FSDP2 keeps
+    between steps. On exit each rank keeps its own shard of the (possibly loaded) values. Every rank must enter the
+    context, unless `whole_state` (names relative to `module`) already holds every sharded parameter whole, as the
+    full state dict the Trainer gathers before saving from the first process only; outside FSDP2 it does nothing.
+    """
+    whole_state = whole_state or {}
+    sharded = [
+        (owner, name, parameter, f"{prefix}.{name}".lstrip("."))
+        for prefix, owner in module.named_modules()
+        for name, parameter in owner.named_parameters(recurse=False)
+        if isinstance(parameter, DTensor)
+    ]
+    for owner, name, parameter, qualified_name in sharded:
+        value = whole_state.get(qualified_name)
+        value = parameter.full_tensor() if value is None else value.to(parameter.device, parameter.dtype)
+        setattr(owner, name, torch.nn.Parameter(value.detach(), requires_grad=parameter.requires_grad))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, parameter, _ in sharded:
+                whole = getattr(owner, name)
+                setattr(owner, name, parameter)
+                parameter.copy_(reshard_like(whole.detach(), parameter))
 
 
 def _plugin_record() -> dict:
@@ -177,11 +227,24 @@ class TransferPromptEncoder(BasePromptEncoder):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        return model.prompt_encoder[adapter_name].adapter_state_dict()
+        prefix = f"prompt_encoder.{adapter_name}."
+        whole_state = {
+            key[len(prefix) :]: value
+            for key, value in (state_dict or {}).items()
+            if key.startswith(prefix) and not isinstance(value, DTensor)
+        }
+        return model.prompt_encoder[adapter_name].whole_adapter_state_dict(whole_state)
 
     def _load_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.check_adapter_state_dict(state_dict)
-        self.load_adapter_state(state_dict)
+        with gathered_parameters(self):
+            self.load_adapter_state(state_dict)
+
+    def whole_adapter_state_dict(self, whole_state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """`adapter_state_dict()` of the whole parameters, also when FSDP2 has sharded them: then on every rank, or
+        on one with their whole values in `whole_state` (see [`gathered_parameters`])."""
+        with gathered_parameters(self, whole_state):
+            return self.adapter_state_dict()
 
     def check_adapter_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Raise a clear error if `state_dict` cannot belong to this encoder."""

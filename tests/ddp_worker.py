@@ -1,10 +1,12 @@
 """Train one method with the stock Trainer, in one process or as one rank of a torchrun / accelerate launch.
 
 Used by tests/test_distributed.py: the same global batch (4 examples per step) is either one process's batch or
-2 processes x 2 examples (DDP, gloo backend on the CPU). Rank 0 writes the losses and the trained adapter state.
+2 processes x 2 examples (DDP or, with --fsdp fsdp2, FSDP2; gloo backend on the CPU). Rank 0 writes the losses,
+the trained adapter state (state.safetensors) and the package it imported (run.json); every rank takes part in
+`save_pretrained` into DIR/adapter and in `Trainer.save_model` into DIR/trainer.
 
     python tests/ddp_worker.py --method compt --out DIR --per-device-batch 4
-    torchrun --nproc_per_node 2 tests/ddp_worker.py --method compt --out DIR --per-device-batch 2
+    torchrun --nproc_per_node 2 tests/ddp_worker.py --method compt --out DIR --per-device-batch 2 [--fsdp fsdp2]
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
 from conftest import TINY_MODELS, ListDataset, stack_collator  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
+import peft_prompt_transfer  # noqa: E402
 from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualPromptConfig  # noqa: E402
 
 CONFIGS = {
@@ -31,6 +36,13 @@ CONFIGS = {
     "compt": lambda: ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, task_names=["a", "b", "c"],
                                  num_source_prompts=2, normalization="sparsemax"),
     "bayesian": lambda: BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2),
+}
+
+
+# the Trainer's FSDP settings (what an accelerate config's fsdp_config says): each GPT-2 block is a unit, the
+# PeftModel (with the prompt encoder, the embeddings and the head) the root
+FSDP_CONFIGS = {
+    "fsdp2": {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"], "reshard_after_forward": True},
 }
 
 
@@ -59,6 +71,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--per-device-batch", type=int, required=True)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--fsdp", choices=sorted(FSDP_CONFIGS), help="shard the model with FSDP2 instead of DDP")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -67,25 +80,35 @@ def main() -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model = get_peft_model(base, CONFIGS[args.method]())
+    training_args = TrainingArguments(
+        output_dir=args.out, per_device_train_batch_size=args.per_device_batch, max_steps=args.steps,
+        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,
+        fsdp="full_shard" if args.fsdp else None, fsdp_config=FSDP_CONFIGS.get(args.fsdp),
+    )
+    if args.fsdp and training_args.world_size > 1:
+        # accelerate turns FSDP on only for accelerator devices (GPU, XPU, NPU, ...), and on the CPU silently trains
+        # with DDP instead; presenting the CPU process group as a GPU one makes it shard, on the CPU, with gloo
+        PartialState().distributed_type = DistributedType.MULTI_GPU
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(
-            output_dir=args.out, per_device_train_batch_size=args.per_device_batch, max_steps=args.steps,
-            learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-            use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False,
-            ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-            ddp_find_unused_parameters=False,
-        ),
+        args=training_args,
         train_dataset=dataset(args.method),
         data_collator=stack_collator,
     )
     trainer.train()
+    # every rank takes part: under FSDP2 the adapter's parameters are sharded and saving gathers them
+    state = {k: v.contiguous() for k, v in model.prompt_encoder["default"].whole_adapter_state_dict().items()}
+    model.save_pretrained(os.path.join(args.out, "adapter"), is_main_process=trainer.is_world_process_zero())
+    trainer.save_model(os.path.join(args.out, "trainer"))  # under FSDP2: a full state dict, saved by rank 0 only
     if trainer.is_world_process_zero():
-        state = {k: v.contiguous() for k, v in model.prompt_encoder["default"].adapter_state_dict().items()}
         save_file(state, os.path.join(args.out, "state.safetensors"))
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         with open(os.path.join(args.out, "run.json"), "w") as f:
-            json.dump({"losses": losses, "world_size": trainer.args.world_size}, f)
+            run = {"losses": losses, "world_size": trainer.args.world_size, "package": peft_prompt_transfer.__file__}
+            json.dump(run, f)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 has written its files
     # Exit without running destructors: tearing down DDP's gloo process group at interpreter exit can deadlock

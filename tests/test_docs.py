@@ -1,7 +1,8 @@
 """The documentation's code runs as written, so it cannot rot.
 
 - The README's code blocks marked `<!-- readme-test -->` (the quick start: real model and data, slow).
-- Every ```python block of every page under docs/: a page's blocks are joined in order and run as one script.
+- Every ```python block of every page under docs/ (also one indented in a list item): a page's blocks are joined
+  in order and run as one script.
   Pages whose code uses the real all-MiniLM-L6-v2 model or the task data are slow; the others use tiny models and
   run in the quick suite.
 
@@ -16,14 +17,19 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README_BLOCKS = re.findall(r"<!-- readme-test -->\n```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+# a block may be indented (inside a list item): it ends at a fence with the same indentation, and is dedented
+PYTHON_BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", flags=re.S | re.M)
 PAGES = {
-    str(page.relative_to(ROOT / "docs")): "\n".join(re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M))
+    str(page.relative_to(ROOT / "docs")): "\n".join(
+        textwrap.dedent(code) for _, code in PYTHON_BLOCK.findall(page.read_text())
+    )
     for page in sorted((ROOT / "docs").rglob("*.md"))
 }
 PAGES = {name: code for name, code in PAGES.items() if code}

@@ -191,6 +191,22 @@ def test_zero3_partitioned_word_embeddings_are_measured_by_ds_shape(method):
         getattr(peft_prompt_transfer, encoder_cls[method])(config, embeddings)
 
 
+@pytest.mark.parametrize("stage", ["source", "target"])
+def test_bayesian_training_under_zero3_is_refused(stage, tmp_path):
+    """ZeRO-3's optimizer never steps the particles themselves, so the SVGD transform could not run: say so."""
+    model = get_peft_model(TINY.build(), CONFIGS["bayesian"]())
+    if stage == "target":
+        model.save_pretrained(tmp_path)
+        target = BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, stage="target", posterior=str(tmp_path))
+        model = get_peft_model(TINY.build(), target)
+    model.prompt_encoder["default"].embedding.weight.ds_id = 0  # what DeepSpeed's partitioning sets
+    model.train()
+    with pytest.raises(NotImplementedError, match="ZeRO-3 is not supported"):
+        model(**make_batch(TINY))
+    model.eval()
+    model(**make_batch(TINY))  # inference is fine
+
+
 def test_another_vocabulary_warns(tmp_path):
     from transformers import AutoModelForCausalLM, GPT2Config
 

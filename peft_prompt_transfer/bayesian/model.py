@@ -9,13 +9,13 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from ..base import TransferPromptEncoder, initial_prompt
+from ..base import TransferPromptEncoder, full_tensor, initial_prompt
 from ..multitask import check_task_ids
 from .config import BAYESIAN_PROMPT_TUNING, BayesianPromptConfig
 from .decomposition import anchor_gradients, initial_task_factors
 from .particles import assign_particles
 from .posterior import PARTICLES_KEY, Posterior, load_posterior
-from .step_transform import _STEP_TRANSFORM_ATTR, register_pre_step_gradient_transform
+from .step_transform import _STEP_TRANSFORM_ATTR, register_module_pre_step_gradient_transform
 from .svgd import svgd_gradient
 
 POSTERIOR_MEAN_KEY = "posterior_mean"
@@ -67,12 +67,14 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     and the optimizer sees `-phi`. `dLoss/dP_j` is the gradient of the model's mean loss over the batch, in which
     particle j owns 1/M of the rows, so `M * dLoss/dP_j` is the gradient of particle j's own mean loss (when the
     batch size is not a multiple of M, `forward` rescales each particle's rows so this still holds). The
-    transform runs once per optimizer step ([`register_pre_step_gradient_transform`]), on the gradient summed over
+    transform runs once per optimizer step ([`register_module_pre_step_gradient_transform`]), on the gradient summed over
     gradient-accumulation micro-batches, so the prior and repulsive terms are counted once however many
     micro-batches there are. Under DDP it runs on the gradient DDP has already averaged across processes, with
     particles that are identical on every process, so every process computes the same update. (The transform is
     affine in the loss gradient, so this equals averaging per-process transforms; the prior and repulsive terms,
-    which do not depend on the data, are added exactly once.)
+    which do not depend on the data, are added exactly once.) Under FSDP2, which shards the particles across
+    processes, every process gathers the whole reduced gradient and the whole particle matrix, computes the same
+    update and keeps its own shard of it.
 
     **Target stage.** `embedding.weight` holds one prompt `P`, initialised from the posterior (`target_init`);
     before each optimizer step `regularization_weight * (P - mean)` is added to its gradient: the gradient of
@@ -162,22 +164,22 @@ class BayesianPromptEncoder(TransferPromptEncoder):
 
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_task_ids(task_ids, batch_size)
-        if self.config.stage == "target":
-            return self._target_prompt().unsqueeze(0).expand(batch_size, -1, -1)
         weight = self.embedding.weight
-        num_particles = weight.shape[0]
-        if not (self.training or self._one_particle_per_row):  # inference: the posterior mean for every row
-            return weight.mean(dim=0).unsqueeze(0).expand(batch_size, -1, -1)
         training = self.training and weight.requires_grad
         if training:
             self._register_step_transform()  # again: a deep copy of this encoder has a fresh parameter
-            if self.config.particle_assignment == "replicated" and batch_size % num_particles:
-                raise ValueError(
-                    f"particle_assignment='replicated' needs each example repeated num_particles={num_particles} "
-                    f"times, but the batch has {batch_size} rows. Pass "
-                    f"data_collator=ParticleReplicationCollator({num_particles}, your_collator) to the Trainer (or "
-                    "expand_for_particles(batch, num_particles) in your own loop)."
-                )
+        if self.config.stage == "target":
+            return self._target_prompt().unsqueeze(0).expand(batch_size, -1, -1)
+        num_particles = weight.shape[0]
+        if not (self.training or self._one_particle_per_row):  # inference: the posterior mean for every row
+            return weight.mean(dim=0).unsqueeze(0).expand(batch_size, -1, -1)
+        if training and self.config.particle_assignment == "replicated" and batch_size % num_particles:
+            raise ValueError(
+                f"particle_assignment='replicated' needs each example repeated num_particles={num_particles} "
+                f"times, but the batch has {batch_size} rows. Pass "
+                f"data_collator=ParticleReplicationCollator({num_particles}, your_collator) to the Trainer (or "
+                "expand_for_particles(batch, num_particles) in your own loop)."
+            )
         rows = assign_particles(batch_size, num_particles, weight.device)
         prompts = weight.index_select(0, rows)
         if batch_size % num_particles and torch.is_grad_enabled() and weight.requires_grad:
@@ -222,12 +224,20 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     # -- the gradient transform -------------------------------------------------------------------
 
     def _register_step_transform(self) -> None:
-        transforms = [(self.embedding.weight, self.transform_gradient)]
+        if hasattr(self.embedding.weight, "ds_id"):
+            # ZeRO-3 steps its own flat fp32 partitions, never this parameter: the transform would silently not run
+            raise NotImplementedError(
+                f"Training a {BAYESIAN_PROMPT_TUNING} adapter under DeepSpeed ZeRO-3 is not supported: ZeRO-3's "
+                "optimizer steps flattened partitions of the prompt parameters, where the SVGD (source stage) or "
+                "anchor (target stage) gradient transform cannot run, so training would silently skip it. Train with "
+                "DDP or FSDP2 (see 'Scaling out' in the docs); ZeRO-3 works for inference and for the other methods."
+            )
+        transforms = [(self.embedding, "weight", self.transform_gradient)]
         if self.task_cols is not None:
-            transforms += [(self.task_cols, self._task_cols_gradient), (self.task_rows, self._task_rows_gradient)]
-        for parameter, transform in transforms:
-            if getattr(getattr(parameter, _STEP_TRANSFORM_ATTR, None), "__self__", None) is not self:
-                register_pre_step_gradient_transform(parameter, transform)
+            transforms += [(self, "task_cols", self._task_cols_gradient), (self, "task_rows", self._task_rows_gradient)]
+        for module, name, transform in transforms:
+            if getattr(getattr(getattr(module, name), _STEP_TRANSFORM_ATTR, None), "__self__", None) is not self:
+                register_module_pre_step_gradient_transform(module, name, transform)
 
     def _check_finite(self, grad: torch.Tensor) -> None:
         if not torch.isfinite(grad).all():
@@ -240,10 +250,11 @@ class BayesianPromptEncoder(TransferPromptEncoder):
 
     def _anchor_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The regulariser's gradients with respect to `S`, `U` and `V` of a decomposed target."""
-        shared = self.embedding.weight.detach()
+        # whole tensors: under FSDP2 each parameter is a shard (the transform is given the whole gradient)
+        shared = full_tensor(self.embedding.weight).detach()
         anchor = self.posterior_mean.to(device=shared.device, dtype=shared.dtype)
-        return anchor_gradients(shared, self.task_cols.detach(), self.task_rows.detach(), anchor,
-                                self.config.regularization_weight)
+        return anchor_gradients(shared, full_tensor(self.task_cols).detach(), full_tensor(self.task_rows).detach(),
+                                anchor, self.config.regularization_weight)
 
     def _task_cols_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         self._check_finite(grad)
@@ -259,9 +270,10 @@ class BayesianPromptEncoder(TransferPromptEncoder):
         Source: `-phi`, the SVGD direction ([`svgd_gradient`]). Target: `grad + regularization_weight * (P - mean)`
         (decomposed: the regulariser's gradient with respect to `S`, [`anchor_gradients`]). Called automatically
         right before each optimizer step; call it yourself only if you update the parameters without a
-        `torch.optim.Optimizer`.
+        `torch.optim.Optimizer`. Under FSDP2, `grad` is the whole gradient and the particles are gathered too (see
+        [`register_pre_step_gradient_transform`]).
         """
-        weight = self.embedding.weight
+        weight = full_tensor(self.embedding.weight)
         self._check_finite(grad)
         if self.config.stage == "source":
             return svgd_gradient(
