@@ -39,12 +39,29 @@ def run_workers(args) -> int:
 
     threads = max(1, args.threads // args.workers)
     queue = tempfile.mkdtemp(prefix="benchmarks-queue-")  # per invocation: a killed run leaves no stale claims
-    options = [args.suite, "--claims", *args.claims, "--models", *args.models, "--data", *args.data,
-               "--results-dir", args.results_dir, "--threads", str(threads), "--no-report", "--queue", queue,
-               "--invoked-as", _command(args)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    options = [
+        args.suite,
+        "--claims",
+        *args.claims,
+        "--models",
+        *args.models,
+        "--data",
+        *args.data,
+        "--results-dir",
+        args.results_dir,
+        "--threads",
+        str(threads),
+        "--no-report",
+        "--queue",
+        queue,
+        "--invoked-as",
+        _command(args),
+    ] + (["--data-dir", args.data_dir] if args.data_dir else [])
     try:
-        workers = [subprocess.Popen([sys.executable, "-m", "benchmarks", *options, "--progress-position", str(k)])
-                   for k in range(args.workers)]
+        workers = [
+            subprocess.Popen([sys.executable, "-m", "benchmarks", *options, "--progress-position", str(k)])
+            for k in range(args.workers)
+        ]
         failed = sum(worker.wait() != 0 for worker in workers)
     finally:
         shutil.rmtree(queue, ignore_errors=True)
@@ -98,12 +115,18 @@ def run_suite(args) -> int:
     records_path = out / "runs.jsonl"
     done = {r["key"] for r in load_records(records_path) if "error" not in r}
     shard, num_shards = args.shard
-    runs = [(claim, spec) for index, (claim, spec) in enumerate(suite_runs(args.suite, args.claims, args.models, args.data))
-            if index % num_shards == shard and spec.key() not in done]
+    runs = [
+        (claim, spec)
+        for index, (claim, spec) in enumerate(suite_runs(args.suite, args.claims, args.models, args.data))
+        if index % num_shards == shard and spec.key() not in done
+    ]
     print(f"{args.suite}: {len(done)} runs already recorded in {records_path}, {len(runs)} to go")
     backbones, failures, package_versions = {}, 0, versions()
-    name = f"{args.suite} worker {args.progress_position}" if args.queue else (
-        f"{args.suite} {shard}/{num_shards}" if num_shards > 1 else args.suite)
+    name = (
+        f"{args.suite} worker {args.progress_position}"
+        if args.queue
+        else (f"{args.suite} {shard}/{num_shards}" if num_shards > 1 else args.suite)
+    )
     progress = tqdm(runs, desc=name, unit="run", dynamic_ncols=True, position=args.progress_position)
     for claim, spec in progress:  # with a queue the bar counts the runs any worker has started
         if args.queue and not claim_run(args.queue, spec.key()):
@@ -118,8 +141,11 @@ def run_suite(args) -> int:
             failures += 1
             record["error"] = "".join(traceback.format_exception(exc))[-4000:]
             progress.write(f"FAILED {spec.method} {spec.tasks} seed {spec.seed}: {exc!r}")
-        record.update(versions=package_versions, command=_command(args),
-                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        record.update(
+            versions=package_versions,
+            command=_command(args),
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )
         append_record(records_path, record)
     _report(args)
     if failures:
@@ -143,31 +169,56 @@ def main(argv=None) -> int:
 
         {"cost": cost, "svgd-scaling": svgd_scaling}[argv[0]].main(argv[1:])
         return 0
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUITES:
         suite = sub.add_parser(name, help=f"run the {name} suite")
         suite.set_defaults(suite=name)
         suite.add_argument("--claims", nargs="+", choices=CLAIMS, default=list(CLAIMS))
         suite.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-        suite.add_argument("--data", nargs="+", choices=DATA, default=list(DATA),
-                           help="keep the runs on these target data: kshot (LM-BFF 16-shot splits) or fewglue")
-        suite.add_argument("--data-dir", default=None, help="the shared data folder (default: $PEFT_PROMPT_TRANSFER_DATA or ../shared/data)")
-        suite.add_argument("--results-dir", default=str(RESULTS_DIR), help="records go to <results-dir>/<suite>/runs.jsonl")
-        suite.add_argument("--report", default=None, help="where to write the Markdown report "
-                           "(default: benchmarks/RESULTS.md for full, <results-dir>/<suite>/RESULTS.md otherwise)")
+        suite.add_argument(
+            "--data",
+            nargs="+",
+            choices=DATA,
+            default=list(DATA),
+            help="keep the runs on these target data: kshot (LM-BFF 16-shot splits) or fewglue",
+        )
+        suite.add_argument(
+            "--data-dir",
+            default=None,
+            help="the shared data folder (default: $PEFT_PROMPT_TRANSFER_DATA or ../shared/data)",
+        )
+        suite.add_argument(
+            "--results-dir", default=str(RESULTS_DIR), help="records go to <results-dir>/<suite>/runs.jsonl"
+        )
+        suite.add_argument(
+            "--report",
+            default=None,
+            help="where to write the Markdown report "
+            "(default: benchmarks/RESULTS.md for full, <results-dir>/<suite>/RESULTS.md otherwise)",
+        )
         suite.add_argument("--threads", type=int, default=os.cpu_count() or 1)
         suite.add_argument("--no-report", action="store_true")
-        suite.add_argument("--workers", type=int, default=1,
-                           help="processes to split the suite over (each gets --threads / workers threads); "
-                                "on 2 cores, 2 workers of 1 thread finish sooner than 1 of 2")
+        suite.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help="processes to split the suite over (each gets --threads / workers threads); "
+            "on 2 cores, 2 workers of 1 thread finish sooner than 1 of 2",
+        )
         suite.add_argument("--progress-position", type=int, default=0, help=argparse.SUPPRESS)
         suite.add_argument("--invoked-as", default=None, help=argparse.SUPPRESS)  # set by --workers for its workers
         suite.add_argument("--queue", default=None, help=argparse.SUPPRESS)  # the claims folder --workers shares
-        suite.add_argument("--shard", type=_shard, default=(0, 1), metavar="K/N",
-                           help="run every N-th run starting at the K-th (0-based), to split a suite over N processes "
-                                "that append to the same records file")
+        suite.add_argument(
+            "--shard",
+            type=_shard,
+            default=(0, 1),
+            metavar="K/N",
+            help="run every N-th run starting at the K-th (0-based), to split a suite over N processes "
+            "that append to the same records file",
+        )
     report = sub.add_parser("report", help="render the report of a suite's records")
     report.add_argument("suite", choices=list(SUITES))
     report.add_argument("--results-dir", default=str(RESULTS_DIR))

@@ -33,7 +33,12 @@ import tempfile
 import time
 
 METHODS = (
-    "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "RESIDUAL_PROMPT_TUNING", "COMPT", "BAYESIAN_PROMPT_TUNING"
+    "PROMPT_TUNING",
+    "P_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "RESIDUAL_PROMPT_TUNING",
+    "COMPT",
+    "BAYESIAN_PROMPT_TUNING",
 )
 OURS = ("RESIDUAL_PROMPT_TUNING", "COMPT", "BAYESIAN_PROMPT_TUNING")
 NUM_TASKS = 2
@@ -90,7 +95,11 @@ def _inputs(method: str, args, vocab_size: int, device) -> dict:
 
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(1000, vocab_size, (args.batch_size, args.seq_len), generator=generator)
-    labels = input_ids.clone() if _task_type(args) == "CAUSAL_LM" else torch.randint(0, 2, (args.batch_size,), generator=generator)
+    labels = (
+        input_ids.clone()
+        if _task_type(args) == "CAUSAL_LM"
+        else torch.randint(0, 2, (args.batch_size,), generator=generator)
+    )
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     if method in ("MULTITASK_PROMPT_TUNING", "COMPT"):
         batch["task_ids"] = torch.arange(args.batch_size) % NUM_TASKS
@@ -166,8 +175,9 @@ def ratio_with_interval(seconds: list, reference: list) -> dict:
     from scipy.stats import bootstrap
 
     ratios = np.asarray(seconds) / np.asarray(reference)
-    interval = bootstrap((ratios,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
-                         random_state=0).confidence_interval
+    interval = bootstrap(
+        (ratios,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile", random_state=0
+    ).confidence_interval
     return {"median": float(np.median(ratios)), "low": float(interval.low), "high": float(interval.high)}
 
 
@@ -199,8 +209,11 @@ def measure_times(args) -> dict:
         inferences = {}
         for (method, kind), folder in folders.items():
             loaded = PeftModel.from_pretrained(_load_base(args), folder).to(device).eval()
-            inputs = {k: v for k, v in _inputs(method, args, loaded.config.vocab_size, device).items()
-                      if k != "labels" and not (kind == "exported" and k == "task_ids")}
+            inputs = {
+                k: v
+                for k, v in _inputs(method, args, loaded.config.vocab_size, device).items()
+                if k != "labels" and not (kind == "exported" and k == "task_ids")
+            }
 
             def infer(loaded=loaded, inputs=inputs):
                 with torch.no_grad():
@@ -238,13 +251,18 @@ def main(argv=None) -> list[dict]:
 
     given = list(argv if argv is not None else sys.argv[1:])
     # the workers get every option but --output (and its value)
-    forwarded = [a for i, a in enumerate(given)
-                 if a != "--output" and not a.startswith("--output=") and not (i and given[i - 1] == "--output")]
+    forwarded = [
+        a
+        for i, a in enumerate(given)
+        if a != "--output" and not a.startswith("--output=") and not (i and given[i - 1] == "--output")
+    ]
     memory = {}
     for method in args.methods:
         result = subprocess.run(
             [sys.executable, "-m", "benchmarks.cost", *forwarded, "--memory-worker", method],
-            capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, HF_HUB_OFFLINE="1"),
         )
         if result.returncode != 0:
             raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
@@ -258,34 +276,44 @@ def main(argv=None) -> list[dict]:
     records = []
     for method in args.methods:
         exported = times["inference"].get(f"{method}/exported")
-        records.append({
-            **memory[method],
-            "model": args.model,
-            "device": str(_device(args)),
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "num_virtual_tokens": args.num_virtual_tokens,
-            "rounds": args.rounds,
-            "step_seconds": statistics.median(times["step"][method]),
-            "step_ratio": ratio_with_interval(times["step"][method], reference_step),
-            "memory_ratio": memory[method]["peak_training_mb"] / reference_memory if reference_memory > 0 else None,
-            "inference_seconds": statistics.median(times["inference"][f"{method}/reloaded"]),
-            "inference_ratio": ratio_with_interval(times["inference"][f"{method}/reloaded"], reference_inference),
-            "exported_inference_ratio": None if exported is None else ratio_with_interval(exported, reference_inference),
-            "versions": package_versions,
-        })
+        records.append(
+            {
+                **memory[method],
+                "model": args.model,
+                "device": str(_device(args)),
+                "batch_size": args.batch_size,
+                "seq_len": args.seq_len,
+                "num_virtual_tokens": args.num_virtual_tokens,
+                "rounds": args.rounds,
+                "step_seconds": statistics.median(times["step"][method]),
+                "step_ratio": ratio_with_interval(times["step"][method], reference_step),
+                "memory_ratio": memory[method]["peak_training_mb"] / reference_memory if reference_memory > 0 else None,
+                "inference_seconds": statistics.median(times["inference"][f"{method}/reloaded"]),
+                "inference_ratio": ratio_with_interval(times["inference"][f"{method}/reloaded"], reference_inference),
+                "exported_inference_ratio": None
+                if exported is None
+                else ratio_with_interval(exported, reference_inference),
+                "versions": package_versions,
+            }
+        )
 
     def show(ratio):
         return "-" if ratio is None else f"{ratio['median']:.2f}x [{ratio['low']:.2f}, {ratio['high']:.2f}]"
 
-    print(f"\n{args.model}, batch {args.batch_size} x {args.seq_len} tokens, {args.num_virtual_tokens} virtual tokens, "
-          f"{records[0]['device']}; ratios to PROMPT_TUNING: median over {args.rounds} interleaved rounds [95% interval]")
-    print(f"{'method':<26}{'trainable':>11}{'step ms':>9}  {'step':<22}{'peak MB':>9}{'memory':>8}  {'infer':<22}{'exported':<22}")
+    print(
+        f"\n{args.model}, batch {args.batch_size} x {args.seq_len} tokens, {args.num_virtual_tokens} virtual tokens, "
+        f"{records[0]['device']}; ratios to PROMPT_TUNING: median over {args.rounds} interleaved rounds [95% interval]"
+    )
+    print(
+        f"{'method':<26}{'trainable':>11}{'step ms':>9}  {'step':<22}{'peak MB':>9}{'memory':>8}  {'infer':<22}{'exported':<22}"
+    )
     for r in records:
         memory_ratio = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x"
-        print(f"{r['method']:<26}{r['trainable_params']:>11,}{1000 * r['step_seconds']:>9.1f}  {show(r['step_ratio']):<22}"
-              f"{r['peak_training_mb']:>9.1f}{memory_ratio:>8}  {show(r['inference_ratio']):<22}"
-              f"{show(r['exported_inference_ratio']):<22}")
+        print(
+            f"{r['method']:<26}{r['trainable_params']:>11,}{1000 * r['step_seconds']:>9.1f}  {show(r['step_ratio']):<22}"
+            f"{r['peak_training_mb']:>9.1f}{memory_ratio:>8}  {show(r['inference_ratio']):<22}"
+            f"{show(r['exported_inference_ratio']):<22}"
+        )
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:

@@ -61,7 +61,11 @@ def predict(trainer, model, dataset) -> np.ndarray:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=None, help="the shared data folder (default: $PEFT_PROMPT_TRANSFER_DATA or ../shared/data)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="the shared data folder (default: $PEFT_PROMPT_TRANSFER_DATA or ../shared/data)",
+    )
     parser.add_argument("--train-size", type=int, default=1000)
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -98,8 +102,11 @@ def main(argv=None) -> dict:
         model.eval()
         logits = predict(trainer, model, dev_set)
         predictions[name] = logits.argmax(-1)
-        results[name] = {"accuracy": metric("sst2", dev_set["labels"], logits.argmax(-1)), "train_seconds": seconds,
-                         "trainable_params": model.get_nb_trainable_parameters()[0]}
+        results[name] = {
+            "accuracy": metric("sst2", dev_set["labels"], logits.argmax(-1)),
+            "train_seconds": seconds,
+            "trainable_params": model.get_nb_trainable_parameters()[0],
+        }
         if isinstance(config, peft_prompt_transfer.ResidualPromptConfig):
             residual = (model, trainer, logits)
 
@@ -114,14 +121,18 @@ def main(argv=None) -> dict:
     reload_diff = float(np.abs(reloaded_logits - logits).max())
     export_diff = float(np.abs(exported_logits - logits).max())
 
-    print("\nSST-2 dev accuracy, all-MiniLM-L6-v2, "
-          f"{args.num_virtual_tokens} virtual tokens, {args.epochs:g} epochs on {args.train_size} examples, lr {args.lr:g}")
+    print(
+        "\nSST-2 dev accuracy, all-MiniLM-L6-v2, "
+        f"{args.num_virtual_tokens} virtual tokens, {args.epochs:g} epochs on {args.train_size} examples, lr {args.lr:g}"
+    )
     print(f"{'method':<26}{'accuracy':>10}{'train s':>10}{'trainable':>12}")
     for name, row in results.items():
         print(f"{name:<26}{row['accuracy']:>10.4f}{row['train_seconds']:>10.1f}{row['trainable_params']:>12,}")
     first, second = predictions.values()
-    print(f"the two methods agree on {float((first == second).mean()):.1%} of the dev examples; "
-          f"{float(first.mean()):.1%} / {float(second.mean()):.1%} predicted positive")
+    print(
+        f"the two methods agree on {float((first == second).mean()):.1%} of the dev examples; "
+        f"{float(first.mean()):.1%} / {float(second.mean()):.1%} predicted positive"
+    )
     print(f"\nresidual adapter saved to {adapter_dir} and reloaded: max |logit diff| = {reload_diff:.2e}")
     print(f"exported to plain peft PROMPT_TUNING at {export_dir}: max |logit diff| = {export_diff:.2e}")
     if max(reload_diff, export_diff) > 1e-4:

@@ -109,7 +109,7 @@ class Backbone:
     tokenizer: object = field(repr=False)
 
     @classmethod
-    def load(cls, name: str) -> "Backbone":
+    def load(cls, name: str) -> Backbone:
         tokenizer = load_tokenizer(name)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -140,6 +140,7 @@ class Backbone:
         """Tokenise a standardised split; `label_offset` shifts class labels into a multi-task head's rows."""
         spec, limit = TASKS[task], MAX_LENGTH[self.name]
         if not self.causal:
+
             def encode_classification(batch):
                 pairs = batch["text_pair"] if any(batch["text_pair"]) else None
                 encoded = self.tokenizer(batch["text"], pairs, truncation=True, max_length=limit)
@@ -151,11 +152,14 @@ class Backbone:
 
         def encode_causal(row):
             text = spec.template.format(text=row["text"], text_pair=row["text_pair"] or "")
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids[-(limit - 1):]  # keep the question
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids[-(limit - 1) :]  # keep the question
             if not train:
                 return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": row["label"]}
-            return {"input_ids": ids + [label_ids[row["label"]]], "attention_mask": [1] * (len(ids) + 1),
-                    "labels": [-100] * len(ids) + [label_ids[row["label"]]]}
+            return {
+                "input_ids": ids + [label_ids[row["label"]]],
+                "attention_mask": [1] * (len(ids) + 1),
+                "labels": [-100] * len(ids) + [label_ids[row["label"]]],
+            }
 
         return dataset.map(encode_causal, remove_columns=dataset.column_names)
 
@@ -206,26 +210,44 @@ def _is_head(name: str) -> bool:
 def make_optimizer(model, lr: float, method: str) -> torch.optim.Optimizer:
     """AdamW with the method's parameters at `lr` and a classification head (if any) at `HEAD_LR`."""
     if method in COMPT_METHODS:  # the same learning rates for both designs: the comparison is of the design
-        return ppt.create_compt_optimizer(model, source_lr=lr, private_lr=lr, router_lr=COMPT_ROUTER_LR, other_lr=HEAD_LR)
+        return ppt.create_compt_optimizer(
+            model, source_lr=lr, private_lr=lr, router_lr=COMPT_ROUTER_LR, other_lr=HEAD_LR
+        )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if not _is_head(n)], "lr": lr},
-              {"params": [p for n, p in named if _is_head(n)], "lr": HEAD_LR}]
+    groups = [
+        {"params": [p for n, p in named if not _is_head(n)], "lr": lr},
+        {"params": [p for n, p in named if _is_head(n)], "lr": HEAD_LR},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
 
-def train(model, dataset, backbone: Backbone, optimizer, steps: int, batch_size: int, seed: int,
-          collator=None) -> dict:
+def train(model, dataset, backbone: Backbone, optimizer, steps: int, batch_size: int, seed: int, collator=None) -> dict:
     """Train with the stock Trainer (linear schedule, 6% warm-up); returns the loss curve and the time taken.
 
     `collator` replaces the backbone's own (e.g. a [`ParticleReplicationCollator`] wrapping it)."""
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
-            output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, warmup_steps=0.06,
-            lr_scheduler_type="linear", logging_steps=max(1, steps // 10), save_strategy="no", report_to=[],
-            disable_tqdm=True, use_cpu=True, seed=seed, data_seed=seed, remove_unused_columns=False,
+            output_dir=output_dir,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            warmup_steps=0.06,
+            lr_scheduler_type="linear",
+            logging_steps=max(1, steps // 10),
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=seed,
+            data_seed=seed,
+            remove_unused_columns=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator or backbone.collator(),
-                          optimizers=(optimizer, None))
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator or backbone.collator(),
+            optimizers=(optimizer, None),
+        )
         trainer.remove_callback(PrinterCallback)  # the suite's own progress bar reports progress
         start = time.perf_counter()
         trainer.train()
@@ -268,11 +290,19 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
         log = {}
         if source.kind == "prompt_tuning":
             for task, data in _source_data(backbone, source, multitask=False).items():
-                model = get_peft_model(backbone.base_model(TASKS[task].num_labels, source.seed),
-                                       PromptTuningConfig(task_type=backbone.task_type,
-                                                          num_virtual_tokens=source.num_virtual_tokens))
-                log[task] = train(model, data, backbone, make_optimizer(model, source.lr, "prompt_tuning"),
-                                  source.steps, source.batch_size, source.seed)
+                model = get_peft_model(
+                    backbone.base_model(TASKS[task].num_labels, source.seed),
+                    PromptTuningConfig(task_type=backbone.task_type, num_virtual_tokens=source.num_virtual_tokens),
+                )
+                log[task] = train(
+                    model,
+                    data,
+                    backbone,
+                    make_optimizer(model, source.lr, "prompt_tuning"),
+                    source.steps,
+                    source.batch_size,
+                    source.seed,
+                )
                 model.save_pretrained(staging / task)
         else:
             data = ppt.combine_tasks(_source_data(backbone, source, multitask=True), sampling="equal", seed=source.seed)
@@ -280,11 +310,19 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
             if source.kind == "mpt":
                 config = MultitaskPromptTuningConfig(**common, num_tasks=len(source.sources))
             else:
-                config = ppt.BayesianPromptConfig(**common, num_particles=BAYESIAN_PARTICLES,
-                                                  source_tasks=list(source.sources))
+                config = ppt.BayesianPromptConfig(
+                    **common, num_particles=BAYESIAN_PARTICLES, source_tasks=list(source.sources)
+                )
             model = get_peft_model(backbone.base_model(_num_labels(source.sources), source.seed), config)
-            log["all"] = train(model, data, backbone, make_optimizer(model, source.lr, source.kind),
-                               source.steps * len(source.sources), source.batch_size, source.seed)
+            log["all"] = train(
+                model,
+                data,
+                backbone,
+                make_optimizer(model, source.lr, source.kind),
+                source.steps * len(source.sources),
+                source.batch_size,
+                source.seed,
+            )
             model.save_pretrained(staging)
         (staging / "done.json").write_text(json.dumps({"spec": asdict(source), "log": log}, indent=1))
 
@@ -323,13 +361,21 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
     if spec.method == "prompt_tuning":
         return get_peft_model(base, _prompt_config(backbone, spec)), details
     if spec.method == "p_tuning":
-        return get_peft_model(base, PromptEncoderConfig(**common, encoder_reparameterization_type="MLP",
-                                                        encoder_hidden_size=RESIDUAL_BOTTLENECK)), details
+        return get_peft_model(
+            base,
+            PromptEncoderConfig(
+                **common, encoder_reparameterization_type="MLP", encoder_hidden_size=RESIDUAL_BOTTLENECK
+            ),
+        ), details
     if spec.method in RESIDUAL_METHODS:
         init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if spec.init == "vocab" else {}
         config = ppt.ResidualPromptConfig(
-            **common, bottleneck_size=RESIDUAL_BOTTLENECK, layer_norm=spec.method != "residual_no_layer_norm",
-            branch_scale="embedding_rms" if spec.method == "residual_embedding_rms" else "unit", **init)
+            **common,
+            bottleneck_size=RESIDUAL_BOTTLENECK,
+            layer_norm=spec.method != "residual_no_layer_norm",
+            branch_scale="embedding_rms" if spec.method == "residual_embedding_rms" else "unit",
+            **init,
+        )
         return get_peft_model(base, config), details
     if spec.method in ("spot", "source_average"):
         prompts = _source_prompts(backbone, spec)
@@ -348,8 +394,12 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
         return model, details
     if spec.method == "mpt":
         folder = ensure_source(backbone, spec.source("mpt"))
-        config = MultitaskPromptTuningConfig(**common, num_tasks=1, prompt_tuning_init="AVERAGE_SOURCE_TASKS",
-                                             prompt_tuning_init_state_dict_path=str(folder / "adapter_model.safetensors"))
+        config = MultitaskPromptTuningConfig(
+            **common,
+            num_tasks=1,
+            prompt_tuning_init="AVERAGE_SOURCE_TASKS",
+            prompt_tuning_init_state_dict_path=str(folder / "adapter_model.safetensors"),
+        )
         return get_peft_model(base, config), details
     if spec.method == "bayesian":
         folder = ensure_source(backbone, spec.source("bayesian"))
@@ -381,15 +431,27 @@ def run(spec: RunSpec, backbone: Backbone) -> dict:
         if needs_task_ids:
             train_set = train_set.add_column("task_ids", [0] * len(train_set))
         model, record["details"] = build_single_task_model(backbone, spec, train_set)
-        result = train(model, train_set, backbone, make_optimizer(model, spec.lr, spec.method), spec.steps,
-                       spec.batch_size, spec.seed)
+        result = train(
+            model,
+            train_set,
+            backbone,
+            make_optimizer(model, spec.lr, spec.method),
+            spec.steps,
+            spec.batch_size,
+            spec.seed,
+        )
         start = time.perf_counter()
         test = _test_set(task, spec)
-        predictions = backbone.predict(model, backbone.encode(test, task, train=False), task,
-                                       task_id=0 if needs_task_ids else None)
+        predictions = backbone.predict(
+            model, backbone.encode(test, task, train=False), task, task_id=0 if needs_task_ids else None
+        )
         record["metrics"][task] = metric(task, test["label"], predictions)
-        record.update(result, eval_seconds=time.perf_counter() - start,
-                      trainable_params=_trainable(model), inference_params=_inference_params(model, spec))
+        record.update(
+            result,
+            eval_seconds=time.perf_counter() - start,
+            trainable_params=_trainable(model),
+            inference_params=_inference_params(model, spec),
+        )
     record["metric"] = sum(record["metrics"].values()) / len(record["metrics"])
     return record
 
@@ -399,45 +461,77 @@ def multitask_run(spec: RunSpec, backbone: Backbone, record: dict) -> None:
     train_split = _split_names(spec)[0]
     separate = spec.method == "prompt_tuning"  # an independent prompt (and head) per task
     offsets = [0] * len(spec.tasks) if backbone.causal or separate else _offsets(spec.tasks)
-    encoded = {task: backbone.encode(load_split(task, train_split, seed=spec.seed), task, train=True, label_offset=o)
-               for task, o in zip(spec.tasks, offsets)}
+    encoded = {
+        task: backbone.encode(load_split(task, train_split, seed=spec.seed), task, train=True, label_offset=o)
+        for task, o in zip(spec.tasks, offsets)
+    }
     models, seconds, losses = {}, 0.0, []
     if separate:  # the same steps per task as the joint methods give each task
         for task, data in encoded.items():
-            model = get_peft_model(backbone.base_model(TASKS[task].num_labels, spec.seed), _prompt_config(backbone, spec))
-            result = train(model, data, backbone, make_optimizer(model, spec.lr, spec.method), spec.steps,
-                           spec.batch_size, spec.seed)
+            model = get_peft_model(
+                backbone.base_model(TASKS[task].num_labels, spec.seed), _prompt_config(backbone, spec)
+            )
+            result = train(
+                model,
+                data,
+                backbone,
+                make_optimizer(model, spec.lr, spec.method),
+                spec.steps,
+                spec.batch_size,
+                spec.seed,
+            )
             models[task], seconds, losses = model, seconds + result["train_seconds"], losses + [result["losses"]]
         trainable = sum(_trainable(m) for m in models.values())
     else:
         mixed = ppt.combine_tasks(encoded, sampling="equal", seed=spec.seed)
         if spec.method == "compt":
             init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if spec.init == "vocab" else {}
-            config = ppt.ComPTConfig(task_type=backbone.task_type, num_virtual_tokens=spec.num_virtual_tokens,
-                                     task_names=list(spec.tasks), num_source_prompts=len(spec.tasks),
-                                     normalization="sparsemax", **init)
+            config = ppt.ComPTConfig(
+                task_type=backbone.task_type,
+                num_virtual_tokens=spec.num_virtual_tokens,
+                task_names=list(spec.tasks),
+                num_source_prompts=len(spec.tasks),
+                normalization="sparsemax",
+                **init,
+            )
         elif spec.method == "compt_authors":  # the authors' initialisation is part of the recipe
-            config = ppt.ComPTConfig.authors_recipe(task_type=backbone.task_type,
-                                                    num_virtual_tokens=spec.num_virtual_tokens,
-                                                    task_names=list(spec.tasks), num_source_prompts=len(spec.tasks))
+            config = ppt.ComPTConfig.authors_recipe(
+                task_type=backbone.task_type,
+                num_virtual_tokens=spec.num_virtual_tokens,
+                task_names=list(spec.tasks),
+                num_source_prompts=len(spec.tasks),
+            )
         else:  # one prompt shared by every task
             mixed = mixed.remove_columns("task_ids")
             config = _prompt_config(backbone, spec)
         model = get_peft_model(backbone.base_model(_num_labels(spec.tasks), spec.seed), config)
-        result = train(model, mixed, backbone, make_optimizer(model, spec.lr, spec.method),
-                       spec.steps * len(spec.tasks), spec.batch_size, spec.seed)
-        models = {task: model for task in spec.tasks}
+        result = train(
+            model,
+            mixed,
+            backbone,
+            make_optimizer(model, spec.lr, spec.method),
+            spec.steps * len(spec.tasks),
+            spec.batch_size,
+            spec.seed,
+        )
+        models = dict.fromkeys(spec.tasks, model)
         seconds, losses, trainable = result["train_seconds"], [result["losses"]], _trainable(model)
         if spec.method in COMPT_METHODS:
             record["details"]["routing_weights"] = model.prompt_encoder["default"].routing_weights().tolist()
     start = time.perf_counter()
     for index, (task, offset) in enumerate(zip(spec.tasks, offsets)):
         test = _test_set(task, spec)
-        predictions = backbone.predict(models[task], backbone.encode(test, task, train=False), task,
-                                       task_id=index if spec.method in COMPT_METHODS else None, label_offset=offset)
+        predictions = backbone.predict(
+            models[task],
+            backbone.encode(test, task, train=False),
+            task,
+            task_id=index if spec.method in COMPT_METHODS else None,
+            label_offset=offset,
+        )
         record["metrics"][task] = metric(task, test["label"], predictions)
-    record.update(train_seconds=seconds, losses=losses, eval_seconds=time.perf_counter() - start,
-                  trainable_params=trainable)
+    record.update(
+        train_seconds=seconds, losses=losses, eval_seconds=time.perf_counter() - start, trainable_params=trainable
+    )
 
 
 def _trainable(model) -> int:

@@ -9,8 +9,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from filelock import FileLock
 
@@ -37,8 +37,13 @@ def versions() -> dict:
 
     import peft_prompt_transfer
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "peft_prompt_transfer": peft_prompt_transfer.__version__, "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "peft_prompt_transfer": peft_prompt_transfer.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def load_records(path: Path) -> list[dict]:

@@ -27,9 +27,12 @@ def prompt_configs(task_type: str, num_virtual_tokens: int = 20, bottleneck_size
     residual with the branch scaled to the word embeddings' RMS."""
     common = dict(task_type=task_type, num_virtual_tokens=num_virtual_tokens, prompt_tuning_init="SAMPLE_VOCAB")
     residual = dict(common, bottleneck_size=bottleneck_size)
-    return {"prompt_tuning": PromptTuningConfig(**common), "residual": ppt.ResidualPromptConfig(**residual),
-            "residual_no_layer_norm": ppt.ResidualPromptConfig(**residual, layer_norm=False),
-            "residual_embedding_rms": ppt.ResidualPromptConfig(**residual, branch_scale="embedding_rms")}
+    return {
+        "prompt_tuning": PromptTuningConfig(**common),
+        "residual": ppt.ResidualPromptConfig(**residual),
+        "residual_no_layer_norm": ppt.ResidualPromptConfig(**residual, layer_norm=False),
+        "residual_embedding_rms": ppt.ResidualPromptConfig(**residual, branch_scale="embedding_rms"),
+    }
 
 
 def first_steps(model: PeftModel, lr: float, steps: int = 5, seed: int = 0) -> dict:
@@ -53,16 +56,23 @@ def first_steps(model: PeftModel, lr: float, steps: int = 5, seed: int = 0) -> d
         moves.append((new - current).norm(dim=-1).mean().item())
         current = new
     cosine = torch.nn.functional.cosine_similarity
-    return {"step0_norm": start.norm(dim=-1).mean().item(), "vocab_norm": vocab_init.norm(dim=-1).mean().item(),
-            "step0_cosine_to_vocab_init": cosine(start, vocab_init, dim=-1).mean().item(), "moves": moves,
-            "cosine_to_step0": cosine(current, start, dim=-1).mean().item()}
+    return {
+        "step0_norm": start.norm(dim=-1).mean().item(),
+        "vocab_norm": vocab_init.norm(dim=-1).mean().item(),
+        "step0_cosine_to_vocab_init": cosine(start, vocab_init, dim=-1).mean().item(),
+        "moves": moves,
+        "cosine_to_step0": cosine(current, start, dim=-1).mean().item(),
+    }
 
 
 def main(argv=None) -> None:
     from benchmarks.models import load_causal_lm, load_classifier
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.prompt_steps", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.prompt_steps",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="smollm2")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--steps", type=int, default=5)
@@ -70,16 +80,20 @@ def main(argv=None) -> None:
     causal = args.model == "smollm2"
     task_type = TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS
     print(f"{args.model}, AdamW lr {args.lr:g}: mean per-token norms and moves of the prompt the model sees")
-    print("| method | step-0 norm (vocab init) | step-0 cosine to vocab init | move in steps 1.."
-          f"{args.steps} | cosine to step 0 after {args.steps} |")
+    print(
+        "| method | step-0 norm (vocab init) | step-0 cosine to vocab init | move in steps 1.."
+        f"{args.steps} | cosine to step 0 after {args.steps} |"
+    )
     print("|---|---:|---:|---|---:|")
     for name, config in prompt_configs(task_type).items():
         torch.manual_seed(13)
         base = load_causal_lm(args.model)[1] if causal else load_classifier(args.model, 2)[1]
         result = first_steps(get_peft_model(base, config), args.lr, args.steps)
-        print(f"| {name} | {result['step0_norm']:.2f} ({result['vocab_norm']:.2f}) | "
-              f"{result['step0_cosine_to_vocab_init']:.2f} | {' '.join(f'{m:.2f}' for m in result['moves'])} | "
-              f"{result['cosine_to_step0']:.2f} |")
+        print(
+            f"| {name} | {result['step0_norm']:.2f} ({result['vocab_norm']:.2f}) | "
+            f"{result['step0_cosine_to_vocab_init']:.2f} | {' '.join(f'{m:.2f}' for m in result['moves'])} | "
+            f"{result['cosine_to_step0']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

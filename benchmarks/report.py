@@ -17,12 +17,19 @@ import pandas as pd
 
 REPOSITORY_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 LABELS = {
-    "prompt_tuning": "peft PROMPT_TUNING", "p_tuning": "peft P_TUNING (MLP)", "residual": "residual (ours)",
+    "prompt_tuning": "peft PROMPT_TUNING",
+    "p_tuning": "peft P_TUNING (MLP)",
+    "residual": "residual (ours)",
     "residual_no_layer_norm": "residual without LayerNorm (ablation)",
     "residual_embedding_rms": "residual, branch scaled to the embeddings' RMS",
-    "full_finetuning": "full fine-tuning", "spot": "SPoT init (best single source)",
-    "source_average": "average-of-sources init", "mpt": "peft MULTITASK_PROMPT_TUNING", "bayesian": "Bayesian (ours)",
-    "compt": "ComPT (ours)", "compt_authors": "ComPT, the authors' recipe", "shared_prompt": "one shared prompt",
+    "full_finetuning": "full fine-tuning",
+    "spot": "SPoT init (best single source)",
+    "source_average": "average-of-sources init",
+    "mpt": "peft MULTITASK_PROMPT_TUNING",
+    "bayesian": "Bayesian (ours)",
+    "compt": "ComPT (ours)",
+    "compt_authors": "ComPT, the authors' recipe",
+    "shared_prompt": "one shared prompt",
 }
 
 
@@ -54,13 +61,16 @@ def _variant(row) -> str:
 def _lr_table(frame: pd.DataFrame, by: str = "variant") -> list[str]:
     """Mean +/- std per learning rate, the best LR, and the spread over LRs and inits."""
     lrs = sorted(frame["lr"].unique())
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best LR | spread over LRs |",
-             "|---|" + "---:|" * (len(lrs) + 2)]
+    lines = [
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best LR | spread over LRs |",
+        "|---|" + "---:|" * (len(lrs) + 2),
+    ]
     for name, group in frame.groupby(by, sort=False):
         cells = [_fmt(group[group.lr == lr]["metric"]) for lr in lrs]
         means = group.groupby("lr")["metric"].mean()
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_best_lr(group):g} | "
-                     f"{100 * (means.max() - means.min()):.1f} |")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {_best_lr(group):g} | {100 * (means.max() - means.min()):.1f} |"
+        )
     return lines
 
 
@@ -75,8 +85,10 @@ def _paired(frame: pd.DataFrame, ours: str, theirs: str, by: str = "variant") ->
     if diff.empty:
         return None
     std = diff.std() if len(diff) > 1 else 0.0
-    return (f"{ours} − {theirs}: {100 * diff.mean():+.1f} ± {100 * std:.1f} points "
-            f"({int((diff > 0).sum())} of {len(diff)} seeds better)")
+    return (
+        f"{ours} − {theirs}: {100 * diff.mean():+.1f} ± {100 * std:.1f} points "
+        f"({int((diff > 0).sum())} of {len(diff)} seeds better)"
+    )
 
 
 def _bar_plot(frame: pd.DataFrame, by: str, title: str, path: Path) -> None:
@@ -140,7 +152,15 @@ def _routing_plot(frame: pd.DataFrame, path: Path) -> Optional[list[list[float]]
     ax.set_xticks(range(weights.shape[1]), [f"source {j}" for j in range(weights.shape[1])], fontsize=8)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     for (i, j), value in np.ndenumerate(weights):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < weights.max() / 2 else "black", fontsize=8)
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            color="white" if value < weights.max() / 2 else "black",
+            fontsize=8,
+        )
     fig.colorbar(image, ax=ax, fraction=0.046)
     ax.set_title(f"ComPT routing weights (after gates), mean of {len(best)} seeds", fontsize=9)
     fig.tight_layout()
@@ -179,16 +199,22 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
     for cost_path in sorted(results_dir.glob("cost-*.json")):  # one file per model
         cost = json.loads(cost_path.read_text())
         first = cost["records"][0]
-        lines += [f"## Cost next to peft PROMPT_TUNING: {first['model']}", "",
-                  f"`{cost['command']}` — batch {first['batch_size']} x {first['seq_len']} tokens, "
-                  f"{first['num_virtual_tokens']} virtual tokens, {first['device']}; ratios to PROMPT_TUNING, the median "
-                  f"over {first['rounds']} interleaved rounds with its 95% bootstrap interval.", "",
-                  "| method | trainable | step time | peak memory | inference (reloaded) | inference (exported) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## Cost next to peft PROMPT_TUNING: {first['model']}",
+            "",
+            f"`{cost['command']}` — batch {first['batch_size']} x {first['seq_len']} tokens, "
+            f"{first['num_virtual_tokens']} virtual tokens, {first['device']}; ratios to PROMPT_TUNING, the median "
+            f"over {first['rounds']} interleaved rounds with its 95% bootstrap interval.",
+            "",
+            "| method | trainable | step time | peak memory | inference (reloaded) | inference (exported) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for r in cost["records"]:
             memory = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}x"
-            lines.append(f"| {r['method']} | {r['trainable_params']:,} | {_ratio(r['step_ratio'])} | {memory} | "
-                         f"{_ratio(r['inference_ratio'])} | {_ratio(r['exported_inference_ratio'])} |")
+            lines.append(
+                f"| {r['method']} | {r['trainable_params']:,} | {_ratio(r['step_ratio'])} | {memory} | "
+                f"{_ratio(r['inference_ratio'])} | {_ratio(r['exported_inference_ratio'])} |"
+            )
         lines.append("")
     scaling_path = results_dir / "svgd_scaling.json"
     if scaling_path.exists():
@@ -196,9 +222,16 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
         _svgd_plot(scaling, figures / "svgd_scaling.png")
         from benchmarks.svgd_scaling import table
 
-        lines += ["## SVGD source stage: step time vs M", "", "`python -m benchmarks.svgd_scaling "
-                  "--output benchmarks/results/svgd_scaling.json`", "", table(scaling), "",
-                  f"![step time vs M]({(figures / 'svgd_scaling.png').relative_to(out.parent)})", ""]
+        lines += [
+            "## SVGD source stage: step time vs M",
+            "",
+            "`python -m benchmarks.svgd_scaling --output benchmarks/results/svgd_scaling.json`",
+            "",
+            table(scaling),
+            "",
+            f"![step time vs M]({(figures / 'svgd_scaling.png').relative_to(out.parent)})",
+            "",
+        ]
     return lines
 
 
@@ -216,13 +249,22 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None) -> Path:
     failed = sum("error" in r for r in records)
     dates = sorted(r["date"] for r in records)
     versions = records[-1]["versions"] if records else {}
-    lines = [f"# Benchmark results: `{suite}` suite", "",
-             f"Runs produced by {_commands(records)}. Rendered by "
-             f"`python -m benchmarks report {suite}`. {len(frame)} of {planned} planned runs recorded"
-             + (f" ({failed} failed attempts logged)" if failed else "")
-             + (f", {dates[0][:10]} to {dates[-1][:10]}" if dates else "") + ". "
-             + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "", _budget_line(suite), "",
-             __doc__.split("\n\n", 1)[1].strip(), ""]
+    lines = [
+        f"# Benchmark results: `{suite}` suite",
+        "",
+        f"Runs produced by {_commands(records)}. Rendered by "
+        f"`python -m benchmarks report {suite}`. {len(frame)} of {planned} planned runs recorded"
+        + (f" ({failed} failed attempts logged)" if failed else "")
+        + (f", {dates[0][:10]} to {dates[-1][:10]}" if dates else "")
+        + ". "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + ".",
+        "",
+        _budget_line(suite),
+        "",
+        __doc__.split("\n\n", 1)[1].strip(),
+        "",
+    ]
     rel = lambda name: (figures / name).relative_to(out.parent)  # noqa: E731
     if not frame.empty:
         frame["variant"] = frame.apply(_variant, axis=1)
@@ -248,12 +290,14 @@ def _budget_line(suite: str) -> str:
     from benchmarks.suites import SUITES
 
     budget, source = SUITES[suite], SourceSpec  # the source stages' batch size and LR are the dataclass defaults
-    return (f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))}; {budget.num_virtual_tokens} virtual tokens "
-            f"(and {max(1, budget.num_virtual_tokens // 10)} for the short-prompt runs); {budget.steps} steps of batch 8 "
-            f"per task on MiniLM, {budget.smollm2_steps} on SmolLM2; prompt LRs {budget.prompt_lrs}; full fine-tuning "
-            f"LRs {budget.finetune_lrs}; classifier heads at {experiments.HEAD_LR:g}; up to {budget.max_eval} test "
-            f"examples per task; source stages {budget.source_steps} steps of batch {source.batch_size} per source at "
-            f"lr {source.lr:g}, {experiments.BAYESIAN_PARTICLES} SVGD particles.")
+    return (
+        f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))}; {budget.num_virtual_tokens} virtual tokens "
+        f"(and {max(1, budget.num_virtual_tokens // 10)} for the short-prompt runs); {budget.steps} steps of batch 8 "
+        f"per task on MiniLM, {budget.smollm2_steps} on SmolLM2; prompt LRs {budget.prompt_lrs}; full fine-tuning "
+        f"LRs {budget.finetune_lrs}; classifier heads at {experiments.HEAD_LR:g}; up to {budget.max_eval} test "
+        f"examples per task; source stages {budget.source_steps} steps of batch {source.batch_size} per source at "
+        f"lr {source.lr:g}, {experiments.BAYESIAN_PARTICLES} SVGD particles."
+    )
 
 
 def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
@@ -262,20 +306,38 @@ def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
     for (model, task), group in residual.groupby(["model", "task"]):
         name = f"claim1-{model}-{task}"
         _bar_plot(group, "variant", f"Claim 1: {task}, {model}", figures / f"{name}.png")
-        _lr_plot(group[group.method != "full_finetuning"], f"Claim 1: accuracy vs learning rate, {task}, {model}",
-                 figures / f"{name}-lr.png")
+        _lr_plot(
+            group[group.method != "full_finetuning"],
+            f"Claim 1: accuracy vs learning rate, {task}, {model}",
+            figures / f"{name}-lr.png",
+        )
         lines += [f"## Claim 1 — residual prompt tuning vs prompt tuning: {task} (16-shot), {model}", ""]
         lines += _lr_table(group)
         lines.append("")
         variants = group["variant"].unique()
         variants_of_the_branch = ("residual_no_layer_norm", "residual_embedding_rms")
-        pairs = [(v, v.replace(LABELS[method], LABELS["prompt_tuning"]))
-                 for method in ("residual", *variants_of_the_branch) for v in variants if v.startswith(LABELS[method])]
-        pairs += [(v, v.replace(LABELS[method], LABELS["residual"]))
-                  for method in variants_of_the_branch for v in variants if v.startswith(LABELS[method])]
-        short = [v for v in variants if LABELS["residual"] in v and v.endswith(f" {group.num_virtual_tokens.min()} tokens")]
-        long_pt = [v for v in variants if LABELS["prompt_tuning"] in v and "random" in v
-                   and v.endswith(f" {group.num_virtual_tokens.max()} tokens")]
+        pairs = [
+            (v, v.replace(LABELS[method], LABELS["prompt_tuning"]))
+            for method in ("residual", *variants_of_the_branch)
+            for v in variants
+            if v.startswith(LABELS[method])
+        ]
+        pairs += [
+            (v, v.replace(LABELS[method], LABELS["residual"]))
+            for method in variants_of_the_branch
+            for v in variants
+            if v.startswith(LABELS[method])
+        ]
+        short = [
+            v for v in variants if LABELS["residual"] in v and v.endswith(f" {group.num_virtual_tokens.min()} tokens")
+        ]
+        long_pt = [
+            v
+            for v in variants
+            if LABELS["prompt_tuning"] in v
+            and "random" in v
+            and v.endswith(f" {group.num_virtual_tokens.max()} tokens")
+        ]
         if group.num_virtual_tokens.nunique() > 1:
             pairs += [(s, p) for s in short for p in long_pt]
         lines += [f"- {line}" for line in (_paired(group, a, b) for a, b in pairs) if line]
@@ -283,8 +345,10 @@ def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
         for method in ("prompt_tuning", "residual"):  # robustness: how much the choice of LR and init matters
             cells = longest[longest.method == method].groupby(["lr", "init"])["metric"].mean()
             if len(cells) > 1:
-                lines.append(f"- {LABELS[method]}: mean over seeds ranges {100 * cells.min():.1f} to "
-                             f"{100 * cells.max():.1f} across {len(cells)} (LR, init) settings")
+                lines.append(
+                    f"- {LABELS[method]}: mean over seeds ranges {100 * cells.min():.1f} to "
+                    f"{100 * cells.max():.1f} across {len(cells)} (LR, init) settings"
+                )
         lines += ["", f"![accuracy by method]({rel(name + '.png')})", f"![accuracy vs LR]({rel(name + '-lr.png')})", ""]
 
     transfer = frame[frame.claim == "transfer"]
@@ -292,34 +356,66 @@ def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
         sources = sorted({s for s in group.sources.map(tuple) for s in s})
         name = f"claim2-{model}-{task}"
         _bar_plot(group, "label", f"Claim 2: transfer to {task}, {model}", figures / f"{name}.png")
-        lines += [f"## Claim 2 — Bayesian transfer vs other transfer: target {task} ({group.iloc[0]['data']}), "
-                  f"sources {' + '.join(sources)}, {model}", ""]
+        lines += [
+            f"## Claim 2 — Bayesian transfer vs other transfer: target {task} ({group.iloc[0]['data']}), "
+            f"sources {' + '.join(sources)}, {model}",
+            "",
+        ]
         lines += _lr_table(group, by="label")
         params = group.groupby("label")["inference_params"].first()
-        lines += ["", "Prompt parameters needed at inference: "
-                  + ", ".join(f"{k} {int(v):,}" for k, v in params.items() if pd.notna(v)) + ".", ""]
+        lines += [
+            "",
+            "Prompt parameters needed at inference: "
+            + ", ".join(f"{k} {int(v):,}" for k, v in params.items() if pd.notna(v))
+            + ".",
+            "",
+        ]
         spot = group[group.method == "spot"]["details"].map(lambda d: d.get("spot_source")).value_counts()
         if len(spot):
             lines += ["SPoT chose the source " + ", ".join(f"{k} ({v} runs)" for k, v in spot.items()) + ".", ""]
-        lines += [f"- {line}" for line in (_paired(group, LABELS["bayesian"], LABELS[other], by="label")
-                                           for other in ("prompt_tuning", "spot", "source_average", "mpt")) if line]
+        lines += [
+            f"- {line}"
+            for line in (
+                _paired(group, LABELS["bayesian"], LABELS[other], by="label")
+                for other in ("prompt_tuning", "spot", "source_average", "mpt")
+            )
+            if line
+        ]
         lines += ["", f"![transfer]({rel(name + '.png')})", ""]
 
     multitask = frame[frame.claim == "multitask"]
     for (model, task), group in multitask.groupby(["model", "task"]):
         name = f"claim3-{model}"
         _bar_plot(group, "label", f"Claim 3: few-shot multi-task {task}, {model}", figures / f"{name}.png")
-        lines += [f"## Claim 3 — ComPT vs prompt tuning vs one shared prompt: {task} (16-shot each), {model}", "",
-                  "Mean over the tasks:", ""]
+        lines += [
+            f"## Claim 3 — ComPT vs prompt tuning vs one shared prompt: {task} (16-shot each), {model}",
+            "",
+            "Mean over the tasks:",
+            "",
+        ]
         lines += _lr_table(group, by="label")
-        lines += ["", "Per task, at each method's best LR:", "",
-                  "| method | " + " | ".join(group.iloc[0]["tasks"]) + " |", "|---|" + "---:|" * len(group.iloc[0]["tasks"])]
+        lines += [
+            "",
+            "Per task, at each method's best LR:",
+            "",
+            "| method | " + " | ".join(group.iloc[0]["tasks"]) + " |",
+            "|---|" + "---:|" * len(group.iloc[0]["tasks"]),
+        ]
         for label, rows in group.groupby("label", sort=False):
             best = rows[rows.lr == _best_lr(rows)]
-            lines.append(f"| {label} | " + " | ".join(
-                _fmt(best["metrics"].map(lambda m: m[t])) for t in group.iloc[0]["tasks"]) + " |")
-        lines += [""] + [f"- {line}" for line in (_paired(group, LABELS["compt"], LABELS[o], by="label")
-                                                  for o in ("compt_authors", "prompt_tuning", "shared_prompt")) if line]
+            lines.append(
+                f"| {label} | "
+                + " | ".join(_fmt(best["metrics"].map(lambda m: m[t])) for t in group.iloc[0]["tasks"])
+                + " |"
+            )
+        lines += [""] + [
+            f"- {line}"
+            for line in (
+                _paired(group, LABELS["compt"], LABELS[o], by="label")
+                for o in ("compt_authors", "prompt_tuning", "shared_prompt")
+            )
+            if line
+        ]
         weights = _routing_plot(group, figures / f"{name}-routing.png")
         lines += ["", f"![multi-task]({rel(name + '.png')})"]
         if weights is not None:

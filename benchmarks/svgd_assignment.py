@@ -62,35 +62,61 @@ def spread(particles: torch.Tensor) -> float:
 
 def source_stage(backbone: Backbone, args, assignment: str, batch_size: int, likelihood_scale: float, folder: Path):
     """Train and save one source-stage posterior; returns its measurements."""
-    source = SourceSpec("bayesian", "minilm", tuple(args.sources), args.num_virtual_tokens, steps=args.source_steps,
-                        batch_size=batch_size, lr=args.source_lr, seed=args.seed)
+    source = SourceSpec(
+        "bayesian",
+        "minilm",
+        tuple(args.sources),
+        args.num_virtual_tokens,
+        steps=args.source_steps,
+        batch_size=batch_size,
+        lr=args.source_lr,
+        seed=args.seed,
+    )
     data = ppt.combine_tasks(_source_data(backbone, source, multitask=True), sampling="equal", seed=args.seed)
     config = ppt.BayesianPromptConfig(
-        task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens, num_particles=BAYESIAN_PARTICLES,
-        source_tasks=list(args.sources), particle_assignment=assignment, likelihood_scale=likelihood_scale,
+        task_type="SEQ_CLS",
+        num_virtual_tokens=args.num_virtual_tokens,
+        num_particles=BAYESIAN_PARTICLES,
+        source_tasks=list(args.sources),
+        particle_assignment=assignment,
+        likelihood_scale=likelihood_scale,
         prompt_tuning_init="SAMPLE_VOCAB",
     )
     model = get_peft_model(backbone.base_model(_num_labels(args.sources), args.seed), config)
-    collator = ppt.ParticleReplicationCollator(BAYESIAN_PARTICLES, backbone.collator()) if assignment == "replicated" else None
-    log = train(model, data, backbone, make_optimizer(model, args.source_lr, "bayesian"),
-                args.source_steps * len(args.sources), batch_size, args.seed, collator=collator)
+    collator = (
+        ppt.ParticleReplicationCollator(BAYESIAN_PARTICLES, backbone.collator()) if assignment == "replicated" else None
+    )
+    log = train(
+        model,
+        data,
+        backbone,
+        make_optimizer(model, args.source_lr, "bayesian"),
+        args.source_steps * len(args.sources),
+        batch_size,
+        args.seed,
+        collator=collator,
+    )
     model.save_pretrained(folder)
     source_accuracy = {}
     for task, offset in zip(args.sources, _offsets(args.sources)):
         dev = load_split(task, "dev").shuffle(seed=0).select(range(args.max_eval))
         predictions = backbone.predict(model, backbone.encode(dev, task, train=False), task, label_offset=offset)
         source_accuracy[task] = metric(task, dev["label"], predictions)
-    return {"spread": spread(model.prompt_encoder["default"].particles.detach()), "source_dev": source_accuracy,
-            "source_seconds": log["train_seconds"], "rows_per_step": batch_size * (BAYESIAN_PARTICLES if assignment ==
-                                                                                  "replicated" else 1)}
+    return {
+        "spread": spread(model.prompt_encoder["default"].particles.detach()),
+        "source_dev": source_accuracy,
+        "source_seconds": log["train_seconds"],
+        "rows_per_step": batch_size * (BAYESIAN_PARTICLES if assignment == "replicated" else 1),
+    }
 
 
 def target_stage(backbone: Backbone, args, folder: Path, seed: int) -> float:
     """k-shot accuracy of a target prompt started from the posterior mean."""
     task = args.target
     train_set = backbone.encode(load_split(task, "kshot-train", seed=seed), task, train=True)
-    config = ppt.BayesianPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens, stage="target",
-                                      posterior=str(folder))
+    config = ppt.BayesianPromptConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens, stage="target", posterior=str(folder)
+    )
     model = get_peft_model(backbone.base_model(TASKS[task].num_labels, seed), config)
     train(model, train_set, backbone, make_optimizer(model, args.target_lr, "bayesian"), args.target_steps, 8, seed)
     test = load_split(task, "kshot-test", seed=seed).shuffle(seed=0).select(range(args.max_eval))
@@ -99,8 +125,11 @@ def target_stage(backbone: Backbone, args, folder: Path, seed: int) -> float:
 
 def table(report: dict) -> str:
     sources = report["settings"]["sources"]
-    lines = [f"| setting | rows/step | source s | spread | {' | '.join(f'{s} dev (mean)' for s in sources)} | "
-             f"{report['settings']['target']} k-shot from mean |", "|---" + "|---:" * (4 + len(sources)) + "|"]
+    lines = [
+        f"| setting | rows/step | source s | spread | {' | '.join(f'{s} dev (mean)' for s in sources)} | "
+        f"{report['settings']['target']} k-shot from mean |",
+        "|---" + "|---:" * (4 + len(sources)) + "|",
+    ]
     for r in report["results"]:
         target = r["target"]
         lines.append(
@@ -112,8 +141,11 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.svgd_assignment", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.svgd_assignment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output", default="svgd_assignment.json", help="Where to write the JSON report.")
     parser.add_argument("--sources", nargs="+", default=["sst2", "cola"])
     parser.add_argument("--target", default="mr")
@@ -125,21 +157,31 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-virtual-tokens", type=int, default=20)
     parser.add_argument("--max-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--settings", nargs="+", choices=[name for name, *_ in SETTINGS],
-                        default=[name for name, *_ in SETTINGS], help="Which settings to run (default: all).")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=[name for name, *_ in SETTINGS],
+        default=[name for name, *_ in SETTINGS],
+        help="Which settings to run (default: all).",
+    )
     args = parser.parse_args(argv)
     backbone, results = Backbone.load("minilm"), []
     for name, assignment, batch_size, likelihood_scale in SETTINGS:
         if name not in args.settings:
             continue
         with tempfile.TemporaryDirectory() as folder:
-            result = {"setting": name, **source_stage(backbone, args, assignment, batch_size, likelihood_scale,
-                                                      Path(folder))}
+            result = {
+                "setting": name,
+                **source_stage(backbone, args, assignment, batch_size, likelihood_scale, Path(folder)),
+            }
             result["target"] = {seed: target_stage(backbone, args, Path(folder), seed) for seed in args.target_seeds}
         results.append(result)
         print(json.dumps(result), flush=True)
-    report = {"settings": {k: v for k, v in vars(args).items() if k != "output"}, "versions": versions(),
-              "results": results}
+    report = {
+        "settings": {k: v for k, v in vars(args).items() if k != "output"},
+        "versions": versions(),
+        "results": results,
+    }
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
     print(table(report))

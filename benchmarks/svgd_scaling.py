@@ -36,8 +36,16 @@ PARTICLES = (1, 2, 4, 8, 16)
 def build_model(args):
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=args.vocab_size, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
-        n_positions=args.seq_len + args.num_virtual_tokens, bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=args.vocab_size,
+        n_embd=args.hidden,
+        n_layer=args.layers,
+        n_head=args.heads,
+        n_positions=args.seq_len + args.num_virtual_tokens,
+        bos_token_id=1,
+        eos_token_id=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return AutoModelForCausalLM.from_config(config)
 
@@ -67,18 +75,33 @@ def run(args) -> dict:
 
     def record(method: str, mode: Optional[str], particles: Optional[int], model, model_batch):
         times = time_steps(model, model_batch, args)
-        results.append({"method": method, "mode": mode, "num_particles": particles, "rows_per_step":
-                        model_batch["input_ids"].shape[0], "times_s": times, "median_s": statistics.median(times)})
-        print(f"  {method:<22} {mode or '':<10} M={particles or '-':<3} median {statistics.median(times) * 1e3:8.1f} ms",
-              flush=True)
+        results.append(
+            {
+                "method": method,
+                "mode": mode,
+                "num_particles": particles,
+                "rows_per_step": model_batch["input_ids"].shape[0],
+                "times_s": times,
+                "median_s": statistics.median(times),
+            }
+        )
+        print(
+            f"  {method:<22} {mode or '':<10} M={particles or '-':<3} median {statistics.median(times) * 1e3:8.1f} ms",
+            flush=True,
+        )
 
-    plain = get_peft_model(build_model(args), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens))
+    plain = get_peft_model(
+        build_model(args), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens)
+    )
     record("PROMPT_TUNING", None, None, plain, batch)
     for mode in ("sharded", "replicated"):
         for particles in args.particles:
             config = BayesianPromptConfig(
-                task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens, num_particles=particles,
-                particle_assignment=mode, prompt_tuning_init="SAMPLE_VOCAB",
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=args.num_virtual_tokens,
+                num_particles=particles,
+                particle_assignment=mode,
+                prompt_tuning_init="SAMPLE_VOCAB",
             )
             model = get_peft_model(build_model(args), config)
             model_batch = expand_for_particles(batch, particles) if mode == "replicated" else batch
@@ -127,8 +150,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 gives the steadiest timings on a shared machine).")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 gives the steadiest timings on a shared machine)."
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"Timing {args.warmup} warm-up + {args.repeats} timed steps per setting on {args.threads} thread(s):")

@@ -61,35 +61,73 @@ class Task:
 
     @property
     def splits(self) -> tuple[str, ...]:
-        return (("train", "dev") if self.full else ()) + (
-            ("kshot-train", "kshot-dev", "kshot-test") if self.kshot else ()
-        ) + (("fewglue-train", "fewglue-test") if self.fewglue else ())
+        return (
+            (("train", "dev") if self.full else ())
+            + (("kshot-train", "kshot-dev", "kshot-test") if self.kshot else ())
+            + (("fewglue-train", "fewglue-test") if self.fewglue else ())
+        )
 
 
-_SENTIMENT = dict(label_names=("negative", "positive"), template="Review: {text}\nSentiment:",
-                  label_words=(" negative", " positive"))
-_ENTAILMENT = dict(label_names=("entailment", "not_entailment"),
-                   template="{text}\nQuestion: {text_pair} True or false?\nAnswer:", label_words=(" true", " false"))
+_SENTIMENT = dict(
+    label_names=("negative", "positive"), template="Review: {text}\nSentiment:", label_words=(" negative", " positive")
+)
+_ENTAILMENT = dict(
+    label_names=("entailment", "not_entailment"),
+    template="{text}\nQuestion: {text_pair} True or false?\nAnswer:",
+    label_words=(" true", " false"),
+)
 TASKS = {
-    "sst2": Task("sst2", **_SENTIMENT, full=("tsv", "sentence", None, "label"),
-                 kshot=("SST-2", "tsv", "sentence", None, "label")),
-    "cola": Task("cola", ("unacceptable", "acceptable"), "Sentence: {text}\nIs this sentence grammatical?",
-                 (" no", " yes"), metric="mcc", full=("cola", "sentence", None, "label"),
-                 kshot=("CoLA", "cola", "sentence", None, "label")),
-    "rte": Task("rte", **_ENTAILMENT, full=("jsonl", "premise", "hypothesis", "label"),
-                kshot=("RTE", "tsv", "sentence1", "sentence2", "label"), fewglue="RTE"),
-    "qnli": Task("qnli", ("entailment", "not_entailment"),
-                 "Question: {text}\nSentence: {text_pair}\nDoes the sentence answer the question?",
-                 (" yes", " no"), kshot=("QNLI", "tsv", "question", "sentence", "label")),
+    "sst2": Task(
+        "sst2", **_SENTIMENT, full=("tsv", "sentence", None, "label"), kshot=("SST-2", "tsv", "sentence", None, "label")
+    ),
+    "cola": Task(
+        "cola",
+        ("unacceptable", "acceptable"),
+        "Sentence: {text}\nIs this sentence grammatical?",
+        (" no", " yes"),
+        metric="mcc",
+        full=("cola", "sentence", None, "label"),
+        kshot=("CoLA", "cola", "sentence", None, "label"),
+    ),
+    "rte": Task(
+        "rte",
+        **_ENTAILMENT,
+        full=("jsonl", "premise", "hypothesis", "label"),
+        kshot=("RTE", "tsv", "sentence1", "sentence2", "label"),
+        fewglue="RTE",
+    ),
+    "qnli": Task(
+        "qnli",
+        ("entailment", "not_entailment"),
+        "Question: {text}\nSentence: {text_pair}\nDoes the sentence answer the question?",
+        (" yes", " no"),
+        kshot=("QNLI", "tsv", "question", "sentence", "label"),
+    ),
     "mr": Task("mr", **_SENTIMENT, kshot=("mr", "csv", "text", None, "label")),
     "cr": Task("cr", **_SENTIMENT, kshot=("cr", "csv", "text", None, "label")),
-    "mpqa": Task("mpqa", ("negative", "positive"), "Phrase: {text}\nPolarity:", (" negative", " positive"),
-                 kshot=("mpqa", "csv", "text", None, "label")),
-    "subj": Task("subj", ("subjective", "objective"), "Sentence: {text}\nThis sentence is", (" subjective", " objective"),
-                 kshot=("subj", "csv", "text", None, "label")),
-    "cb": Task("cb", ("entailment", "contradiction", "neutral"), "{text}\nQuestion: {text_pair} True, false or neither?\nAnswer:",
-               (" true", " false", " neither"), metric="f1", full=("jsonl", "premise", "hypothesis", "label"),
-               fewglue="CB"),
+    "mpqa": Task(
+        "mpqa",
+        ("negative", "positive"),
+        "Phrase: {text}\nPolarity:",
+        (" negative", " positive"),
+        kshot=("mpqa", "csv", "text", None, "label"),
+    ),
+    "subj": Task(
+        "subj",
+        ("subjective", "objective"),
+        "Sentence: {text}\nThis sentence is",
+        (" subjective", " objective"),
+        kshot=("subj", "csv", "text", None, "label"),
+    ),
+    "cb": Task(
+        "cb",
+        ("entailment", "contradiction", "neutral"),
+        "{text}\nQuestion: {text_pair} True, false or neither?\nAnswer:",
+        (" true", " false", " neither"),
+        metric="f1",
+        full=("jsonl", "premise", "hypothesis", "label"),
+        fewglue="CB",
+    ),
 }
 _COLA_COLUMNS = ["source", "label", "mark", "sentence"]  # CoLA files have no header row
 _CSV_COLUMNS = ["label", "text"]  # LM-BFF's sentence-task csv files (mr, cr, subj, mpqa) have no header row
@@ -145,11 +183,14 @@ def load_split(task_name: str, split: str, seed: int = 42, root: Optional[str] =
         if seed not in KSHOT_SEEDS:
             raise ValueError(f"The k-shot splits exist for seeds {KSHOT_SEEDS}, not {seed}.")
         suffix = "csv" if fmt == "csv" else "tsv"
-        ds = _read(base / "k-shot" / folder / f"16-{seed}" / f"{split[len('kshot-'):]}.{suffix}", fmt)
+        ds = _read(base / "k-shot" / folder / f"16-{seed}" / f"{split[len('kshot-') :]}.{suffix}", fmt)
         return _standardise(ds, task, text, pair, label)
     if split.startswith("fewglue-"):
-        path = (base / "fewglue" / task.fewglue / "train.jsonl" if split == "fewglue-train"
-                else base / "superglue" / task.name / "val.jsonl")
+        path = (
+            base / "fewglue" / task.fewglue / "train.jsonl"
+            if split == "fewglue-train"
+            else base / "superglue" / task.name / "val.jsonl"
+        )
         return _standardise(_read(path, "jsonl"), task, "premise", "hypothesis", "label")
     fmt, text, pair, label = task.full
     folder = base / ("superglue" if fmt == "jsonl" else "glue") / task.name

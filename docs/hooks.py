@@ -70,5 +70,7 @@ def on_page_markdown(markdown, page, config, files):
 
 def on_files(files, config):
     for path in sorted(FIGURES.glob("*.png")):
-        files.append(File(f"figures/{path.name}", str(FIGURES.parent), config["site_dir"], config["use_directory_urls"]))
+        files.append(
+            File(f"figures/{path.name}", str(FIGURES.parent), config["site_dir"], config["use_directory_urls"])
+        )
     return files

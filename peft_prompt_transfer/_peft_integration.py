@@ -70,23 +70,23 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import peft
 import peft.peft_model as peft_model_module
 import torch
 import transformers
-from torch.distributed.tensor import DTensor
 from packaging.version import Version
 from peft import PeftConfig, PeftModel, PeftModelForCausalLM, PeftModelForSeq2SeqLM, PromptTuningConfig
-from peft.config import PeftConfigMixin
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft.config import PeftConfigMixin
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners import tuners_utils
-from peft.utils import PeftType, register_peft_method
-from peft.utils import save_and_load
+from peft.utils import PeftType, register_peft_method, save_and_load
 from peft.utils.other import _get_batch_size
 from safetensors import SafetensorError
+from torch.distributed.tensor import DTensor
 
 PACKAGE_NAME = "peft-prompt-transfer"
 IMPORT_LINE = "import peft_prompt_transfer"
@@ -262,8 +262,12 @@ def _wrap_seq2seq_forward(original):
         peft_config = self.active_peft_config
         if not is_ours(peft_config):
             return original(
-                self, input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                task_ids=task_ids, **kwargs
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                task_ids=task_ids,
+                **kwargs,
             )
         # Our prompts live on the encoder only (as peft's PROMPT_TUNING); the decoder arguments pass through.
         _get_batch_size(input_ids, inputs_embeds)  # peft's check that one of the two is given
@@ -324,7 +328,11 @@ def _wrap_causal_prepare_inputs_for_generation(original):
             model_inputs.pop("position_ids", None)
             if "cache" in model_inputs:
                 model_inputs["past_key_values"] = model_inputs.pop("cache")
-            new_tokens = model_inputs["input_ids"] if model_inputs.get("input_ids") is not None else model_inputs["inputs_embeds"]
+            new_tokens = (
+                model_inputs["input_ids"]
+                if model_inputs.get("input_ids") is not None
+                else model_inputs["inputs_embeds"]
+            )
             past_length = _cache_length(model_inputs.get("past_key_values"))
             model_inputs["cache_position"] = torch.arange(
                 past_length, past_length + new_tokens.shape[1], device=new_tokens.device
@@ -352,7 +360,9 @@ def loading_snippet(task_type: Optional[str], import_plugin: bool) -> str:
     """
     task_type = getattr(task_type, "value", task_type)
     peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type)
-    auto_class = "AutoPeftModel" + peft_class.__name__[len("PeftModel"):] if peft_class is not None else "AutoPeftModel"
+    auto_class = (
+        "AutoPeftModel" + peft_class.__name__[len("PeftModel") :] if peft_class is not None else "AutoPeftModel"
+    )
     plugin = f"# pip install {PACKAGE_NAME}\n{IMPORT_LINE}  # registers the method with peft\n" if import_plugin else ""
     return f"{plugin}from peft import {auto_class}\nmodel = {auto_class}.from_pretrained(ADAPTER_PATH_OR_REPO_ID)\n"
 
@@ -448,15 +458,17 @@ _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token")
 
 
 def _wrap_from_pretrained(original):
-    def from_pretrained(cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, config=None,
-                        **kwargs):
+    def from_pretrained(
+        cls, model, model_id, adapter_name: str = "default", is_trainable: bool = False, config=None, **kwargs
+    ):
         if is_trainable and config is None:
             hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
             config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(model_id, **hub_kwargs)]
             config = config_cls.from_pretrained(model_id, **hub_kwargs)
         if not (is_trainable and is_ours(config)):
-            return original(cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config,
-                            **kwargs)
+            return original(
+                cls, model, model_id, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+            )
         config.inference_mode = False
         task_type = getattr(config.task_type, "value", config.task_type)
         peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task_type, cls)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 from peft import PromptLearningConfig
 from peft.tuners.prompt_tuning import PromptEmbedding, PromptTuningInit
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ._peft_integration import IMPORT_LINE, PACKAGE_NAME, BasePromptEncoder
 from ._version import __version__
@@ -123,8 +124,10 @@ class TransferPromptLearningConfig(PromptLearningConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_virtual_tokens is None or isinstance(self.num_virtual_tokens, bool) or not (
-            isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0
+        if (
+            self.num_virtual_tokens is None
+            or isinstance(self.num_virtual_tokens, bool)
+            or not (isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0)
         ):
             raise ValueError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}.")
         # Our prompts go on the encoder only (as peft's PROMPT_TUNING does for seq2seq models).
@@ -142,14 +145,18 @@ class TransferPromptLearningConfig(PromptLearningConfig):
         self.prompt_tuning_init = PromptTuningInit(init)
         if self.prompt_tuning_init == PromptTuningInit.TEXT:
             if not self.tokenizer_name_or_path:
-                raise ValueError("prompt_tuning_init='TEXT' needs tokenizer_name_or_path (the tokenizer to encode the text).")
+                raise ValueError(
+                    "prompt_tuning_init='TEXT' needs tokenizer_name_or_path (the tokenizer to encode the text)."
+                )
             if not self.prompt_tuning_init_text:
                 raise ValueError("prompt_tuning_init='TEXT' needs a non-empty prompt_tuning_init_text.")
         elif self.tokenizer_kwargs:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it or use TEXT.")
 
 
-def initial_prompt(config: TransferPromptLearningConfig, word_embeddings: torch.nn.Module, num_tokens: int) -> torch.Tensor:
+def initial_prompt(
+    config: TransferPromptLearningConfig, word_embeddings: torch.nn.Module, num_tokens: int
+) -> torch.Tensor:
     """A [num_tokens, token_dim] prompt initialised as `config.prompt_tuning_init` says.
 
     Delegates to peft's `PromptEmbedding`, so RANDOM / SAMPLE_VOCAB / TEXT behave exactly as for
@@ -240,7 +247,9 @@ class TransferPromptEncoder(BasePromptEncoder):
         with gathered_parameters(self):
             self.load_adapter_state(state_dict)
 
-    def whole_adapter_state_dict(self, whole_state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    def whole_adapter_state_dict(
+        self, whole_state: Optional[dict[str, torch.Tensor]] = None
+    ) -> dict[str, torch.Tensor]:
         """`adapter_state_dict()` of the whole parameters, also when FSDP2 has sharded them: then on every rank, or
         on one with their whole values in `whole_state` (see [`gathered_parameters`])."""
         with gathered_parameters(self, whole_state):

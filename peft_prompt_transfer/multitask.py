@@ -4,7 +4,8 @@ training set."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
@@ -47,9 +48,7 @@ class TaskIdsCollator:
         return batch
 
 
-def check_task_ids(
-    task_ids: Optional[torch.Tensor], batch_size: int, num_tasks: int, method: str
-) -> torch.Tensor:
+def check_task_ids(task_ids: Optional[torch.Tensor], batch_size: int, num_tasks: int, method: str) -> torch.Tensor:
     """Validate the `task_ids` of one batch and return them.
 
     Raises a `ValueError` that says what is wrong and how to fix it when `task_ids` is missing, not an integer
@@ -78,7 +77,9 @@ def check_task_ids(
     return task_ids.long()
 
 
-def sampling_probabilities(sizes: Sequence[int], sampling: str = "proportional", temperature: float = 2.0) -> list[float]:
+def sampling_probabilities(
+    sizes: Sequence[int], sampling: str = "proportional", temperature: float = 2.0
+) -> list[float]:
     """Per-task sampling probabilities.
 
     `proportional`: p_k ~ n_k. `equal`: p_k = 1/K. `temperature`: p_k ~ n_k^(1/T), which moves from proportional
@@ -109,13 +110,13 @@ def _largest_remainder(total: int, probabilities: Sequence[float]) -> list[int]:
 
 
 def combine_tasks(
-    datasets: Union[Mapping[str, "datasets.Dataset"], Sequence["datasets.Dataset"]],
+    datasets: Union[Mapping[str, datasets.Dataset], Sequence[datasets.Dataset]],
     sampling: str = "proportional",
     temperature: float = 2.0,
     num_examples: Optional[int] = None,
     seed: int = 0,
     task_names: Optional[Sequence[str]] = None,
-) -> "datasets.Dataset":
+) -> datasets.Dataset:
     """Mix several tokenised `datasets.Dataset`s into one shuffled training set with a `task_ids` column.
 
     Args:
@@ -148,8 +149,10 @@ def combine_tasks(
         positions = {name: i for i, name in enumerate(task_names if task_names is not None else names)}
         unknown = [name for name in names if name not in positions]
         if unknown:
-            raise ValueError(f"task(s) {unknown} are not in task_names {list(task_names)}; add them to the config "
-                             "(or to a trained ComPT adapter with add_tasks) first.")
+            raise ValueError(
+                f"task(s) {unknown} are not in task_names {list(task_names)}; add them to the config "
+                "(or to a trained ComPT adapter with add_tasks) first."
+            )
         task_ids = [positions[name] for name in names]
     else:
         parts = list(datasets)

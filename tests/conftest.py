@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -81,7 +81,13 @@ TINY_MODELS = {
         "CAUSAL_LM",
         AutoModelForCausalLM,
         lambda h: GPT2Config(
-            vocab_size=VOCAB, n_embd=h, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=2,
+            vocab_size=VOCAB,
+            n_embd=h,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
             initializer_range=0.2,
         ),
     ),
@@ -108,8 +114,16 @@ TINY_MODELS = {
         "SEQ_2_SEQ_LM",
         AutoModelForSeq2SeqLM,
         lambda h: T5Config(
-            vocab_size=VOCAB, d_model=h, d_ff=2 * h, d_kv=8, num_layers=2, num_heads=4,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
+            vocab_size=VOCAB,
+            d_model=h,
+            d_ff=2 * h,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            dropout_rate=0.0,
         ),
     ),
     "bart": TinyModel(
@@ -117,10 +131,22 @@ TINY_MODELS = {
         "SEQ_2_SEQ_LM",
         AutoModelForSeq2SeqLM,
         lambda h: BartConfig(
-            vocab_size=VOCAB, d_model=h, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-            decoder_attention_heads=2, encoder_ffn_dim=2 * h, decoder_ffn_dim=2 * h, max_position_embeddings=64,
-            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
-            init_std=0.3, dropout=0.0,  # at BART's default init_std=0.02 a tiny decoder ignores its encoder
+            vocab_size=VOCAB,
+            d_model=h,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=2 * h,
+            decoder_ffn_dim=2 * h,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
+            init_std=0.3,
+            dropout=0.0,  # at BART's default init_std=0.02 a tiny decoder ignores its encoder
         ),
     ),
     "bert": TinyModel(
@@ -128,8 +154,14 @@ TINY_MODELS = {
         "SEQ_CLS",
         AutoModelForSequenceClassification,
         lambda h: BertConfig(
-            vocab_size=VOCAB, hidden_size=h, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * h,
-            max_position_embeddings=64, num_labels=2, **_ENCODER_INIT,
+            vocab_size=VOCAB,
+            hidden_size=h,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=2 * h,
+            max_position_embeddings=64,
+            num_labels=2,
+            **_ENCODER_INIT,
         ),
     ),
     "roberta": TinyModel(
@@ -137,8 +169,15 @@ TINY_MODELS = {
         "SEQ_CLS",
         AutoModelForSequenceClassification,
         lambda h: RobertaConfig(
-            vocab_size=VOCAB, hidden_size=h, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * h,
-            max_position_embeddings=72, num_labels=2, pad_token_id=1, **_ENCODER_INIT,
+            vocab_size=VOCAB,
+            hidden_size=h,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=2 * h,
+            max_position_embeddings=72,
+            num_labels=2,
+            pad_token_id=1,
+            **_ENCODER_INIT,
         ),
     ),
 }
@@ -155,8 +194,17 @@ GENERATIVE_MODELS = {
         "SEQ_2_SEQ_LM",
         AutoModelForSeq2SeqLM,
         lambda h: T5Config(
-            vocab_size=VOCAB, d_model=h, d_ff=2 * h, d_kv=8, num_layers=2, num_heads=4,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0, initializer_factor=3.0,
+            vocab_size=VOCAB,
+            d_model=h,
+            d_ff=2 * h,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            dropout_rate=0.0,
+            initializer_factor=3.0,
         ),
     ),
     "qwen2": TinyModel(
@@ -164,9 +212,18 @@ GENERATIVE_MODELS = {
         "CAUSAL_LM",
         AutoModelForCausalLM,
         lambda h: Qwen2Config(
-            vocab_size=VOCAB, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-            initializer_range=0.2, tie_word_embeddings=True,
+            vocab_size=VOCAB,
+            hidden_size=h,
+            intermediate_size=2 * h,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            initializer_range=0.2,
+            tie_word_embeddings=True,
         ),
     ),
     "opt": TinyModel(
@@ -174,9 +231,19 @@ GENERATIVE_MODELS = {
         "CAUSAL_LM",
         AutoModelForCausalLM,
         lambda h: OPTConfig(
-            vocab_size=VOCAB, hidden_size=h, ffn_dim=2 * h, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=64, word_embed_proj_dim=h, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-            init_std=0.2, dropout=0.0, attention_dropout=0.0,
+            vocab_size=VOCAB,
+            hidden_size=h,
+            ffn_dim=2 * h,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            word_embed_proj_dim=h,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            init_std=0.2,
+            dropout=0.0,
+            attention_dropout=0.0,
         ),
     ),
 }
@@ -258,7 +325,9 @@ def tiny_tokenizer(directory):
     words = ["<pad>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
     raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", eos_token="<unk>"
+    ).save_pretrained(path)
     return path
 
 
@@ -269,7 +338,9 @@ def train_losses(trainer: Trainer) -> list[float]:
 def logits(model, batch: dict) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if "decoder_input_ids" not in inputs and getattr(model.config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = torch.tensor([[model.config.decoder_start_token_id, 5, 7]] * len(batch["input_ids"]))
+        inputs["decoder_input_ids"] = torch.tensor(
+            [[model.config.decoder_start_token_id, 5, 7]] * len(batch["input_ids"])
+        )
     with torch.no_grad():
         return model(**inputs).logits
 
@@ -283,7 +354,9 @@ def greedy_reference(model, batch, steps, **forward_kwargs):
         out = torch.full((len(input_ids), 1), model.config.decoder_start_token_id)
         for _ in range(steps):
             with torch.no_grad():
-                step = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=out, **forward_kwargs).logits[:, -1]
+                step = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=out, **forward_kwargs).logits[
+                    :, -1
+                ]
             step[:, eos] = float("-inf")
             out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
         return out[:, 1:]

@@ -33,8 +33,13 @@ from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualProm
 
 CONFIGS = {
     "residual": lambda: ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8),
-    "compt": lambda: ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, task_names=["a", "b", "c"],
-                                 num_source_prompts=2, normalization="sparsemax"),
+    "compt": lambda: ComPTConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=4,
+        task_names=["a", "b", "c"],
+        num_source_prompts=2,
+        normalization="sparsemax",
+    ),
     "bayesian": lambda: BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2),
 }
 
@@ -58,8 +63,11 @@ def dataset(method: str) -> ListDataset:
         input_ids = torch.randint(3, 64, (1, 6), generator=generator).repeat(4, 1)
     else:
         input_ids = torch.randint(3, 64, (4, 6), generator=generator)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-             "labels": torch.full_like(input_ids, 5)}
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": torch.full_like(input_ids, 5),
+    }
     if method == "compt":
         batch["task_ids"] = torch.tensor([0, 2, 1, 2])  # batches mix tasks
     return ListDataset(batch)
@@ -81,12 +89,22 @@ def main() -> None:
             module.p = 0.0
     model = get_peft_model(base, CONFIGS[args.method]())
     training_args = TrainingArguments(
-        output_dir=args.out, per_device_train_batch_size=args.per_device_batch, max_steps=args.steps,
-        learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, disable_tqdm=True, remove_unused_columns=False,
+        output_dir=args.out,
+        per_device_train_batch_size=args.per_device_batch,
+        max_steps=args.steps,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
-        fsdp="full_shard" if args.fsdp else None, fsdp_config=FSDP_CONFIGS.get(args.fsdp),
+        fsdp="full_shard" if args.fsdp else None,
+        fsdp_config=FSDP_CONFIGS.get(args.fsdp),
     )
     if args.fsdp and training_args.world_size > 1:
         # accelerate turns FSDP on only for accelerator devices (GPU, XPU, NPU, ...), and on the CPU silently trains

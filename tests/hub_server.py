@@ -23,16 +23,27 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 START_TIMEOUT_S = 60  # olah imports fastapi and uvicorn; a busy 2-core machine needs a few seconds
 STOP_TIMEOUT_S = 10
 CLIENT_TIMEOUT_S = 180
 
 # A fixed identity and no signing, whatever the machine's git configuration says.
-_GIT = ["git", "-c", "user.name=peft-prompt-transfer tests", "-c", "user.email=tests@localhost",
-        "-c", "commit.gpgsign=false", "-c", "tag.gpgsign=false", "-c", "core.autocrlf=false"]
+_GIT = [
+    "git",
+    "-c",
+    "user.name=peft-prompt-transfer tests",
+    "-c",
+    "user.email=tests@localhost",
+    "-c",
+    "commit.gpgsign=false",
+    "-c",
+    "tag.gpgsign=false",
+    "-c",
+    "core.autocrlf=false",
+]
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -104,7 +115,10 @@ def olah_server(mirrors: Path, work_dir: Path) -> Iterator[str]:
     with open(log_path, "w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "olah.server", "--config", str(config), "--log-path", str(work_dir / "logs")],
-            cwd=work_dir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=work_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     url = f"http://{netloc}"
     try:
@@ -154,8 +168,14 @@ def run_client(endpoint: str, spec_path: Path, work_dir: Path) -> subprocess.Com
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
     )
-    return subprocess.run([sys.executable, __file__, str(spec_path)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=CLIENT_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, __file__, str(spec_path)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLIENT_TIMEOUT_S,
+    )
 
 
 def _client(spec_path: str) -> None:
@@ -181,8 +201,9 @@ def _client(spec_path: str) -> None:
             model = PeftModel.from_pretrained(base, check["adapter"], revision=check["revision"]).eval()
             with torch.no_grad():
                 out = model(**check["inputs"]).logits
-            torch.testing.assert_close(out, check["expected_logits"], atol=1e-5, rtol=0,
-                                       msg=lambda m: f"{check['name']}: {m}")
+            torch.testing.assert_close(
+                out, check["expected_logits"], atol=1e-5, rtol=0, msg=lambda m: f"{check['name']}: {m}"
+            )
         elif "expected_error" in check:
             try:
                 get_peft_model(base, BayesianPromptConfig(**check["target_config"]))
@@ -194,8 +215,9 @@ def _client(spec_path: str) -> None:
         else:
             encoder = get_peft_model(base, BayesianPromptConfig(**check["target_config"])).prompt_encoder["default"]
             for what, value in (("initial prompt", encoder.embedding.weight.detach()), ("anchor", encoder.mean())):
-                torch.testing.assert_close(value, check["expected_prompt"],
-                                           msg=lambda m: f"{check['name']} {what}: {m}")
+                torch.testing.assert_close(
+                    value, check["expected_prompt"], msg=lambda m: f"{check['name']} {what}: {m}"
+                )
         print("ok", check["name"], flush=True)
 
 

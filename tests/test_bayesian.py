@@ -197,12 +197,19 @@ def test_transform_runs_once_per_optimizer_step_even_through_a_wrapper_optimizer
         ({"posterior": "dir"}, r"\['posterior'\] is not used with stage='source'"),
         ({"regularization_weight": 0.1}, r"\['regularization_weight'\] is not used with stage='source'"),
         (
-            {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "a", "tokenizer_name_or_path": "t",
-             "particle_assignment": "replicated"},
+            {
+                "prompt_tuning_init": "TEXT",
+                "prompt_tuning_init_text": "a",
+                "tokenizer_name_or_path": "t",
+                "particle_assignment": "replicated",
+            },
             "particles would never separate",
         ),
         ({"stage": "target"}, "stage='target' needs posterior"),
-        ({"stage": "target", "posterior": "p", "num_particles": 4}, r"\['num_particles'\] is not used with stage='target'"),
+        (
+            {"stage": "target", "posterior": "p", "num_particles": 4},
+            r"\['num_particles'\] is not used with stage='target'",
+        ),
         ({"stage": "target", "posterior": "p", "target_init": "particle:x"}, "target_init must be 'mean', 'sample'"),
         ({"stage": "target", "posterior": "p", "target_prompt": "lowrank"}, "target_prompt must be one of"),
         ({"stage": "target", "posterior": "p", "decomposition_rank": 0}, "decomposition_rank must be a positive"),
@@ -279,7 +286,9 @@ def test_source_stage_with_the_trainer_on_mixed_tasks(tmp_path):
     start = particles.detach().clone()
     data = two_task_dataset(tiny)
     assert set(data.with_format(None)["task_ids"]) == {0, 1}
-    trainer = make_trainer(model, tmp_path, data, max_steps=30, per_device_train_batch_size=8, remove_unused_columns=False)
+    trainer = make_trainer(
+        model, tmp_path, data, max_steps=30, per_device_train_batch_size=8, remove_unused_columns=False
+    )
     trainer.train()
     losses = train_losses(trainer)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
@@ -315,8 +324,17 @@ def test_gradient_accumulation_gives_the_same_update_as_one_big_batch(tmp_path):
         # a strong prior, so that counting the prior and repulsion once per micro-batch would show
         model = get_peft_model(base, source_config(tiny, num_particles=4, prior_scale=0.5))
         start = model.prompt_encoder["default"].particles.detach().clone()
-        trainer = make_trainer(model, tmp_path / f"{batch_size}", data, max_steps=1, per_device_train_batch_size=batch_size,
-                               gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+        trainer = make_trainer(
+            model,
+            tmp_path / f"{batch_size}",
+            data,
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=0.5,
+            max_grad_norm=0.0,
+        )
         trainer.train()
         return start, model.prompt_encoder["default"].particles.detach()
 
@@ -344,7 +362,9 @@ def test_replicated_mode_trains_every_particle_on_every_example(tmp_path):
         with torch.no_grad():
             single.prompt_encoder["default"].embedding.weight.copy_(start[m])
         single(**batch).loss.backward()
-        torch.testing.assert_close(3 * encoder.particles.grad[m], single.prompt_encoder["default"].embedding.weight.grad)
+        torch.testing.assert_close(
+            3 * encoder.particles.grad[m], single.prompt_encoder["default"].embedding.weight.grad
+        )
     encoder.particles.grad = None
     trainer = make_trainer(model, tmp_path, ListDataset(batch, repeat=2), max_steps=10)
     trainer.data_collator = ParticleReplicationCollator(3, stack_collator)
@@ -365,7 +385,9 @@ def test_one_particle_works_end_to_end(tmp_path):
     assert load_file(tmp_path / "posterior" / "adapter_model.safetensors")["particles"].shape == (1, N_TOKENS, 32)
     target = get_peft_model(tiny.build(), target_config(tiny, tmp_path / "posterior", target_init="sample"))
     # one particle: the posterior is a point, so a sample is the particle itself
-    torch.testing.assert_close(target.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].particles[0])
+    torch.testing.assert_close(
+        target.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].particles[0]
+    )
     prediction = ensemble_predict(model.eval(), make_batch(tiny))
     assert torch.allclose(prediction.mutual_information, torch.zeros(4), atol=1e-6)
 
@@ -467,8 +489,9 @@ def test_trainer_evaluate_of_a_posterior_does_not_depend_on_the_eval_batch_size(
     model = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "posterior")
     data = ListDataset(make_batch(tiny, batch_size=8, seed=6))
     losses = [
-        make_trainer(model, tmp_path / f"eval-{size}", data, eval_dataset=data, per_device_eval_batch_size=size)
-        .evaluate()["eval_loss"]
+        make_trainer(
+            model, tmp_path / f"eval-{size}", data, eval_dataset=data, per_device_eval_batch_size=size
+        ).evaluate()["eval_loss"]
         for size in (1, 3, 8)
     ]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6) and losses[0] == pytest.approx(losses[2], abs=1e-6)
@@ -502,7 +525,9 @@ def test_target_initialisation_from_the_posterior(tmp_path):
     # a sample: mean + std * z with z standard normal entries, a different draw each time
     z = (initial(target_init="sample") - particles.mean(0)) / particles.std(0)
     assert abs(z.mean()) < 0.3 and 0.75 < z.std() < 1.25
-    with pytest.raises(ValueError, match=r"target_init='particle:3', but the posterior .* has 3 particles \(indices 0..2\)"):
+    with pytest.raises(
+        ValueError, match=r"target_init='particle:3', but the posterior .* has 3 particles \(indices 0..2\)"
+    ):
         initial(target_init="particle:3")
 
 
@@ -518,8 +543,12 @@ def test_random_target_inits_are_seeded(tmp_path):
     indices = [next(k for k in range(3) if torch.equal(d, particles[k])) for d in drawn]  # each draw is a particle
     assert indices == [int(torch.randint(3, (), generator=torch.Generator().manual_seed(s))) for s in range(8)]
     assert len(set(indices)) > 1
-    assert torch.equal(initial(target_init="sample", target_init_seed=5), initial(target_init="sample", target_init_seed=5))
-    assert not torch.equal(initial(target_init="sample", target_init_seed=5), initial(target_init="sample", target_init_seed=6))
+    assert torch.equal(
+        initial(target_init="sample", target_init_seed=5), initial(target_init="sample", target_init_seed=5)
+    )
+    assert not torch.equal(
+        initial(target_init="sample", target_init_seed=5), initial(target_init="sample", target_init_seed=6)
+    )
 
 
 def decomposed_target(tiny, posterior, **overrides):
@@ -542,8 +571,9 @@ def test_decomposed_target_starts_as_its_initial_prompt(tmp_path):
 def test_decomposed_regulariser_gradients_are_those_of_half_lambda_squared_distance_of_the_product(tmp_path):
     tiny = TINY_MODELS["gpt2"]
     posterior = saved_posterior(tiny, tmp_path / "posterior").prompt_encoder["default"].particles.detach()
-    model = decomposed_target(tiny, tmp_path / "posterior", target_init="particle:0", regularization_weight=0.3,
-                              decomposition_rank=2)
+    model = decomposed_target(
+        tiny, tmp_path / "posterior", target_init="particle:0", regularization_weight=0.3, decomposition_rank=2
+    )
     encoder = model.prompt_encoder["default"]
     with torch.no_grad():  # move U and V off their start, so that every term of the gradient shows
         encoder.task_cols.add_(0.1 * torch.randn(encoder.task_cols.shape))
@@ -576,8 +606,11 @@ def test_bayesian_parameter_groups_give_each_part_its_learning_rate(tmp_path):
     assert {n: g["lr"] for n, g in groups.items()} == {"shared": 0.3, "task": 1e-3, "other": 1e-2}
     assert groups["shared"]["params"] == [encoder.embedding.weight]
     assert groups["task"]["params"] == [encoder.task_cols, encoder.task_rows]
-    assert groups["other"]["params"] and all("classifier" in n for n, p in model.named_parameters()
-                                             if p.requires_grad and any(p is q for q in groups["other"]["params"]))
+    assert groups["other"]["params"] and all(
+        "classifier" in n
+        for n, p in model.named_parameters()
+        if p.requires_grad and any(p is q for q in groups["other"]["params"])
+    )
     with pytest.raises(ValueError, match="needs a BayesianPromptConfig adapter"):
         bayesian_parameter_groups(get_peft_model(tiny.build(), plain_prompt_config(tiny)), 0.1, 0.1)
 
@@ -585,8 +618,9 @@ def test_bayesian_parameter_groups_give_each_part_its_learning_rate(tmp_path):
 def test_regulariser_gradient_is_that_of_half_lambda_squared_distance(tmp_path):
     tiny = TINY_MODELS["gpt2"]
     posterior = saved_posterior(tiny, tmp_path / "posterior").prompt_encoder["default"].particles.detach()
-    model = get_peft_model(tiny.build(), target_config(tiny, tmp_path / "posterior", target_init="particle:0",
-                                                      regularization_weight=0.3))
+    model = get_peft_model(
+        tiny.build(), target_config(tiny, tmp_path / "posterior", target_init="particle:0", regularization_weight=0.3)
+    )
     prompt = model.prompt_encoder["default"].embedding.weight
     batch = make_batch(tiny)
     # the reference: autograd of loss + 0.3/2 ||P - mean||^2 on a plain prompt-tuning model with the same prompt
@@ -611,7 +645,9 @@ def test_regulariser_gradient_is_that_of_half_lambda_squared_distance(tmp_path):
 def test_target_training_save_load_and_export(name, target_prompt, tmp_path):
     tiny = TINY_MODELS[name]
     saved_posterior(tiny, tmp_path / "posterior")
-    model = get_peft_model(tiny.saved(tmp_path), target_config(tiny, tmp_path / "posterior", target_prompt=target_prompt))
+    model = get_peft_model(
+        tiny.saved(tmp_path), target_config(tiny, tmp_path / "posterior", target_prompt=target_prompt)
+    )
     trainer = make_trainer(model, tmp_path / "train", ListDataset(make_batch(tiny)), max_steps=15)
     trainer.train()
     losses = train_losses(trainer)
@@ -666,8 +702,9 @@ def test_source_posterior_exports_its_mean(tmp_path):
     model = get_peft_model(tiny.build(), source_config(tiny)).eval()
     export_prompt_tuning(model, tmp_path / "exported")
     exported = PeftModel.from_pretrained(tiny.build(), tmp_path / "exported")
-    torch.testing.assert_close(exported.prompt_encoder["default"].embedding.weight,
-                               model.prompt_encoder["default"].particles.mean(0))
+    torch.testing.assert_close(
+        exported.prompt_encoder["default"].embedding.weight, model.prompt_encoder["default"].particles.mean(0)
+    )
 
 
 @pytest.mark.parametrize("stage", ["source", "target", "decomposed target"])
@@ -678,8 +715,15 @@ def test_resume_from_checkpoint_matches_uninterrupted_training(stage, tmp_path):
     data = ListDataset(make_batch(tiny), repeat=4)
     # the decomposed target: its own learning rates, under a schedule and gradient accumulation
     accumulation = 2 if stage == "decomposed target" else 1
-    overrides = dict(max_steps=8, save_strategy="steps", save_steps=4, per_device_train_batch_size=4 // accumulation,
-                     gradient_accumulation_steps=accumulation, lr_scheduler_type="linear", warmup_steps=2)
+    overrides = dict(
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=4,
+        per_device_train_batch_size=4 // accumulation,
+        gradient_accumulation_steps=accumulation,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+    )
 
     def run(output_dir, resume=None):
         torch.manual_seed(0)
@@ -719,8 +763,11 @@ def test_target_rejects_task_ids(tmp_path):
 
 def test_missing_posterior_says_what_was_tried(tmp_path):
     tiny = TINY_MODELS["gpt2"]
-    with pytest.raises(FileNotFoundError, match=r"not a local directory, and downloading adapter_config.json from the "
-                                                r"Hugging Face Hub repo 'nobody/no-such-posterior' failed"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"not a local directory, and downloading adapter_config.json from the "
+        r"Hugging Face Hub repo 'nobody/no-such-posterior' failed",
+    ):
         get_peft_model(tiny.build(), target_config(tiny, "nobody/no-such-posterior"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json. Save the source-stage model there"):
@@ -745,8 +792,10 @@ def test_posterior_from_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     model = get_peft_model(tiny.build(), target_config(tiny, "someone/posterior", posterior_revision="v1"))
     torch.testing.assert_close(model.prompt_encoder["default"].embedding.weight, particles.mean(0))
-    assert requests == [("someone/posterior", "adapter_config.json", "v1"),
-                        ("someone/posterior", "adapter_model.safetensors", "v1")]
+    assert requests == [
+        ("someone/posterior", "adapter_config.json", "v1"),
+        ("someone/posterior", "adapter_model.safetensors", "v1"),
+    ]
 
 
 def test_posterior_with_the_wrong_number_of_particles(tmp_path):
@@ -755,8 +804,11 @@ def test_posterior_with_the_wrong_number_of_particles(tmp_path):
     weights_file = tmp_path / "posterior" / "adapter_model.safetensors"
     weights = load_file(weights_file)
     save_file({**weights, "particles": weights["particles"][:2].contiguous()}, weights_file)
-    with pytest.raises(ValueError, match=r"particles of shape \[2, 4, 32\], but its adapter_config.json describes "
-                                         r"\[3, 4, 32\].*Save the source-stage model again"):
+    with pytest.raises(
+        ValueError,
+        match=r"particles of shape \[2, 4, 32\], but its adapter_config.json describes "
+        r"\[3, 4, 32\].*Save the source-stage model again",
+    ):
         get_peft_model(tiny.build(), target_config(tiny, tmp_path / "posterior"))
     with pytest.raises(ValueError, match="holds 2 particles but this config has num_particles=3"):
         PeftModel.from_pretrained(tiny.build(), tmp_path / "posterior")
@@ -778,7 +830,9 @@ def test_posterior_that_is_not_a_source_stage_adapter(tmp_path):
     tiny = TINY_MODELS["gpt2"]
     saved_posterior(tiny, tmp_path / "posterior")
     get_peft_model(tiny.build(), target_config(tiny, tmp_path / "posterior")).save_pretrained(tmp_path / "target")
-    with pytest.raises(ValueError, match="holds a BAYESIAN_PROMPT_TUNING adapter of stage 'target', not a source-stage"):
+    with pytest.raises(
+        ValueError, match="holds a BAYESIAN_PROMPT_TUNING adapter of stage 'target', not a source-stage"
+    ):
         get_peft_model(tiny.build(), target_config(tiny, tmp_path / "target"))
     get_peft_model(tiny.build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
         tmp_path / "plain"

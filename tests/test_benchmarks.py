@@ -46,9 +46,16 @@ print(build_once(Path(sys.argv[1]), build))
 
 def test_concurrent_shards_build_a_cached_folder_once(tmp_path):
     folder, log = tmp_path / "sources" / "sst2", tmp_path / "builds.log"
-    processes = [subprocess.Popen([sys.executable, "-c", BUILD_ONCE, str(folder), str(log)], cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_ONCE, str(folder), str(log)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
     assert [process.returncode for process in processes] == [0, 0]
     assert outputs == [str(folder)] * 2
@@ -77,9 +84,21 @@ def test_full_suite_covers_every_claim_method_and_seed():
     keys = [spec.key() for _, spec in runs]
     assert len(keys) == len(set(keys))
     methods = {spec.method for _, spec in runs}
-    assert methods == {"prompt_tuning", "p_tuning", "residual", "residual_no_layer_norm", "residual_embedding_rms",
-                       "full_finetuning", "spot", "source_average", "mpt", "bayesian", "compt", "compt_authors",
-                       "shared_prompt"}
+    assert methods == {
+        "prompt_tuning",
+        "p_tuning",
+        "residual",
+        "residual_no_layer_norm",
+        "residual_embedding_rms",
+        "full_finetuning",
+        "spot",
+        "source_average",
+        "mpt",
+        "bayesian",
+        "compt",
+        "compt_authors",
+        "shared_prompt",
+    }
     assert {claim for claim, _ in runs} == {"residual", "transfer", "multitask"}
     assert {spec.seed for _, spec in runs} == set(KSHOT_SEEDS)
     assert {spec.model for _, spec in runs} == {"minilm", "smollm2"}
@@ -91,7 +110,9 @@ def test_full_suite_covers_every_claim_method_and_seed():
         sweeps = {}
         for c, spec in runs:
             if c == claim and spec.seed == KSHOT_SEEDS[0]:
-                sweeps.setdefault((spec.model, spec.method, spec.init, spec.num_virtual_tokens, spec.tasks), set()).add(spec.lr)
+                sweeps.setdefault((spec.model, spec.method, spec.init, spec.num_virtual_tokens, spec.tasks), set()).add(
+                    spec.lr
+                )
         for model in {key[0] for key in sweeps}:  # a comparison is on one model
             assert len({len(lrs) for key, lrs in sweeps.items() if key[0] == model}) == 1, (claim, model)
     # sources never overlap the targets
@@ -140,12 +161,24 @@ def test_workers_get_the_same_filters_and_the_users_command(monkeypatch, tmp_pat
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", FakeWorker)
-    argv = ["full", "--workers", "2", "--models", "minilm", "--data", "kshot", "--claims", "transfer",
-            "--results-dir", str(tmp_path), "--no-report"]
+    argv = [
+        "full",
+        "--workers",
+        "2",
+        "--models",
+        "minilm",
+        "--data",
+        "kshot",
+        "--claims",
+        "transfer",
+        "--results-dir",
+        str(tmp_path),
+        "--no-report",
+    ]
     assert main(argv) == 0
     assert len(launched) == 2
     for k, command in enumerate(launched):
-        options = command[command.index("benchmarks") + 1:]
+        options = command[command.index("benchmarks") + 1 :]
         assert options[options.index("--models") + 1] == "minilm" and options[options.index("--data") + 1] == "kshot"
         assert options[options.index("--claims") + 1] == "transfer" and "--shard" not in options
         assert options[options.index("--invoked-as") + 1] == "python -m benchmarks " + " ".join(argv)
@@ -165,7 +198,10 @@ def test_workers_sharing_a_queue_each_take_the_next_unclaimed_run(tmp_path):
                 done[name].append(key)
                 time.sleep(seconds)
 
-    threads = [threading.Thread(target=worker, args=("slow", 1.0)), threading.Thread(target=worker, args=("fast", 0.01))]
+    threads = [
+        threading.Thread(target=worker, args=("slow", 1.0)),
+        threading.Thread(target=worker, args=("fast", 0.01)),
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -177,32 +213,71 @@ def test_workers_sharing_a_queue_each_take_the_next_unclaimed_run(tmp_path):
 def test_report_names_the_commands_its_records_came_from(tmp_path):
     records_dir = tmp_path / "quick"
     records_dir.mkdir()
-    for command in ("python -m benchmarks quick --claims multitask", "python -m benchmarks quick --workers 2",
-                    "python -m benchmarks quick --workers 2", None):
-        append_record(records_dir / "runs.jsonl", {"key": "k", "date": "2026-11-22T00:00:00+00:00", "versions": {},
-                                                   **({"command": command} if command else {}), "error": "x"})
-        append_record(records_dir / "runs.jsonl", {"key": "k", "date": "2026-11-22T00:00:00+00:00", "versions": {},
-                                                   **({"command": command} if command else {})})
+    for command in (
+        "python -m benchmarks quick --claims multitask",
+        "python -m benchmarks quick --workers 2",
+        "python -m benchmarks quick --workers 2",
+        None,
+    ):
+        append_record(
+            records_dir / "runs.jsonl",
+            {
+                "key": "k",
+                "date": "2026-11-22T00:00:00+00:00",
+                "versions": {},
+                **({"command": command} if command else {}),
+                "error": "x",
+            },
+        )
+        append_record(
+            records_dir / "runs.jsonl",
+            {
+                "key": "k",
+                "date": "2026-11-22T00:00:00+00:00",
+                "versions": {},
+                **({"command": command} if command else {}),
+            },
+        )
     assert _commands(load_records(records_dir / "runs.jsonl")) == (
         "`python -m benchmarks quick --claims multitask` (1 run); `python -m benchmarks quick --workers 2` (2 runs); "
-        "1 run from earlier starts that did not record their command")
+        "1 run from earlier starts that did not record their command"
+    )
 
 
 def test_report_pairs_the_branch_variants_with_residual_and_prompt_tuning(tmp_path):
-    scores = {"prompt_tuning": (0.80, 0.82), "residual": (0.78, 0.79), "residual_no_layer_norm": (0.83, 0.81),
-              "residual_embedding_rms": (0.84, 0.80)}
+    scores = {
+        "prompt_tuning": (0.80, 0.82),
+        "residual": (0.78, 0.79),
+        "residual_no_layer_norm": (0.83, 0.81),
+        "residual_embedding_rms": (0.84, 0.80),
+    }
     for method, by_seed in scores.items():
         for seed, score in zip((13, 21), by_seed):
             for lr, offset in ((0.01, 0.0), (0.03, -0.1)):  # the best LR is 0.01 for every method
-                append_record(tmp_path / "runs.jsonl", {
-                    "key": f"{method}{seed}{lr}", "claim": "residual", "method": method, "model": "smollm2",
-                    "tasks": ["sst2"], "seed": seed, "lr": lr, "init": "vocab", "num_virtual_tokens": 20,
-                    "metric": score + offset, "metrics": {"sst2": score + offset}, "date": "2026-11-23T00:00:00+00:00",
-                    "versions": {}})
+                append_record(
+                    tmp_path / "runs.jsonl",
+                    {
+                        "key": f"{method}{seed}{lr}",
+                        "claim": "residual",
+                        "method": method,
+                        "model": "smollm2",
+                        "tasks": ["sst2"],
+                        "seed": seed,
+                        "lr": lr,
+                        "init": "vocab",
+                        "num_virtual_tokens": 20,
+                        "metric": score + offset,
+                        "metrics": {"sst2": score + offset},
+                        "date": "2026-11-23T00:00:00+00:00",
+                        "versions": {},
+                    },
+                )
     report = render("quick", tmp_path).read_text()
     variant = "{}, vocab init, 20 tokens"
-    ablation, residual, prompt_tuning = (variant.format(label) for label in (
-        "residual without LayerNorm (ablation)", "residual (ours)", "peft PROMPT_TUNING"))
+    ablation, residual, prompt_tuning = (
+        variant.format(label)
+        for label in ("residual without LayerNorm (ablation)", "residual (ours)", "peft PROMPT_TUNING")
+    )
     assert f"{ablation} − {prompt_tuning}: +1.0 ± 2.8 points (1 of 2 seeds better)" in report
     assert f"{ablation} − {residual}: +3.5 ± 2.1 points (2 of 2 seeds better)" in report
     assert f"{residual} − {prompt_tuning}: -2.5 ± 0.7 points (0 of 2 seeds better)" in report
@@ -226,9 +301,9 @@ def test_prompt_steps_measure_what_adamw_does_to_each_prompt():
         results[name] = first_steps(get_peft_model(TINY_MODELS["gpt2"].build(hidden), config), lr, steps=3)
     plain, residual, no_norm = results["prompt_tuning"], results["residual"], results["residual_no_layer_norm"]
     scaled = results["residual_embedding_rms"]
-    assert plain["moves"] == pytest.approx([lr * hidden ** 0.5] * 3, rel=1e-3)
+    assert plain["moves"] == pytest.approx([lr * hidden**0.5] * 3, rel=1e-3)
     assert plain["step0_cosine_to_vocab_init"] == pytest.approx(1.0)
-    assert residual["step0_norm"] == pytest.approx(hidden ** 0.5, rel=0.05)  # the LayerNorm output dominates
+    assert residual["step0_norm"] == pytest.approx(hidden**0.5, rel=0.05)  # the LayerNorm output dominates
     assert residual["step0_cosine_to_vocab_init"] < 0.5 < no_norm["step0_cosine_to_vocab_init"]
     assert residual["moves"][0] > 5 * plain["moves"][0] and no_norm["moves"][0] > 5 * plain["moves"][0]
     # scaled to the embeddings' RMS, the branch is as long as a vocabulary token: the init is kept, not drowned
@@ -253,28 +328,47 @@ def test_unknown_suite_is_refused(capsys):
 @pytest.mark.slow
 def test_quick_suite_runs_resumes_and_renders(tmp_path):
     """The CI smoke test: every method and claim on a tiny budget, on the real models; no numbers are asserted."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PEFT_PROMPT_TRANSFER_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=str(ROOT))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PEFT_PROMPT_TRANSFER_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     smollm2_cache = Path.home() / ".cache" / "peft_prompt_transfer" / "smollm2-135m-instruct"
     if smollm2_cache.exists():  # reuse the converted model, not the source stages
         (tmp_path / "cache").mkdir()
         os.symlink(smollm2_cache, tmp_path / "cache" / "smollm2-135m-instruct")
     command = [sys.executable, "-m", "benchmarks", "quick", "--results-dir", str(tmp_path / "results")]
-    first = subprocess.run(command + ["--claims", "multitask", "--no-report"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=1200)
+    first = subprocess.run(
+        command + ["--claims", "multitask", "--no-report"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     done_first = len(load_records(tmp_path / "results" / "quick" / "runs.jsonl"))
     assert done_first == len(suite_runs("quick", claims=("multitask",)))
 
-    second = subprocess.run(command + ["--workers", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    second = subprocess.run(
+        command + ["--workers", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert second.stdout.count(f"{done_first} runs already recorded") == 2  # both workers resumed, nothing redone
     records = load_records(tmp_path / "results" / "quick" / "runs.jsonl")
     assert len(records) == len(suite_runs("quick"))
     for record in records:
         assert "error" not in record
-        assert {"method", "model", "tasks", "seed", "lr", "num_virtual_tokens", "steps", "metric", "metrics",
-                "train_seconds", "versions", "date"} <= set(record)
+        assert {
+            "method",
+            "model",
+            "tasks",
+            "seed",
+            "lr",
+            "num_virtual_tokens",
+            "steps",
+            "metric",
+            "metrics",
+            "train_seconds",
+            "versions",
+            "date",
+        } <= set(record)
         assert record["versions"]["peft"]
         assert record["command"].startswith("python -m benchmarks quick --results-dir")  # the user's, not a shard's
         assert "--shard" not in record["command"]

@@ -50,8 +50,9 @@ def task_batch(tiny, task_ids=(0, 1, 2, 1), seed=0):
 
 def trained(tiny, tmp_path, steps=5, task_ids=(0, 1, 2, 1), **overrides):
     model = get_peft_model(tiny.saved(tmp_path), compt_config(tiny, **overrides))
-    trainer = make_trainer(model, tmp_path / "train", ListDataset(task_batch(tiny, task_ids)), max_steps=steps,
-                           remove_unused_columns=False)
+    trainer = make_trainer(
+        model, tmp_path / "train", ListDataset(task_batch(tiny, task_ids)), max_steps=steps, remove_unused_columns=False
+    )
     trainer.train()
     return model.eval()
 
@@ -147,8 +148,9 @@ def test_fixed_gates_and_unnamed_tasks():
 
 
 def test_relaxed_bernoulli_samples_while_training_and_anneals_per_optimizer_step():
-    model, encoder = _encoder(relaxed_bernoulli=True, bernoulli_temperature=2.0, bernoulli_anneal_rate=0.5,
-                              bernoulli_min_temperature=0.5)
+    model, encoder = _encoder(
+        relaxed_bernoulli=True, bernoulli_temperature=2.0, bernoulli_anneal_rate=0.5, bernoulli_min_temperature=0.5
+    )
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     first, second = encoder.task_prompts(), encoder.task_prompts()
@@ -169,12 +171,18 @@ def test_relaxed_bernoulli_samples_while_training_and_anneals_per_optimizer_step
     assert int(encoder.sampling_step) == 11  # evaluation does not anneal
 
 
-@pytest.mark.parametrize("steps, temperature", [(0, 5.0), (1, 4.98), (100, 3.0), (249, 0.02), (250, 0.001),
-                                                (10_000, 0.001)])
+@pytest.mark.parametrize(
+    "steps, temperature", [(0, 5.0), (1, 4.98), (100, 3.0), (249, 0.02), (250, 0.001), (10_000, 0.001)]
+)
 def test_linear_temperature_schedule_hand_values(steps, temperature):
     # the authors' CrossPT configs: 5 -> 0.001, linear, 0.02 per optimizer step
-    _, encoder = _encoder(relaxed_bernoulli=True, bernoulli_temperature=5.0, bernoulli_min_temperature=0.001,
-                          bernoulli_anneal_schedule="linear", bernoulli_anneal_rate=0.02)
+    _, encoder = _encoder(
+        relaxed_bernoulli=True,
+        bernoulli_temperature=5.0,
+        bernoulli_min_temperature=0.001,
+        bernoulli_anneal_schedule="linear",
+        bernoulli_anneal_rate=0.02,
+    )
     encoder.sampling_step.fill_(steps)
     assert encoder.temperature() == pytest.approx(temperature, abs=1e-9)
 
@@ -238,13 +246,23 @@ def test_per_prompt_encoder_and_uniform_init():
 
 def test_authors_recipe():
     tiny = TINY_MODELS["gpt2"]
-    config = ComPTConfig.authors_recipe(task_type=tiny.task_type, task_names=TASKS, num_source_prompts=3,
-                                        num_virtual_tokens=4, share_temperature=2.0)
+    config = ComPTConfig.authors_recipe(
+        task_type=tiny.task_type, task_names=TASKS, num_source_prompts=3, num_virtual_tokens=4, share_temperature=2.0
+    )
     assert (config.share, config.prompt_encoder, config.router_sampling, config.bernoulli_anneal_schedule) == (
-        "sampled_convex", "per_prompt", "relaxed_bernoulli", "linear")
-    assert (config.relaxed_bernoulli, config.bernoulli_temperature, config.bernoulli_min_temperature,
-            config.bernoulli_anneal_rate, config.uniform_init_range, config.normalization) == (
-        True, 5.0, 0.001, 0.02, 0.5, "softmax")
+        "sampled_convex",
+        "per_prompt",
+        "relaxed_bernoulli",
+        "linear",
+    )
+    assert (
+        config.relaxed_bernoulli,
+        config.bernoulli_temperature,
+        config.bernoulli_min_temperature,
+        config.bernoulli_anneal_rate,
+        config.uniform_init_range,
+        config.normalization,
+    ) == (True, 5.0, 0.001, 0.02, 0.5, "softmax")
     assert config.share_temperature == 2.0  # overrides win
     assert COMPT_AUTHORS_LEARNING_RATES == {"source_lr": 0.05, "private_lr": 0.05, "router_lr": 0.1}
     model = get_peft_model(tiny.build(), config)
@@ -261,8 +279,13 @@ def test_old_configs_mean_what_they_meant():
     assert compt_config(tiny).prompt_encoder == "none"
     assert compt_config(tiny, prompt_mlp_bottleneck_size=8).prompt_encoder == "shared_mlp"
     defaults = compt_config(tiny)
-    assert (defaults.share, defaults.relaxed_bernoulli, defaults.router_sampling, defaults.bernoulli_anneal_schedule,
-            defaults.uniform_init_range) == ("gates", False, "noisy_logits", "exponential", None)
+    assert (
+        defaults.share,
+        defaults.relaxed_bernoulli,
+        defaults.router_sampling,
+        defaults.bernoulli_anneal_schedule,
+        defaults.uniform_init_range,
+    ) == ("gates", False, "noisy_logits", "exponential", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +336,12 @@ def test_trainer_default_arguments_keep_task_ids(tmp_path):
 
     tiny = TINY_MODELS["gpt2"]
     batch = task_batch(tiny)
-    expected = _trained_state(get_peft_model(tiny.build(), compt_config(tiny)), tmp_path / "explicit",
-                              ListDataset(batch), remove_unused_columns=False)
+    expected = _trained_state(
+        get_peft_model(tiny.build(), compt_config(tiny)),
+        tmp_path / "explicit",
+        ListDataset(batch),
+        remove_unused_columns=False,
+    )
     with_text = datasets.Dataset.from_dict({**{k: v.tolist() for k, v in batch.items()}, "text": ["a b"] * 4})
     for name, dataset in (("torch", ListDataset(batch)), ("datasets", with_text.with_format("torch"))):
         state = _trained_state(get_peft_model(tiny.build(), compt_config(tiny)), tmp_path / name, dataset)
@@ -324,7 +351,10 @@ def test_trainer_default_arguments_keep_task_ids(tmp_path):
 
 def test_task_ids_collator_carries_task_ids_through_a_collator_that_drops_them():
     rows = ListDataset(task_batch(TINY_MODELS["gpt2"], task_ids=(2, 0, 1, 1))).rows
-    known_keys_only = lambda features: {k: torch.stack([f[k] for f in features]) for k in ("input_ids", "labels")}
+
+    def known_keys_only(features):
+        return {k: torch.stack([f[k] for f in features]) for k in ("input_ids", "labels")}
+
     batch = TaskIdsCollator(known_keys_only)(rows)
     assert torch.equal(batch["task_ids"], torch.tensor([2, 0, 1, 1]))
     assert torch.equal(batch["input_ids"], known_keys_only(rows)["input_ids"])
@@ -357,9 +387,19 @@ def test_trl_sft_trainer_trains_compt_with_task_ids(tmp_path):
     data = datasets.Dataset.from_dict({"text": texts, "task_ids": [0, 1] * 4})
     model = get_peft_model(tiny.build(), compt_config(tiny))
     before = model.prompt_encoder["default"].adapter_state_dict()
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-2,
-                         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", lr_scheduler_type="constant",
-                         max_length=16, seed=0)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=3e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        lr_scheduler_type="constant",
+        max_length=16,
+        seed=0,
+    )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
     losses = train_losses(trainer)
@@ -375,8 +415,9 @@ def test_pipelines_run_the_active_task(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path))
     texts = ["w3 w7 w9 w20", "w12 w4 w33"]
     classifier_model = trained(TINY_MODELS["bert"], tmp_path / "bert", steps=3)
-    classify = pipeline("text-classification", model=classifier_model, tokenizer=tokenizer, function_to_apply="none",
-                        top_k=None)
+    classify = pipeline(
+        "text-classification", model=classifier_model, tokenizer=tokenizer, function_to_apply="none", top_k=None
+    )
     scores = {}
     for task, task_id in (("beta", 1), ("gamma", 2)):
         with set_active_task(classifier_model, task):
@@ -397,11 +438,17 @@ def test_pipelines_run_the_active_task(tmp_path):
     text = generate(texts[0], max_new_tokens=4, do_sample=False, return_full_text=False)[0]["generated_text"]
     encoded = tokenizer(texts[0], return_tensors="pt")
     expected = generator_model.generate(**encoded, task_ids=torch.tensor([2]), max_new_tokens=4, do_sample=False)
-    assert text.split() == tokenizer.decode(expected[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).split()
+    assert (
+        text.split() == tokenizer.decode(expected[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True).split()
+    )
     set_active_task(generator_model, None)
     with pytest.raises(ValueError, match="set_active_task needs a ComPT adapter"):
-        set_active_task(get_peft_model(TINY_MODELS["gpt2"].build(), ResidualPromptConfig(task_type="CAUSAL_LM",
-                                                                                          num_virtual_tokens=2)), 0)
+        set_active_task(
+            get_peft_model(
+                TINY_MODELS["gpt2"].build(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+            ),
+            0,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,8 +462,9 @@ def test_trainer_loss_falls(name, composition, tmp_path):
     tiny = TINY_MODELS[name]
     model = get_peft_model(tiny.build(), compt_config(tiny, composition=composition))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = make_trainer(model, tmp_path, ListDataset(task_batch(tiny)), max_steps=30, remove_unused_columns=False,
-                           learning_rate=0.1)
+    trainer = make_trainer(
+        model, tmp_path, ListDataset(task_batch(tiny)), max_steps=30, remove_unused_columns=False, learning_rate=0.1
+    )
     trainer.train()
     losses = train_losses(trainer)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
@@ -425,14 +473,23 @@ def test_trainer_loss_falls(name, composition, tmp_path):
             assert not torch.equal(p.detach(), before[n]), f"{n} did not train"
 
 
-AUTHORS_OPTIONS = dict(share="sampled_convex", relaxed_bernoulli=True, router_sampling="relaxed_bernoulli",
-                       bernoulli_anneal_schedule="linear", bernoulli_temperature=5.0, bernoulli_anneal_rate=0.02,
-                       bernoulli_min_temperature=0.001, prompt_encoder="per_prompt", uniform_init_range=0.5)
+AUTHORS_OPTIONS = dict(
+    share="sampled_convex",
+    relaxed_bernoulli=True,
+    router_sampling="relaxed_bernoulli",
+    bernoulli_anneal_schedule="linear",
+    bernoulli_temperature=5.0,
+    bernoulli_anneal_rate=0.02,
+    bernoulli_min_temperature=0.001,
+    prompt_encoder="per_prompt",
+    uniform_init_range=0.5,
+)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bart", "roberta"])
-@pytest.mark.parametrize("options", [{}, {"prompt_mlp_bottleneck_size": 8}, AUTHORS_OPTIONS],
-                         ids=["plain", "shared_mlp", "authors"])
+@pytest.mark.parametrize(
+    "options", [{}, {"prompt_mlp_bottleneck_size": 8}, AUTHORS_OPTIONS], ids=["plain", "shared_mlp", "authors"]
+)
 def test_save_load_and_export_logits_equal(name, options, tmp_path):
     tiny = TINY_MODELS[name]
     model = trained(tiny, tmp_path, normalization="sparsemax", **options)
@@ -473,8 +530,11 @@ def test_export_needs_a_task(tmp_path):
         export_prompt_tuning(model, tmp_path, task="delta")
 
 
-@pytest.mark.parametrize("config", [dict(relaxed_bernoulli=True, prompt_mlp_bottleneck_size=8, normalization="sigmoid"),
-                                    AUTHORS_OPTIONS], ids=["shared_mlp", "authors"])
+@pytest.mark.parametrize(
+    "config",
+    [dict(relaxed_bernoulli=True, prompt_mlp_bottleneck_size=8, normalization="sigmoid"), AUTHORS_OPTIONS],
+    ids=["shared_mlp", "authors"],
+)
 def test_resume_from_checkpoint_matches_uninterrupted_training(config, tmp_path):
     tiny = TINY_MODELS["gpt2"]
     data = ListDataset(task_batch(tiny), repeat=4)
@@ -500,8 +560,9 @@ def test_temperature_schedule_counts_optimizer_steps_under_gradient_accumulation
 
     def temperature_after(steps, **batching):
         model = get_peft_model(tiny.build(), compt_config(tiny, **AUTHORS_OPTIONS))
-        make_trainer(model, tmp_path / str(batching), data, max_steps=steps, remove_unused_columns=False,
-                     **batching).train()
+        make_trainer(
+            model, tmp_path / str(batching), data, max_steps=steps, remove_unused_columns=False, **batching
+        ).train()
         encoder = model.prompt_encoder["default"]
         return int(encoder.sampling_step), encoder.temperature()
 
@@ -515,9 +576,16 @@ def test_generate_with_task_ids(name, tmp_path):
     model = trained(tiny, tmp_path, steps=3)
     batch = task_batch(tiny, task_ids=(1, 0, 2, 1), seed=2)
     steps = 4
-    out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"],
-                         max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
-    out = out[:, 1:] if model.config.is_encoder_decoder else out[:, batch["input_ids"].shape[1]:]
+    out = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        task_ids=batch["task_ids"],
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    out = out[:, 1:] if model.config.is_encoder_decoder else out[:, batch["input_ids"].shape[1] :]
     reference = greedy_reference(model, batch, steps, task_ids=batch["task_ids"])
     assert torch.equal(out[:, :steps], reference)
     with pytest.raises(ValueError, match="COMPT needs task_ids"):
@@ -547,8 +615,15 @@ def test_routing_weights_plot(tmp_path):
 @pytest.mark.parametrize("name, mlp", [("gpt2", None), ("gpt2", 8), ("bert", None)])
 def test_added_task_trains_and_old_tasks_stay_bit_for_bit(name, mlp, tmp_path):
     tiny = TINY_MODELS[name]
-    model = trained(tiny, tmp_path, steps=5, task_ids=(0, 1, 1, 0), task_names=TASKS[:2], prompt_mlp_bottleneck_size=mlp,
-                    relaxed_bernoulli=True)
+    model = trained(
+        tiny,
+        tmp_path,
+        steps=5,
+        task_ids=(0, 1, 1, 0),
+        task_names=TASKS[:2],
+        prompt_mlp_bottleneck_size=mlp,
+        relaxed_bernoulli=True,
+    )
     old_batch = task_batch(tiny, task_ids=(0, 1, 1, 0), seed=4)
     before = logits(model, old_batch)
 
@@ -557,11 +632,14 @@ def test_added_task_trains_and_old_tasks_stay_bit_for_bit(name, mlp, tmp_path):
     assert config.task_names == TASKS and config.num_frozen_tasks == 2
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
-        "prompt_encoder.default.private.trainable", "prompt_encoder.default.router.trainable",
+        "prompt_encoder.default.private.trainable",
+        "prompt_encoder.default.router.trainable",
         "prompt_encoder.default.gates.trainable",
     }
     new_data = ListDataset(task_batch(tiny, task_ids=(2, 2, 2, 2)))
-    trainer = make_trainer(model, tmp_path / "new", new_data, max_steps=20, remove_unused_columns=False, weight_decay=0.1)
+    trainer = make_trainer(
+        model, tmp_path / "new", new_data, max_steps=20, remove_unused_columns=False, weight_decay=0.1
+    )
     trainer.train()
     losses = train_losses(trainer)
     assert losses[-1] < losses[0]
@@ -601,8 +679,14 @@ def test_trainer_uses_per_group_learning_rates(tmp_path):
     sources_before = encoder.embedding.weight.detach().clone()
     private_before = encoder.private.trainable.detach().clone()
     optimizer = create_compt_optimizer(model, source_lr=0.1, private_lr=0.01, router_lr=0.0)
-    trainer = make_trainer(model, tmp_path, ListDataset(task_batch(tiny)), max_steps=1, remove_unused_columns=False,
-                           optimizers=(optimizer, None))
+    trainer = make_trainer(
+        model,
+        tmp_path,
+        ListDataset(task_batch(tiny)),
+        max_steps=1,
+        remove_unused_columns=False,
+        optimizers=(optimizer, None),
+    )
     trainer.train()
     assert getattr(trainer.optimizer, "optimizer", trainer.optimizer) is optimizer  # accelerate may wrap it
     assert torch.equal(encoder.router.trainable, router_before)

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
-from safetensors.torch import load_file
-
 from conftest import TINY_MODELS, stack_collator
 from ddp_worker import dataset
+from peft import PeftModel
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
@@ -44,11 +43,21 @@ def _free_port() -> int:
 def _launch(prefix: list[str], method: str, out: Path, per_device_batch: int, *worker_args: str) -> dict:
     # PYTHONPATH: the workers import this checkout's package, as the tests do (not another installed copy)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(REPO))
-    command = [*prefix, str(WORKER), "--method", method, "--out", str(out), "--per-device-batch", str(per_device_batch),
-               *worker_args]
+    command = [
+        *prefix,
+        str(WORKER),
+        "--method",
+        method,
+        "--out",
+        str(out),
+        "--per-device-batch",
+        str(per_device_batch),
+        *worker_args,
+    ]
     # a session of its own, so that a hang can be ended with every worker the launcher started
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         _, stderr = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -77,11 +86,35 @@ def single_process(tmp_path_factory):
 
 
 LAUNCHERS = {
-    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_addr", "127.0.0.1", "--master_port", str(port)],
-    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                                "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
+    "torchrun": lambda port: [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+    ],
+    "accelerate": lambda port: [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+    ],
 }
 
 

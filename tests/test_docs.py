@@ -41,8 +41,9 @@ def run_example(code: str, folder: Path) -> None:
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repository is not importable there
     env.update(HF_HUB_OFFLINE="1", **({DATA_ENV: str(data_dir())} if REAL_DATA.search(code) else {}))
-    result = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -58,7 +59,8 @@ def test_readme_example_runs(index, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "page", [pytest.param(name, marks=[pytest.mark.slow] if REAL_DATA.search(code) else []) for name, code in PAGES.items()]
+    "page",
+    [pytest.param(name, marks=[pytest.mark.slow] if REAL_DATA.search(code) else []) for name, code in PAGES.items()],
 )
 def test_docs_page_examples_run(page, tmp_path):
     run_example(PAGES[page], tmp_path)
@@ -67,6 +69,11 @@ def test_docs_page_examples_run(page, tmp_path):
 @pytest.mark.slow
 def test_docs_site_builds_without_warnings(tmp_path):
     pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[docs]')")
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

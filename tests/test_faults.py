@@ -18,7 +18,9 @@ from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualProm
 TINY = TINY_MODELS["gpt2"]
 CONFIGS = {
     "residual": lambda: ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8),
-    "compt": lambda: ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, task_names=["a", "b"], num_source_prompts=2),
+    "compt": lambda: ComPTConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, task_names=["a", "b"], num_source_prompts=2
+    ),
     "bayesian": lambda: BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2),
 }
 WEIGHTS = "adapter_model.safetensors"
@@ -44,13 +46,17 @@ def test_damaged_weights_file_names_the_problem(method, damage, tmp_path):
     _, folder = saved(tmp_path, method)
     data = (folder / WEIGHTS).read_bytes()
     (folder / WEIGHTS).write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64 + data[64:])
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors.*truncated or corrupted.*Save the adapter again") as info:
+    with pytest.raises(
+        ValueError, match=r"adapter_model.safetensors.*truncated or corrupted.*Save the adapter again"
+    ) as info:
         PeftModel.from_pretrained(TINY.build(), folder)
     assert isinstance(info.value.__cause__, SafetensorError)
 
 
 def test_damaged_weights_of_peft_adapters_keep_peft_behaviour(tmp_path):
-    get_peft_model(TINY.build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
+    get_peft_model(TINY.build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path
+    )
     (tmp_path / WEIGHTS).write_bytes((tmp_path / WEIGHTS).read_bytes()[:40])
     with pytest.raises(SafetensorError):
         PeftModel.from_pretrained(TINY.build(), tmp_path)
@@ -128,14 +134,18 @@ def test_unwritable_location_fails_clearly_and_changes_nothing(tmp_path, monkeyp
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr("tempfile.mkdtemp", refuse)
-    with pytest.raises(OSError, match="Cannot save the adapter to .*Permission denied.*Choose a directory you can write to"):
+    with pytest.raises(
+        OSError, match="Cannot save the adapter to .*Permission denied.*Choose a directory you can write to"
+    ):
         model.save_pretrained(folder)
     assert (folder / WEIGHTS).read_bytes() == before
 
 
 def test_save_keeps_an_edited_model_card(tmp_path):
     model, folder = saved(tmp_path)
-    card = (folder / "README.md").read_text().replace("# Model Card for Model ID", "# My prompt\n\nNotes by the author.")
+    card = (
+        (folder / "README.md").read_text().replace("# Model Card for Model ID", "# My prompt\n\nNotes by the author.")
+    )
     (folder / "README.md").write_text(card)
     model.save_pretrained(folder)
     text = (folder / "README.md").read_text()
@@ -171,7 +181,6 @@ def test_library_never_unpickles(tmp_path):
     assert "torch.load" not in source and "import pickle" not in source
 
 
-
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_zero3_partitioned_word_embeddings_are_measured_by_ds_shape(method):
     """Under DeepSpeed ZeRO-3 a parameter is a shape-[0] shard with its real shape in `ds_shape` (peft issue #206)."""
@@ -197,7 +206,9 @@ def test_bayesian_training_under_zero3_is_refused(stage, tmp_path):
     model = get_peft_model(TINY.build(), CONFIGS["bayesian"]())
     if stage == "target":
         model.save_pretrained(tmp_path)
-        target = BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, stage="target", posterior=str(tmp_path))
+        target = BayesianPromptConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, stage="target", posterior=str(tmp_path)
+        )
         model = get_peft_model(TINY.build(), target)
     model.prompt_encoder["default"].embedding.weight.ds_id = 0  # what DeepSpeed's partitioning sets
     model.train()

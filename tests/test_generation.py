@@ -62,7 +62,11 @@ def generated_tokens(model, batch: dict, **generate_kwargs) -> torch.Tensor:
     """The new tokens `generate` returns (peft's causal LMs return the input too; seq2seq the start token)."""
     with torch.no_grad():
         out = model.generate(
-            **batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+            **batch,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
             **generate_kwargs,
         )
     return out[:, 1:] if model.config.is_encoder_decoder else out[:, batch["input_ids"].shape[1] :]
@@ -74,7 +78,9 @@ def generated_tokens(model, batch: dict, **generate_kwargs) -> torch.Tensor:
 def test_cached_greedy_generate_matches_a_step_by_step_reference(method, name, padded, tmp_path):
     model = peft_model(method, name, tmp_path)
     batch = generation_batch(name, method, padded)
-    reference = greedy_reference(model, batch, NEW_TOKENS, **({"task_ids": batch["task_ids"]} if method == "compt" else {}))
+    reference = greedy_reference(
+        model, batch, NEW_TOKENS, **({"task_ids": batch["task_ids"]} if method == "compt" else {})
+    )
     cached = generated_tokens(model, batch, use_cache=True)
     uncached = generated_tokens(model, batch, use_cache=False)
     assert torch.equal(uncached, reference)
@@ -96,10 +102,24 @@ def test_cached_beam_search_matches_uncached(method, name, tmp_path):
     batch = generation_batch(name, method, padded=True)
     beams = dict(num_beams=3, num_return_sequences=2, return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
-        cached = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                pad_token_id=0, use_cache=True, **beams)
-        uncached = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                  pad_token_id=0, use_cache=False, **beams)
+        cached = model.generate(
+            **batch,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=True,
+            **beams,
+        )
+        uncached = model.generate(
+            **batch,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=False,
+            **beams,
+        )
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-4, rtol=0)
 

@@ -11,9 +11,9 @@ intercepted, and what it would upload is compared with what `save_pretrained` wr
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import hub_server
 import pytest
@@ -91,11 +91,21 @@ def inputs_for(tiny, **extra) -> dict:
 
 
 HUB_ADAPTERS = {  # method -> (tiny model, its config, extra inputs)
-    "residual": ("gpt2", lambda tiny: ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS,
-                                                           bottleneck_size=16), {}),
-    "compt": ("bert", lambda tiny: ComPTConfig(task_type=tiny.task_type, task_names=["alpha", "beta", "gamma"],
-                                               num_source_prompts=3, num_virtual_tokens=N_TOKENS),
-              {"task_ids": torch.tensor([0, 1, 2, 1])}),
+    "residual": (
+        "gpt2",
+        lambda tiny: ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, bottleneck_size=16),
+        {},
+    ),
+    "compt": (
+        "bert",
+        lambda tiny: ComPTConfig(
+            task_type=tiny.task_type,
+            task_names=["alpha", "beta", "gamma"],
+            num_source_prompts=3,
+            num_virtual_tokens=N_TOKENS,
+        ),
+        {"task_ids": torch.tensor([0, 1, 2, 1])},
+    ),
 }
 
 
@@ -104,18 +114,22 @@ def test_adapter_from_the_hub_at_each_revision(hub, tmp_path, method):
     model_name, make_config, extra_inputs = HUB_ADAPTERS[method]
     tiny = TINY_MODELS[model_name]
     inputs = inputs_for(tiny, **extra_inputs)
-    folders, (old, new) = save_versions(tmp_path, method, lambda version: get_peft_model(
-        tiny.saved(tmp_path), make_config(tiny)), inputs)
+    folders, (old, new) = save_versions(
+        tmp_path, method, lambda version: get_peft_model(tiny.saved(tmp_path), make_config(tiny)), inputs
+    )
     first, _ = hub.publish(f"org/{method}", folders)
 
     check = dict(client_base(tiny, tmp_path), adapter=f"org/{method}", inputs=inputs)
     # (a commit id is looked up in the client's cache before the server is asked, so it goes first)
-    hub.check([
-        dict(check, name="commit of v1", revision=first, expected_logits=old),
-        dict(check, name="tag v1", revision="v1", expected_logits=old),
-        dict(check, name="tag v2", revision="v2", expected_logits=new),
-        dict(check, name="main", revision=None, expected_logits=new),
-    ], tmp_path)
+    hub.check(
+        [
+            dict(check, name="commit of v1", revision=first, expected_logits=old),
+            dict(check, name="tag v1", revision="v1", expected_logits=old),
+            dict(check, name="tag v2", revision="v2", expected_logits=new),
+            dict(check, name="main", revision=None, expected_logits=new),
+        ],
+        tmp_path,
+    )
 
 
 def test_bayesian_posterior_and_target_from_the_hub(hub, tmp_path):
@@ -123,37 +137,88 @@ def test_bayesian_posterior_and_target_from_the_hub(hub, tmp_path):
     with posterior="org/posterior" starts from the mean of the posterior at posterior_revision."""
     tiny = TINY_MODELS["t5"]
     inputs = inputs_for(tiny)
-    posteriors, (old_posterior, new_posterior) = save_versions(tmp_path, "posterior", lambda version: get_peft_model(
-        tiny.saved(tmp_path), BayesianPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS,
-                                                   num_particles=3)), inputs)
+    posteriors, (old_posterior, new_posterior) = save_versions(
+        tmp_path,
+        "posterior",
+        lambda version: get_peft_model(
+            tiny.saved(tmp_path),
+            BayesianPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, num_particles=3),
+        ),
+        inputs,
+    )
     means = [load_posterior(folder).mean() for folder in posteriors]
     # each target version starts from the posterior version of the same number (saved as a local directory here)
-    targets, (old_target, new_target) = save_versions(tmp_path, "target", lambda version: get_peft_model(
-        tiny.saved(tmp_path), BayesianPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS,
-                                                   stage="target", posterior=str(posteriors[version - 1]))), inputs)
+    targets, (old_target, new_target) = save_versions(
+        tmp_path,
+        "target",
+        lambda version: get_peft_model(
+            tiny.saved(tmp_path),
+            BayesianPromptConfig(
+                task_type=tiny.task_type,
+                num_virtual_tokens=N_TOKENS,
+                stage="target",
+                posterior=str(posteriors[version - 1]),
+            ),
+        ),
+        inputs,
+    )
     first_posterior, _ = hub.publish("org/posterior", posteriors)
     first_target, _ = hub.publish("org/target", targets)
 
     model = client_base(tiny, tmp_path)
     target = dict(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, stage="target", posterior="org/posterior")
-    hub.check([
-        dict(model, name="new target from the posterior at main", target_config=target, expected_prompt=means[1]),
-        dict(model, name="new target from the posterior at v1",
-             target_config=dict(target, posterior_revision=first_posterior), expected_prompt=means[0]),
-        dict(model, name="new target from a missing revision",
-             target_config=dict(target, posterior_revision="no-such-revision"),
-             expected_error=r"Cannot find the posterior 'org/posterior': it is not a local directory, and downloading "
-                            r"adapter_config.json from the Hugging Face Hub repo 'org/posterior' at revision "
-                            r"'no-such-revision' failed"),
-        dict(model, name="posterior at main", adapter="org/posterior", revision=None, inputs=inputs,
-             expected_logits=new_posterior),
-        dict(model, name="posterior at v1", adapter="org/posterior", revision="v1", inputs=inputs,
-             expected_logits=old_posterior),
-        dict(model, name="target at v1", adapter="org/target", revision=first_target, inputs=inputs,
-             expected_logits=old_target),
-        dict(model, name="target at main", adapter="org/target", revision=None, inputs=inputs,
-             expected_logits=new_target),
-    ], tmp_path)
+    hub.check(
+        [
+            dict(model, name="new target from the posterior at main", target_config=target, expected_prompt=means[1]),
+            dict(
+                model,
+                name="new target from the posterior at v1",
+                target_config=dict(target, posterior_revision=first_posterior),
+                expected_prompt=means[0],
+            ),
+            dict(
+                model,
+                name="new target from a missing revision",
+                target_config=dict(target, posterior_revision="no-such-revision"),
+                expected_error=r"Cannot find the posterior 'org/posterior': it is not a local directory, and downloading "
+                r"adapter_config.json from the Hugging Face Hub repo 'org/posterior' at revision "
+                r"'no-such-revision' failed",
+            ),
+            dict(
+                model,
+                name="posterior at main",
+                adapter="org/posterior",
+                revision=None,
+                inputs=inputs,
+                expected_logits=new_posterior,
+            ),
+            dict(
+                model,
+                name="posterior at v1",
+                adapter="org/posterior",
+                revision="v1",
+                inputs=inputs,
+                expected_logits=old_posterior,
+            ),
+            dict(
+                model,
+                name="target at v1",
+                adapter="org/target",
+                revision=first_target,
+                inputs=inputs,
+                expected_logits=old_target,
+            ),
+            dict(
+                model,
+                name="target at main",
+                adapter="org/target",
+                revision=None,
+                inputs=inputs,
+                expected_logits=new_target,
+            ),
+        ],
+        tmp_path,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,12 +226,20 @@ def test_bayesian_posterior_and_target_from_the_hub(hub, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 PUSH_METHODS = {  # method tag -> (tiny model, config)
-    "residual_prompt_tuning": ("gpt2", lambda tiny: ResidualPromptConfig(
-        task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, bottleneck_size=16)),
-    "compt": ("bert", lambda tiny: ComPTConfig(
-        task_type=tiny.task_type, task_names=["alpha", "beta"], num_source_prompts=2, num_virtual_tokens=N_TOKENS)),
-    "bayesian_prompt_tuning": ("t5", lambda tiny: BayesianPromptConfig(
-        task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, num_particles=3)),
+    "residual_prompt_tuning": (
+        "gpt2",
+        lambda tiny: ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, bottleneck_size=16),
+    ),
+    "compt": (
+        "bert",
+        lambda tiny: ComPTConfig(
+            task_type=tiny.task_type, task_names=["alpha", "beta"], num_source_prompts=2, num_virtual_tokens=N_TOKENS
+        ),
+    ),
+    "bayesian_prompt_tuning": (
+        "t5",
+        lambda tiny: BayesianPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, num_particles=3),
+    ),
 }
 
 

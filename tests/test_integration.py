@@ -8,11 +8,10 @@ import os
 import subprocess
 import sys
 
-import peft
 import pytest
 import torch
-from packaging.version import Version
 from conftest import TINY_MODELS, logits, make_batch
+from packaging.version import Version
 from peft import (
     LoraConfig,
     MultitaskPromptTuningConfig,
@@ -50,8 +49,10 @@ def test_registration_is_idempotent():
         assert original is not None, name
         assert getattr(original, _peft_integration._PATCH_MARKER, None) is None, f"{name} is wrapped twice"
     # after the reload peft builds the current classes
-    model = get_peft_model(TINY_MODELS["gpt2"].build(), peft_prompt_transfer.ResidualPromptConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=2, bottleneck_size=4))
+    model = get_peft_model(
+        TINY_MODELS["gpt2"].build(),
+        peft_prompt_transfer.ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, bottleneck_size=4),
+    )
     assert type(model.prompt_encoder["default"]) is peft_prompt_transfer.ResidualPromptEncoder
 
 
@@ -159,7 +160,9 @@ def test_model_card_snippets_run_as_written(name, tmp_path):
     """The loading code in the card save_pretrained writes (and in an exported adapter's card) runs in a fresh
     interpreter with only the path filled in, and gives the saved model's logits."""
     tiny = TINY_MODELS[name]
-    model = get_peft_model(tiny.saved(tmp_path), ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=4)).eval()
+    model = get_peft_model(
+        tiny.saved(tmp_path), ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=4)
+    ).eval()
     model.save_pretrained(tmp_path / "adapter")
     peft_prompt_transfer.export_prompt_tuning(model, tmp_path / "exported")
     batch = make_batch(tiny, seed=1)
@@ -168,15 +171,19 @@ def test_model_card_snippets_run_as_written(name, tmp_path):
     for folder, plugin in (("adapter", True), ("exported", False)):
         snippet = _card_snippet(tmp_path / folder)
         assert ("import peft_prompt_transfer" in snippet) is plugin
-        assert f"AutoPeftModelFor{ {'causal': 'CausalLM', 'seq2seq': 'Seq2SeqLM', 'cls': 'SequenceClassification'}[tiny.kind]}" in snippet
+        assert (
+            f"AutoPeftModelFor{ {'causal': 'CausalLM', 'seq2seq': 'Seq2SeqLM', 'cls': 'SequenceClassification'}[tiny.kind] }"
+            in snippet
+        )
         script = snippet.replace("ADAPTER_PATH_OR_REPO_ID", repr(str(tmp_path / folder))) + (
             "import sys, torch\n"
             f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
             "from conftest import logits\n"  # conftest imports the plugin: load first, as a reader would
             f"torch.save(logits(model.eval(), torch.load({str(tmp_path / 'batch.pt')!r})), {str(tmp_path / folder / 'out.pt')!r})\n"
         )
-        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        run = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         torch.testing.assert_close(torch.load(tmp_path / folder / "out.pt"), expected, atol=1e-5, rtol=0)
 
@@ -184,8 +191,10 @@ def test_model_card_snippets_run_as_written(name, tmp_path):
 def test_plugin_free_process_gets_peft_error_and_plugin_fixes_it(tmp_path):
     """Without the import, peft fails on the unknown type; the same files load once the plugin is imported."""
     tiny = TINY_MODELS["gpt2"]
-    get_peft_model(tiny.build(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
-    script = "from peft import PeftConfig; PeftConfig.from_pretrained({!r})".format(str(tmp_path))
+    get_peft_model(tiny.build(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path
+    )
+    script = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     without = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert without.returncode != 0 and "RESIDUAL_PROMPT_TUNING" in without.stderr
@@ -230,12 +239,15 @@ def _continue_training(model, batch: dict, steps: int = 2) -> dict:
 
 TRAINABLE_LOAD_METHODS = {
     "residual": lambda path: ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8),
-    "compt": lambda path: peft_prompt_transfer.ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                           task_names=["a", "b"], num_source_prompts=2),
+    "compt": lambda path: peft_prompt_transfer.ComPTConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, task_names=["a", "b"], num_source_prompts=2
+    ),
     "bayesian_source": lambda path: peft_prompt_transfer.BayesianPromptConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2),
+        task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2
+    ),
     "bayesian_target": lambda path: peft_prompt_transfer.BayesianPromptConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=4, stage="target", posterior=str(path / "posterior")),
+        task_type="CAUSAL_LM", num_virtual_tokens=4, stage="target", posterior=str(path / "posterior")
+    ),
 }
 
 
@@ -245,8 +257,10 @@ def test_trainable_loads_continue_training_exactly(method, tmp_path):
     from a saved adapter exactly as it would have gone on in memory, through from_pretrained and load_adapter."""
     tiny = TINY_MODELS["gpt2"]
     torch.manual_seed(1)
-    get_peft_model(tiny.saved(tmp_path), peft_prompt_transfer.BayesianPromptConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2)).save_pretrained(tmp_path / "posterior")
+    get_peft_model(
+        tiny.saved(tmp_path),
+        peft_prompt_transfer.BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2),
+    ).save_pretrained(tmp_path / "posterior")
     make_config = TRAINABLE_LOAD_METHODS[method]
     batch = make_batch(tiny)
     if method == "compt":
@@ -258,7 +272,8 @@ def test_trainable_loads_continue_training_exactly(method, tmp_path):
     loaded = PeftModel.from_pretrained(tiny.saved(tmp_path), tmp_path / "adapter", is_trainable=True)
     assert not loaded.peft_config["default"].inference_mode
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
-        n for n, p in model.named_parameters() if p.requires_grad}
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
     host = get_peft_model(tiny.saved(tmp_path), make_config(tmp_path))
     host.load_adapter(tmp_path / "adapter", "resumed", is_trainable=True)
     host.set_adapter("resumed")
@@ -274,7 +289,9 @@ def test_trainable_loads_continue_training_exactly(method, tmp_path):
 
 def test_trainable_loads_of_peft_prompt_methods_keep_peft_rule(tmp_path):
     tiny = TINY_MODELS["gpt2"]
-    get_peft_model(tiny.build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(tmp_path)
+    get_peft_model(tiny.build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ValueError, match="Cannot set a prompt learning adapter to trainable"):
         PeftModel.from_pretrained(tiny.build(), tmp_path, is_trainable=True)
     host = get_peft_model(tiny.build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))

@@ -45,7 +45,9 @@ def test_sampling_probabilities():
 
 
 def _task(n, offset):
-    return datasets.Dataset.from_dict({"input_ids": [[offset + i] for i in range(n)], "labels": [i % 2 for i in range(n)]})
+    return datasets.Dataset.from_dict(
+        {"input_ids": [[offset + i] for i in range(n)], "labels": [i % 2 for i in range(n)]}
+    )
 
 
 @pytest.mark.parametrize("sampling, expected", [("proportional", {0: 10, 1: 30}), ("equal", {0: 20, 1: 20})])

@@ -93,8 +93,9 @@ def test_forward_shapes_and_finite_outputs(config, batch_size, seq_len, data):
     input_ids = torch.randint(3, VOCAB, (batch_size, seq_len))
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if isinstance(config, ComPTConfig):
-        inputs["task_ids"] = torch.tensor(data.draw(st.lists(st.integers(0, config.num_tasks - 1), min_size=batch_size,
-                                                              max_size=batch_size)))
+        inputs["task_ids"] = torch.tensor(
+            data.draw(st.lists(st.integers(0, config.num_tasks - 1), min_size=batch_size, max_size=batch_size))
+        )
     if tiny.kind == "seq2seq":
         inputs["decoder_input_ids"] = torch.zeros(batch_size, 2, dtype=torch.long)
     model.train(data.draw(st.booleans()))

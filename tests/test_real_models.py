@@ -29,14 +29,26 @@ def all_threads():
 def test_minilm_sst2_train_save_load_export(tmp_path):
     tokenizer, base = load_classifier("minilm", num_labels=2, seed=0)
     data = load_split("sst2", "kshot-train", seed=42)
-    data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=48), batched=True,
-                    remove_columns=["text", "text_pair"]).rename_column("label", "labels")
+    data = data.map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=48),
+        batched=True,
+        remove_columns=["text", "text_pair"],
+    ).rename_column("label", "labels")
     model = get_peft_model(base, ResidualPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=8, bottleneck_size=64))
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, num_train_epochs=6,
-                               learning_rate=3e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                               seed=0, disable_tqdm=False),
+        args=TrainingArguments(
+            output_dir=str(tmp_path / "run"),
+            per_device_train_batch_size=8,
+            num_train_epochs=6,
+            learning_rate=3e-2,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=False,
+        ),
         train_dataset=data,
         data_collator=DataCollatorWithPadding(tokenizer),
     )
@@ -44,7 +56,9 @@ def test_minilm_sst2_train_save_load_export(tmp_path):
     losses = train_losses(trainer)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
 
-    batch = DataCollatorWithPadding(tokenizer)([{k: data[i][k] for k in ("input_ids", "attention_mask")} for i in range(8)])
+    batch = DataCollatorWithPadding(tokenizer)(
+        [{k: data[i][k] for k in ("input_ids", "attention_mask")} for i in range(8)]
+    )
     model.eval()
     with torch.no_grad():
         expected = model(**batch).logits
@@ -61,17 +75,21 @@ def test_smollm2_from_its_gguf_package_with_a_residual_prompt(tmp_path, monkeypa
     saves, reloads and exports with the same logits."""
     from benchmarks.models import load_causal_lm, smollm2_path
 
-    monkeypatch.setenv("PEFT_PROMPT_TRANSFER_CACHE", os.environ.get("PEFT_PROMPT_TRANSFER_CACHE", str(tmp_path / "cache")))
+    monkeypatch.setenv(
+        "PEFT_PROMPT_TRANSFER_CACHE", os.environ.get("PEFT_PROMPT_TRANSFER_CACHE", str(tmp_path / "cache"))
+    )
     path = smollm2_path()
     assert smollm2_path() == path  # the second call reuses the cache
     tokenizer, base = load_causal_lm("smollm2")
     assert base.config.hidden_size == 576 and base.dtype == torch.float32
-    batch = tokenizer(["great movie. sentiment: positive", "awful plot. sentiment: negative"], return_tensors="pt",
-                      padding=True)
+    batch = tokenizer(
+        ["great movie. sentiment: positive", "awful plot. sentiment: negative"], return_tensors="pt", padding=True
+    )
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     torch.manual_seed(0)
-    config = ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=32,
-                                  prompt_tuning_init="SAMPLE_VOCAB")
+    config = ResidualPromptConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=32, prompt_tuning_init="SAMPLE_VOCAB"
+    )
     model = get_peft_model(base, config)
     # lr 3e-2 diverged on this 135M model; 1e-2 falls for every seed tried (0-3)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -6,7 +6,16 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_MODELS, ListDataset, greedy_reference, logits, make_batch, make_trainer, tiny_tokenizer, train_losses
+from conftest import (
+    TINY_MODELS,
+    ListDataset,
+    greedy_reference,
+    logits,
+    make_batch,
+    make_trainer,
+    tiny_tokenizer,
+    train_losses,
+)
 from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -141,8 +150,16 @@ def test_config_validation(overrides, message):
 
 
 def test_config_round_trip(tmp_path):
-    config = ResidualPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=7, bottleneck_size=11, activation="gelu",
-                                  layer_norm=False, dropout=0.1, shared_mlp=False, residual=False)
+    config = ResidualPromptConfig(
+        task_type="SEQ_CLS",
+        num_virtual_tokens=7,
+        bottleneck_size=11,
+        activation="gelu",
+        layer_norm=False,
+        dropout=0.1,
+        shared_mlp=False,
+        residual=False,
+    )
     config.save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, ResidualPromptConfig)
@@ -243,8 +260,12 @@ def test_generate_uses_prompt(name, tmp_path):
     batch = make_batch(tiny, seed=2)
     steps = 5
     generated = model.generate(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=steps, min_new_tokens=steps,
-        do_sample=False, pad_token_id=0,
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
     )
     if not model.config.is_encoder_decoder:
         generated = generated[:, batch["input_ids"].shape[1] :] if generated.shape[1] > steps else generated
@@ -283,8 +304,8 @@ def test_exported_adapter_loads_without_plugin(tmp_path):
     script = f"""
 import sys, torch
 from peft import AutoPeftModelForSequenceClassification
-model = AutoPeftModelForSequenceClassification.from_pretrained({str(tmp_path / 'exported')!r}).eval()
-ref = torch.load({str(tmp_path / 'expected.pt')!r})
+model = AutoPeftModelForSequenceClassification.from_pretrained({str(tmp_path / "exported")!r}).eval()
+ref = torch.load({str(tmp_path / "expected.pt")!r})
 batch = {{k: v for k, v in ref["batch"].items() if k != "labels"}}
 with torch.no_grad():
     out = model(**batch).logits
@@ -351,7 +372,11 @@ def test_dropout_is_off_in_the_saved_prompt(tmp_path):
 def test_prompt_initialisation_from_vocabulary(init, tmp_path):
     tiny = TINY_MODELS["gpt2"]
     base = tiny.build()
-    extra = {"prompt_tuning_init_text": "w5 w9 w7", "tokenizer_name_or_path": tiny_tokenizer(tmp_path)} if init == "TEXT" else {}
+    extra = (
+        {"prompt_tuning_init_text": "w5 w9 w7", "tokenizer_name_or_path": tiny_tokenizer(tmp_path)}
+        if init == "TEXT"
+        else {}
+    )
     model = get_peft_model(base, residual_config(tiny, prompt_tuning_init=init, **extra))
     prompt = model.prompt_encoder["default"].embedding.weight
     vocab = base.get_input_embeddings().weight
@@ -428,5 +453,7 @@ def test_trainer_evaluate_and_predict(tmp_path):
     metrics = trainer.evaluate()
     predictions = trainer.predict(data)
     model.eval()
-    torch.testing.assert_close(torch.as_tensor(predictions.predictions), logits(model, make_batch(tiny)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.as_tensor(predictions.predictions), logits(model, make_batch(tiny)), atol=1e-5, rtol=0
+    )
     assert metrics["eval_loss"] == pytest.approx(predictions.metrics["test_loss"])

@@ -27,7 +27,12 @@ SOURCE_DEFAULTS = {
     "likelihood_scale": 1.0,
     "particle_assignment": "sharded",
 }
-TARGET_DEFAULTS = {"target_init": "mean", "regularization_weight": 0.01, "target_prompt": "plain", "decomposition_rank": 1}
+TARGET_DEFAULTS = {
+    "target_init": "mean",
+    "regularization_weight": 0.01,
+    "target_prompt": "plain",
+    "decomposition_rank": 1,
+}
 
 
 def _is_number(value) -> bool:
@@ -148,7 +153,9 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
     )
     likelihood_scale: Optional[float] = field(
         default=None,
-        metadata={"help": "Source stage: inverse temperature multiplying the mean loss in the log posterior. Default 1."},
+        metadata={
+            "help": "Source stage: inverse temperature multiplying the mean loss in the log posterior. Default 1."
+        },
     )
     particle_assignment: Optional[str] = field(
         default=None,
@@ -185,7 +192,8 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         },
     )
     decomposition_rank: Optional[int] = field(
-        default=None, metadata={"help": "Target stage, target_prompt='decomposed': rank of U V. Default 1 (the paper's)."}
+        default=None,
+        metadata={"help": "Target stage, target_prompt='decomposed': rank of U V. Default 1 (the paper's)."},
     )
 
     @property
@@ -198,7 +206,9 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         self.peft_type = peft_type_for(BAYESIAN_PROMPT_TUNING)
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}.")
-        own, other = (SOURCE_DEFAULTS, TARGET_DEFAULTS) if self.stage == "source" else (TARGET_DEFAULTS, SOURCE_DEFAULTS)
+        own, other = (
+            (SOURCE_DEFAULTS, TARGET_DEFAULTS) if self.stage == "source" else (TARGET_DEFAULTS, SOURCE_DEFAULTS)
+        )
         other_fields = list(other) + (
             ["source_tasks"] if self.stage == "target" else ["posterior", "posterior_revision", "target_init_seed"]
         )
@@ -259,8 +269,12 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
                 "stage='target' needs posterior: the directory where a source-stage model was saved "
                 "(model.save_pretrained(...)) or its Hugging Face Hub repo id."
             )
-        if self.posterior_revision is not None and not (isinstance(self.posterior_revision, str) and self.posterior_revision):
-            raise ValueError(f"posterior_revision must be a branch, tag or commit name, got {self.posterior_revision!r}.")
+        if self.posterior_revision is not None and not (
+            isinstance(self.posterior_revision, str) and self.posterior_revision
+        ):
+            raise ValueError(
+                f"posterior_revision must be a branch, tag or commit name, got {self.posterior_revision!r}."
+            )
         parse_target_init(self.target_init)
         if self.target_init_seed is not None and (
             isinstance(self.target_init_seed, bool) or not isinstance(self.target_init_seed, int)

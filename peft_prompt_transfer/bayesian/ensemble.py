@@ -3,8 +3,9 @@ forward pass."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -74,7 +75,11 @@ def ensemble_predict(model, inputs: Mapping[str, Any], adapter_name: Optional[st
     num_particles = encoder.num_particles
     batch = {key: value for key, value in inputs.items() if key != "labels"}
     reference = batch.get("input_ids", batch.get("inputs_embeds"))
-    if task_type == "SEQ_2_SEQ_LM" and batch.get("decoder_input_ids") is None and batch.get("decoder_inputs_embeds") is None:
+    if (
+        task_type == "SEQ_2_SEQ_LM"
+        and batch.get("decoder_input_ids") is None
+        and batch.get("decoder_inputs_embeds") is None
+    ):
         start = model.config.decoder_start_token_id
         batch["decoder_input_ids"] = torch.full((reference.shape[0], 1), start, device=reference.device)
     with torch.no_grad(), encoder.one_particle_per_row():

@@ -4,7 +4,8 @@ prompt of the target stage, the SVGD / anchor gradient transform and saving and 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Union
+from collections.abc import Iterator
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -253,8 +254,13 @@ class BayesianPromptEncoder(TransferPromptEncoder):
         # whole tensors: under FSDP2 each parameter is a shard (the transform is given the whole gradient)
         shared = full_tensor(self.embedding.weight).detach()
         anchor = self.posterior_mean.to(device=shared.device, dtype=shared.dtype)
-        return anchor_gradients(shared, full_tensor(self.task_cols).detach(), full_tensor(self.task_rows).detach(),
-                                anchor, self.config.regularization_weight)
+        return anchor_gradients(
+            shared,
+            full_tensor(self.task_cols).detach(),
+            full_tensor(self.task_rows).detach(),
+            anchor,
+            self.config.regularization_weight,
+        )
 
     def _task_cols_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         self._check_finite(grad)
@@ -358,7 +364,9 @@ class BayesianPromptEncoder(TransferPromptEncoder):
                 f"{sorted(state_dict)[:8]}): they were saved by a plain target or for inference. Load them with the "
                 "adapter_config.json they were saved with, or train a plain target (target_prompt='plain') from them."
             )
-        expected = {key: tuple(t.shape) for key, t in zip(keys, (self.embedding.weight, self.task_cols, self.task_rows))}
+        expected = {
+            key: tuple(t.shape) for key, t in zip(keys, (self.embedding.weight, self.task_cols, self.task_rows))
+        }
         found = {key: tuple(state_dict[key].shape) for key in keys}
         if found != expected:
             raise ValueError(

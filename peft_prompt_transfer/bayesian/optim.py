@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from peft import PeftModel
 
 from ..optim import adapter_encoder, parameter_groups

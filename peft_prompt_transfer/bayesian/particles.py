@@ -3,7 +3,8 @@ every example once per particle."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import torch
 
@@ -34,7 +35,9 @@ def expand_for_particles(batch: Mapping[str, Any], num_particles: int) -> dict[s
     _check_num_particles(num_particles)
     reference = batch.get("input_ids", batch.get("inputs_embeds"))
     if reference is None:
-        raise ValueError(f"expand_for_particles needs input_ids or inputs_embeds in the batch, got keys {sorted(batch)}.")
+        raise ValueError(
+            f"expand_for_particles needs input_ids or inputs_embeds in the batch, got keys {sorted(batch)}."
+        )
     batch_size = reference.shape[0]
     return {
         key: value.repeat_interleave(num_particles, dim=0)

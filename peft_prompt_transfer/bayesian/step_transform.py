@@ -4,7 +4,7 @@ before every optimizer step (how the encoder turns any torch optimizer into SVGD
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook

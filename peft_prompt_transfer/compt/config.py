@@ -162,7 +162,9 @@ class ComPTConfig(TransferPromptLearningConfig):
     )
     prompt_encoder_hidden_size: Optional[int] = field(
         default=None,
-        metadata={"help": "Hidden width of the per-prompt encoders (default: the model's hidden size, as the authors')."},
+        metadata={
+            "help": "Hidden width of the per-prompt encoders (default: the model's hidden size, as the authors')."
+        },
     )
     prompt_mlp_bottleneck_size: Optional[int] = field(
         default=None, metadata={"help": "Width of the shared prompt MLP (prompt_encoder='shared_mlp')."}
@@ -200,7 +202,9 @@ class ComPTConfig(TransferPromptLearningConfig):
             raise ValueError(f"composition must be one of {COMPOSITIONS}, got {self.composition!r}.")
         if self.composition == "concat":
             if not self.private_prompt:
-                raise ValueError("composition='concat' joins the sources with the private prompt; set private_prompt=True.")
+                raise ValueError(
+                    "composition='concat' joins the sources with the private prompt; set private_prompt=True."
+                )
             if self.num_virtual_tokens % 2:
                 raise ValueError(
                     f"composition='concat' splits num_virtual_tokens between the shared and the private part, so it "
@@ -209,7 +213,9 @@ class ComPTConfig(TransferPromptLearningConfig):
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}.")
         if self.top_k is not None and (not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_source_prompts):
-            raise ValueError(f"top_k must be None or an integer in [1, num_source_prompts={self.num_source_prompts}], got {self.top_k!r}.")
+            raise ValueError(
+                f"top_k must be None or an integer in [1, num_source_prompts={self.num_source_prompts}], got {self.top_k!r}."
+            )
         for name, choices in (
             ("share", SHARES),
             ("router_sampling", ROUTER_SAMPLINGS),
@@ -273,7 +279,7 @@ class ComPTConfig(TransferPromptLearningConfig):
                 )
 
     @classmethod
-    def authors_recipe(cls, **overrides) -> "ComPTConfig":
+    def authors_recipe(cls, **overrides) -> ComPTConfig:
         """
         The configuration of the authors' code (puraminy/ComPT, CrossPT configs `SL_*.json`), with `overrides`.
 
@@ -312,7 +318,9 @@ class ComPTConfig(TransferPromptLearningConfig):
 
     def _validate_tasks(self) -> None:
         if self.task_names is None and self.num_tasks is None:
-            raise ValueError("ComPTConfig needs the tasks: set task_names=[...] (ids follow their order) or num_tasks=N.")
+            raise ValueError(
+                "ComPTConfig needs the tasks: set task_names=[...] (ids follow their order) or num_tasks=N."
+            )
         if self.task_names is not None:
             names = self.task_names
             if isinstance(names, str) or not all(isinstance(n, str) and n for n in names) or not names:
@@ -322,7 +330,9 @@ class ComPTConfig(TransferPromptLearningConfig):
                 raise ValueError(f"task_names must be unique; repeated: {duplicates}.")
             self.task_names = list(names)
             if self.num_tasks is not None and self.num_tasks != len(names):
-                raise ValueError(f"num_tasks={self.num_tasks} but task_names has {len(names)} names; give one or make them agree.")
+                raise ValueError(
+                    f"num_tasks={self.num_tasks} but task_names has {len(names)} names; give one or make them agree."
+                )
             self.num_tasks = len(names)
         elif not _is_int(self.num_tasks) or self.num_tasks < 1:
             raise ValueError(f"num_tasks must be a positive integer, got {self.num_tasks!r}.")
@@ -340,7 +350,9 @@ class ComPTConfig(TransferPromptLearningConfig):
         """The integer id of `task` (a name from `task_names` or an id)."""
         if isinstance(task, str):
             if not self.task_names or task not in self.task_names:
-                raise ValueError(f"Unknown task {task!r}; the tasks are {self.task_names or list(range(self.num_tasks))}.")
+                raise ValueError(
+                    f"Unknown task {task!r}; the tasks are {self.task_names or list(range(self.num_tasks))}."
+                )
             return self.task_names.index(task)
         if not _is_int(task) or not 0 <= task < self.num_tasks:
             raise ValueError(f"task must be a name or an id in [0, {self.num_tasks}), got {task!r}.")

@@ -25,7 +25,7 @@ STEP_KEY = "sampling_step"
 _MLP_PREFIX = "reparameterization."
 _PRIVATE_MLP_PREFIX = "private_reparameterization."
 # every ComPT encoder alive, for the optimizer step post-hook that advances its `sampling_step`
-_step_counting_encoders: "weakref.WeakSet[ComPTEncoder]" = weakref.WeakSet()
+_step_counting_encoders: weakref.WeakSet[ComPTEncoder] = weakref.WeakSet()
 _step_counter_handle = None
 
 
@@ -36,7 +36,7 @@ def _relaxed_bernoulli_logits(logits: torch.Tensor, temperature: float) -> torch
     return (logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature
 
 
-def _register_step_counter(encoder: "ComPTEncoder") -> None:
+def _register_step_counter(encoder: ComPTEncoder) -> None:
     """Have `encoder.sampling_step` count the optimizer steps that follow its training forward passes.
 
     A global torch optimizer step post-hook (registered once) advances the counter of every encoder that had a

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from peft import PeftModel
@@ -46,6 +47,8 @@ def plot_routing_weights(
     for t in range(num_tasks):
         for j in range(num_sources):
             value = float(weights[t, j])
-            ax.text(j, t, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black", fontsize=8)
+            ax.text(
+                j, t, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 else "black", fontsize=8
+            )
     ax.figure.colorbar(image, ax=ax)
     return ax

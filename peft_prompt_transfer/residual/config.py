@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from .._peft_integration import peft_type_for
 from ..base import TransferPromptLearningConfig
 
@@ -68,11 +69,19 @@ class ResidualPromptConfig(TransferPromptLearningConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = peft_type_for(RESIDUAL_PROMPT_TUNING)
-        if isinstance(self.bottleneck_size, bool) or not isinstance(self.bottleneck_size, int) or self.bottleneck_size <= 0:
+        if (
+            isinstance(self.bottleneck_size, bool)
+            or not isinstance(self.bottleneck_size, int)
+            or self.bottleneck_size <= 0
+        ):
             raise ValueError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}.")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
         for name in ("layer_norm", "shared_mlp", "residual"):
             if not isinstance(getattr(self, name), bool):
