@@ -183,7 +183,8 @@ def main(argv=None) -> int:
             nargs="+",
             choices=DATA,
             default=list(DATA),
-            help="keep the runs on these target data: kshot (LM-BFF 16-shot splits) or fewglue",
+            help="keep the runs on these target data: kshot (LM-BFF 16-shot splits), fewglue, or full (a part of "
+            "a full training set)",
         )
         suite.add_argument(
             "--data-dir",

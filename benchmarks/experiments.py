@@ -41,12 +41,22 @@ from benchmarks.tasks import TASKS, load_split, metric
 
 HEAD_LR = 1e-3
 COMPT_ROUTER_LR = 1e-1
+# the source stages' prompt LR per model: MiniLM's prompts train at 1e-1, SmolLM2's best prompt LRs are 1e-2
+SOURCE_LR = {"minilm": 1e-1, "smollm2": 1e-2}
+# the low-rank factors of the decomposed Bayesian target (MPT's, whose decomposition the paper uses: 1e-4)
+DECOMPOSED_TASK_LR = 1e-4
+# data="full": examples held out of the training set (after the training examples) to choose the learning rate
+FULL_DATA_DEV_EXAMPLES = 200
 MAX_LENGTH = {"minilm": 128, "smollm2": 160}
 RESIDUAL_BOTTLENECK = 400
 BAYESIAN_PARTICLES = 4
 
 # which methods need what
-TRANSFER_METHODS = ("spot", "source_average", "mpt", "bayesian")
+# the Bayesian target runs: from the default (sharded) posterior with a plain prompt, from the authors' replicated
+# assignment (every particle sees the same examples; at the sharded run's compute per step), and with the paper's
+# decomposed target prompt
+BAYESIAN_METHODS = ("bayesian", "bayesian_replicated", "bayesian_decomposed")
+TRANSFER_METHODS = ("spot", "source_average", "mpt", *BAYESIAN_METHODS)
 # "compt_authors": ComPTConfig.authors_recipe, the authors' design, next to this package's defaults ("compt")
 COMPT_METHODS = ("compt", "compt_authors")
 MULTITASK_METHODS = (*COMPT_METHODS, "shared_prompt", "prompt_tuning")
@@ -59,12 +69,12 @@ RESIDUAL_METHODS = ("residual", "residual_no_layer_norm", "residual_embedding_rm
 class SourceSpec:
     """A source stage: prompts trained once on full training sets, reused by every target run."""
 
-    kind: str  # "prompt_tuning" (one prompt per source task), "mpt" or "bayesian"
+    kind: str  # "prompt_tuning" (one prompt per source task), "mpt", "bayesian" or "bayesian_replicated"
     model: str
     sources: tuple[str, ...]
     num_virtual_tokens: int
     steps: int = 300  # per source task
-    batch_size: int = 16
+    batch_size: int = 16  # examples per step; "bayesian_replicated" sees batch_size / particles, each particle all
     lr: float = 1e-1
     seed: int = 0
 
@@ -86,16 +96,31 @@ class RunSpec:
     init: str = "random"  # the prompt's initialisation: "random" or "vocab" (sampled vocabulary embeddings)
     steps: int = 100  # optimizer steps per task
     batch_size: int = 8
-    data: str = "kshot"  # "kshot" (LM-BFF 16-shot) or "fewglue"
+    data: str = "kshot"  # "kshot" (LM-BFF 16-shot), "fewglue" or "full" (a part of the full training set)
     sources: tuple[str, ...] = ()
     source_steps: int = 300
     max_eval: int = 500  # test examples scored per task (a fixed random subset of bigger test sets)
+    train_examples: int = 0  # data="full": the training examples taken from the shuffled training set
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if not fields["train_examples"]:  # keys written before the field existed stay the keys of their runs
+            del fields["train_examples"]
+        return json.dumps(fields, sort_keys=True)
 
     def source(self, kind: str) -> SourceSpec:
-        return SourceSpec(kind, self.model, self.sources, self.num_virtual_tokens, steps=self.source_steps)
+        batch_size = SourceSpec.batch_size
+        if kind == "bayesian_replicated":  # the same rows per step as the sharded stage: equal compute and steps
+            batch_size //= BAYESIAN_PARTICLES
+        return SourceSpec(
+            kind,
+            self.model,
+            self.sources,
+            self.num_virtual_tokens,
+            steps=self.source_steps,
+            batch_size=batch_size,
+            lr=SOURCE_LR[self.model],
+        )
 
 
 # --------------------------------------------------------------------------------------------------- models ---
@@ -169,12 +194,14 @@ class Backbone:
         return DataCollatorWithPadding(self.tokenizer)
 
     @torch.no_grad()
-    def predict(self, model, dataset, task: str, task_id: Optional[int] = None, label_offset: int = 0) -> list[int]:
-        """Predicted class per example, batched by length (causal LMs: equal lengths, so no padding at all)."""
+    def label_scores(
+        self, model, dataset, task: str, task_id: Optional[int] = None, label_offset: int = 0
+    ) -> torch.Tensor:
+        """Per example, one score per class: the label words' next-token log-probabilities (causal LMs) or the
+        task's rows of the classifier's logits. Batched by length (causal LMs: equal lengths, so no padding)."""
         model.eval()
         lengths = [len(ids) for ids in dataset["input_ids"]]
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        predictions = [0] * len(order)
         batches, current = [], []
         columns = {k: dataset[k] for k in dataset.column_names if k != "labels"}
         for index in order:
@@ -186,18 +213,31 @@ class Backbone:
         pad = DataCollatorWithPadding(self.tokenizer)
         num_labels = TASKS[task].num_labels
         label_ids = torch.tensor(self.label_token_ids(task)) if self.causal else None
+        scores = torch.empty(len(order), num_labels)
         for indices in batches:
             batch = pad([{k: values[i] for k, values in columns.items()} for i in indices])
             if task_id is not None:
                 batch["task_ids"] = torch.full((len(indices),), task_id, dtype=torch.long)
             if self.causal:
                 logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
-                scores = torch.log_softmax(logits, dim=-1)[:, label_ids]
+                scores[indices] = torch.log_softmax(logits, dim=-1)[:, label_ids]
             else:
-                scores = model(**batch).logits[:, label_offset : label_offset + num_labels]
-            for i, prediction in zip(indices, scores.argmax(-1).tolist()):
-                predictions[i] = prediction
-        return predictions
+                scores[indices] = model(**batch).logits[:, label_offset : label_offset + num_labels].float()
+        return scores
+
+    def evaluate(self, model, split, task: str, task_id: Optional[int] = None, label_offset: int = 0) -> dict:
+        """Score a standardised split: the task's metric of the argmax predictions, and the mean loss of the right
+        labels (causal LMs: the label word's negative log-probability, as in training; classifiers: cross-entropy
+        over the task's classes), which breaks ties between learning rates chosen on a small dev set."""
+        encoded = self.encode(split, task, train=False)
+        scores = self.label_scores(model, encoded, task, task_id=task_id, label_offset=label_offset)
+        labels = torch.tensor(split["label"])
+        if not self.causal:
+            scores = torch.log_softmax(scores, dim=-1)
+        return {
+            "metric": metric(task, labels.tolist(), scores.argmax(-1).tolist()),
+            "loss": -scores.gather(1, labels[:, None]).mean().item(),
+        }
 
 
 # ------------------------------------------------------------------------------------------------- training ---
@@ -212,6 +252,10 @@ def make_optimizer(model, lr: float, method: str) -> torch.optim.Optimizer:
     if method in COMPT_METHODS:  # the same learning rates for both designs: the comparison is of the design
         return ppt.create_compt_optimizer(
             model, source_lr=lr, private_lr=lr, router_lr=COMPT_ROUTER_LR, other_lr=HEAD_LR
+        )
+    if method == "bayesian_decomposed":  # S at `lr`, the low-rank factors at MPT's rate
+        return torch.optim.AdamW(
+            ppt.bayesian_parameter_groups(model, shared_lr=lr, task_lr=DECOMPOSED_TASK_LR, other_lr=HEAD_LR)
         )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
@@ -307,12 +351,19 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
         else:
             data = ppt.combine_tasks(_source_data(backbone, source, multitask=True), sampling="equal", seed=source.seed)
             common = dict(task_type=backbone.task_type, num_virtual_tokens=source.num_virtual_tokens)
+            collator = None
             if source.kind == "mpt":
                 config = MultitaskPromptTuningConfig(**common, num_tasks=len(source.sources))
             else:
+                replicated = source.kind == "bayesian_replicated"
                 config = ppt.BayesianPromptConfig(
-                    **common, num_particles=BAYESIAN_PARTICLES, source_tasks=list(source.sources)
+                    **common,
+                    num_particles=BAYESIAN_PARTICLES,
+                    source_tasks=list(source.sources),
+                    particle_assignment="replicated" if replicated else "sharded",
                 )
+                if replicated:
+                    collator = ppt.ParticleReplicationCollator(BAYESIAN_PARTICLES, backbone.collator())
             model = get_peft_model(backbone.base_model(_num_labels(source.sources), source.seed), config)
             log["all"] = train(
                 model,
@@ -322,6 +373,7 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
                 source.steps * len(source.sources),
                 source.batch_size,
                 source.seed,
+                collator=collator,
             )
             model.save_pretrained(staging)
         (staging / "done.json").write_text(json.dumps({"spec": asdict(source), "log": log}, indent=1))
@@ -401,69 +453,95 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
             prompt_tuning_init_state_dict_path=str(folder / "adapter_model.safetensors"),
         )
         return get_peft_model(base, config), details
-    if spec.method == "bayesian":
-        folder = ensure_source(backbone, spec.source("bayesian"))
-        return get_peft_model(base, ppt.BayesianPromptConfig(**common, stage="target", posterior=str(folder))), details
+    if spec.method in BAYESIAN_METHODS:
+        folder = ensure_source(
+            backbone, spec.source("bayesian_replicated" if spec.method == "bayesian_replicated" else "bayesian")
+        )
+        target_prompt = "decomposed" if spec.method == "bayesian_decomposed" else "plain"
+        config = ppt.BayesianPromptConfig(**common, stage="target", posterior=str(folder), target_prompt=target_prompt)
+        return get_peft_model(base, config), details
     raise ValueError(f"unknown single-task method {spec.method!r}")
 
 
-def _split_names(spec: RunSpec) -> tuple[str, str]:
-    return ("fewglue-train", "fewglue-test") if spec.data == "fewglue" else ("kshot-train", "kshot-test")
+def training_data(task: str, spec: RunSpec):
+    """The run's training split and the dev split its learning rate is chosen on (None for FewGLUE, which has none).
+
+    k-shot: LM-BFF's train and dev files of the seed. `data="full"`: `train_examples` examples of the shuffled full
+    training set, and the next `FULL_DATA_DEV_EXAMPLES` as dev; the test set is then the official dev set."""
+    if spec.data == "full":
+        full = load_split(task, "train").shuffle(seed=spec.seed)
+        needed = spec.train_examples + FULL_DATA_DEV_EXAMPLES
+        if not 0 < spec.train_examples or needed > len(full):
+            raise ValueError(
+                f"{task}'s training set has {len(full)} examples; train_examples={spec.train_examples} plus "
+                f"{FULL_DATA_DEV_EXAMPLES} held out for dev does not fit it."
+            )
+        return full.select(range(spec.train_examples)), full.select(range(spec.train_examples, needed))
+    if spec.data == "fewglue":
+        return load_split(task, "fewglue-train"), None
+    return load_split(task, "kshot-train", seed=spec.seed), load_split(task, "kshot-dev", seed=spec.seed)
 
 
 def _test_set(task: str, spec: RunSpec):
-    test = load_split(task, _split_names(spec)[1], seed=spec.seed)
+    split = {"full": "dev", "fewglue": "fewglue-test"}.get(spec.data, "kshot-test")
+    test = load_split(task, split, seed=spec.seed)
     if len(test) > spec.max_eval:  # the same subset for every method and seed
         test = test.shuffle(seed=0).select(range(spec.max_eval))
     return test
 
 
+def score(record: dict, backbone: Backbone, model, task: str, spec: RunSpec, dev, **kwargs) -> None:
+    """Record a task's test metric and, where there is a dev split, its dev metric and loss (for choosing the LR)."""
+    record["metrics"][task] = backbone.evaluate(model, _test_set(task, spec), task, **kwargs)["metric"]
+    if dev is not None:
+        on_dev = backbone.evaluate(model, dev, task, **kwargs)
+        record["dev_metrics"][task], record["dev_losses"][task] = on_dev["metric"], on_dev["loss"]
+
+
 def run(spec: RunSpec, backbone: Backbone) -> dict:
-    """Train and evaluate one run; returns its record (without versions and date)."""
-    train_split = _split_names(spec)[0]
-    record = {"metrics": {}, "details": {}}
+    """Train and evaluate one run; returns its record (without versions and date).
+
+    `zero_shot` (causal LMs) trains nothing: the frozen model scores the template and label words as they are."""
+    record = {"metrics": {}, "dev_metrics": {}, "dev_losses": {}, "details": {}}
     if spec.method in MULTITASK_METHODS and len(spec.tasks) > 1:
         multitask_run(spec, backbone, record)
     else:
         task = spec.tasks[0]
         needs_task_ids = spec.method == "mpt"
-        train_set = backbone.encode(load_split(task, train_split, seed=spec.seed), task, train=True)
+        train_split, dev = training_data(task, spec)
+        train_set = backbone.encode(train_split, task, train=True)
         if needs_task_ids:
             train_set = train_set.add_column("task_ids", [0] * len(train_set))
-        model, record["details"] = build_single_task_model(backbone, spec, train_set)
-        result = train(
-            model,
-            train_set,
-            backbone,
-            make_optimizer(model, spec.lr, spec.method),
-            spec.steps,
-            spec.batch_size,
-            spec.seed,
-        )
+        if spec.method == "zero_shot":
+            if not backbone.causal:
+                raise ValueError("zero_shot needs a causal LM: a classifier's new head knows nothing untrained.")
+            model, result = backbone.base_model(TASKS[task].num_labels, spec.seed), {"train_seconds": 0.0, "losses": []}
+        else:
+            model, record["details"] = build_single_task_model(backbone, spec, train_set)
+            optimizer = make_optimizer(model, spec.lr, spec.method)
+            result = train(model, train_set, backbone, optimizer, spec.steps, spec.batch_size, spec.seed)
         start = time.perf_counter()
-        test = _test_set(task, spec)
-        predictions = backbone.predict(
-            model, backbone.encode(test, task, train=False), task, task_id=0 if needs_task_ids else None
-        )
-        record["metrics"][task] = metric(task, test["label"], predictions)
+        score(record, backbone, model, task, spec, dev, task_id=0 if needs_task_ids else None)
         record.update(
             result,
             eval_seconds=time.perf_counter() - start,
             trainable_params=_trainable(model),
-            inference_params=_inference_params(model, spec),
+            inference_params=None if spec.method == "zero_shot" else _inference_params(model, spec),
         )
     record["metric"] = sum(record["metrics"].values()) / len(record["metrics"])
+    if record["dev_metrics"]:
+        record["dev_metric"] = sum(record["dev_metrics"].values()) / len(record["dev_metrics"])
+        record["dev_loss"] = sum(record["dev_losses"].values()) / len(record["dev_losses"])
     return record
 
 
 def multitask_run(spec: RunSpec, backbone: Backbone, record: dict) -> None:
     """Few-shot multi-task training: ComPT, one shared prompt, or one prompt per task (each `steps` steps)."""
-    train_split = _split_names(spec)[0]
     separate = spec.method == "prompt_tuning"  # an independent prompt (and head) per task
     offsets = [0] * len(spec.tasks) if backbone.causal or separate else _offsets(spec.tasks)
+    splits = {task: training_data(task, spec) for task in spec.tasks}
     encoded = {
-        task: backbone.encode(load_split(task, train_split, seed=spec.seed), task, train=True, label_offset=o)
-        for task, o in zip(spec.tasks, offsets)
+        task: backbone.encode(splits[task][0], task, train=True, label_offset=o) for task, o in zip(spec.tasks, offsets)
     }
     models, seconds, losses = {}, 0.0, []
     if separate:  # the same steps per task as the joint methods give each task
@@ -520,15 +598,8 @@ def multitask_run(spec: RunSpec, backbone: Backbone, record: dict) -> None:
             record["details"]["routing_weights"] = model.prompt_encoder["default"].routing_weights().tolist()
     start = time.perf_counter()
     for index, (task, offset) in enumerate(zip(spec.tasks, offsets)):
-        test = _test_set(task, spec)
-        predictions = backbone.predict(
-            models[task],
-            backbone.encode(test, task, train=False),
-            task,
-            task_id=index if spec.method in COMPT_METHODS else None,
-            label_offset=offset,
-        )
-        record["metrics"][task] = metric(task, test["label"], predictions)
+        task_id = index if spec.method in COMPT_METHODS else None
+        score(record, backbone, models[task], task, spec, splits[task][1], task_id=task_id, label_offset=offset)
     record.update(
         train_seconds=seconds, losses=losses, eval_seconds=time.perf_counter() - start, trainable_params=trainable
     )

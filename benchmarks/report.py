@@ -27,6 +27,9 @@ LABELS = {
     "source_average": "average-of-sources init",
     "mpt": "peft MULTITASK_PROMPT_TUNING",
     "bayesian": "Bayesian (ours)",
+    "bayesian_replicated": "Bayesian, the authors' replicated particles",
+    "bayesian_decomposed": "Bayesian, the paper's decomposed target prompt",
+    "zero_shot": "zero-shot (template and label words, no training)",
     "compt": "ComPT (ours)",
     "compt_authors": "ComPT, the authors' recipe",
     "shared_prompt": "one shared prompt",
@@ -235,43 +238,80 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
     return lines
 
 
+# rendered together into benchmarks/RESULTS.md, the SmolLM2 suite first: it is the one that tells methods apart
+REPOSITORY_SUITES = ("smollm2", "full")
+
+
 def render(suite: str, records_dir: Path, out: Optional[Path] = None) -> Path:
-    """Write the report for the records in `records_dir/runs.jsonl`; returns its path."""
+    """Write the report for the records in `records_dir/runs.jsonl`; returns its path.
+
+    The repository's suites (`REPOSITORY_SUITES`) are rendered together into `benchmarks/RESULTS.md` unless `out`
+    is given; any other suite gets `records_dir/RESULTS.md` by default. The cost results in `records_dir`'s parent
+    (`cost-*.json`, `svgd_scaling.json`) close the report."""
+    if out is None and suite in REPOSITORY_SUITES:
+        out, figures = REPOSITORY_RESULTS, REPOSITORY_RESULTS.parent / "figures"
+        lines = ["# Benchmark results", ""]
+        for name in REPOSITORY_SUITES:
+            lines += _suite_lines(name, records_dir.parent / name, figures, out)
+    else:
+        out = out or records_dir / "RESULTS.md"
+        figures = records_dir / "figures"
+        lines = [f"# Benchmark results: `{suite}` suite", "", *_suite_lines(suite, records_dir, figures, out)]
+    figures.mkdir(parents=True, exist_ok=True)
+    lines += _cost_section(records_dir.parent, figures, out)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path) -> list[str]:
     from benchmarks.harness import load_records
-    from benchmarks.suites import suite_runs
+    from benchmarks.suites import SUITES, CausalBudget, suite_runs
 
     records = load_records(records_dir / "runs.jsonl")
-    out = out or (REPOSITORY_RESULTS if suite == "full" else records_dir / "RESULTS.md")
-    figures = out.parent / "figures" if suite == "full" else records_dir / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
     frame = _frame(records)
-    planned = len(suite_runs(suite))
+    causal = isinstance(SUITES[suite], CausalBudget)
+    if causal:  # a figure per claim and task, named as the MiniLM suite's are: a folder of its own
+        figures = figures / suite
+    figures.mkdir(parents=True, exist_ok=True)
+    planned = suite_runs(suite)
     failed = sum("error" in r for r in records)
     dates = sorted(r["date"] for r in records)
     versions = records[-1]["versions"] if records else {}
     lines = [
-        f"# Benchmark results: `{suite}` suite",
+        f"## The `{suite}` suite" + (" (SmolLM2-135M-Instruct, verbalised labels)" if causal else ""),
         "",
         f"Runs produced by {_commands(records)}. Rendered by "
-        f"`python -m benchmarks report {suite}`. {len(frame)} of {planned} planned runs recorded"
+        f"`python -m benchmarks report {suite}`. {len(frame)} of {len(planned)} planned runs recorded"
         + (f" ({failed} failed attempts logged)" if failed else "")
         + (f", {dates[0][:10]} to {dates[-1][:10]}" if dates else "")
         + ". "
         + ", ".join(f"{k} {v}" for k, v in versions.items())
         + ".",
         "",
-        _budget_line(suite),
-        "",
-        __doc__.split("\n\n", 1)[1].strip(),
-        "",
     ]
     rel = lambda name: (figures / name).relative_to(out.parent)  # noqa: E731
+    if causal:
+        from benchmarks import report_causal, selection
+
+        lines += [
+            report_causal.progress(planned, frame),
+            "",
+            report_causal.budget_line(SUITES[suite]),
+            "",
+            report_causal.time_profile(frame),
+            "",
+            selection.__doc__.split("\n\n", 1)[1].strip(),
+            "",
+        ]
+        if not frame.empty:
+            sections, verdicts = report_causal.causal_sections(frame, SUITES[suite], figures, rel)
+            lines += ["### Verdicts at a glance", "", *verdicts, "", *sections]
+        return lines
+    lines += [_budget_line(suite), "", __doc__.split("\n\n", 1)[1].strip(), ""]
     if not frame.empty:
         frame["variant"] = frame.apply(_variant, axis=1)
         lines += _claim_sections(frame, figures, rel)
-    lines += _cost_section(records_dir.parent, figures, out)
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    return lines
 
 
 def _commands(records: list[dict]) -> str:
@@ -291,6 +331,9 @@ def _budget_line(suite: str) -> str:
 
     budget, source = SUITES[suite], SourceSpec  # the source stages' batch size and LR are the dataclass defaults
     return (
+        "The claim tables below are a regime where the methods cannot be told apart (all-MiniLM-L6-v2 with a new "
+        "classifier head on 16-shot data: every prompt method within a few points of the others, far below full "
+        "fine-tuning); LRs are chosen on the test set there (the records predate dev scoring). "
         f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))}; {budget.num_virtual_tokens} virtual tokens "
         f"(and {max(1, budget.num_virtual_tokens // 10)} for the short-prompt runs); {budget.steps} steps of batch 8 "
         f"per task on MiniLM, {budget.smollm2_steps} on SmolLM2; prompt LRs {budget.prompt_lrs}; full fine-tuning "
@@ -311,7 +354,7 @@ def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
             f"Claim 1: accuracy vs learning rate, {task}, {model}",
             figures / f"{name}-lr.png",
         )
-        lines += [f"## Claim 1 — residual prompt tuning vs prompt tuning: {task} (16-shot), {model}", ""]
+        lines += [f"### Claim 1 — residual prompt tuning vs prompt tuning: {task} (16-shot), {model}", ""]
         lines += _lr_table(group)
         lines.append("")
         variants = group["variant"].unique()
@@ -357,7 +400,7 @@ def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
         name = f"claim2-{model}-{task}"
         _bar_plot(group, "label", f"Claim 2: transfer to {task}, {model}", figures / f"{name}.png")
         lines += [
-            f"## Claim 2 — Bayesian transfer vs other transfer: target {task} ({group.iloc[0]['data']}), "
+            f"### Claim 2 — Bayesian transfer vs other transfer: target {task} ({group.iloc[0]['data']}), "
             f"sources {' + '.join(sources)}, {model}",
             "",
         ]
@@ -388,7 +431,7 @@ def _claim_sections(frame: pd.DataFrame, figures: Path, rel) -> list[str]:
         name = f"claim3-{model}"
         _bar_plot(group, "label", f"Claim 3: few-shot multi-task {task}, {model}", figures / f"{name}.png")
         lines += [
-            f"## Claim 3 — ComPT vs prompt tuning vs one shared prompt: {task} (16-shot each), {model}",
+            f"### Claim 3 — ComPT vs prompt tuning vs one shared prompt: {task} (16-shot each), {model}",
             "",
             "Mean over the tasks:",
             "",

@@ -31,6 +31,34 @@ class Budget:
     multitask: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class CausalBudget:
+    """A suite on a causal LM with verbalised labels (SmolLM2), where the frozen model already scores some tasks
+    well: every table gets a zero-shot row, and the targets include tasks it does not know (SUBJ, TREC).
+
+    Prompts given straight to the model (prompt tuning and everything initialised from source prompts) sweep
+    `prompt_lrs`; prompts made by an MLP (residual, P-tuning) sweep `mlp_prompt_lrs`, the same number of values a
+    factor 3 lower, because AdamW moves an MLP-made prompt 30-130x further per step at one LR
+    (`python -m benchmarks.prompt_steps`). Every run records its dev-set score, on which the report chooses each
+    method's LR.
+    """
+
+    model: str
+    seeds: tuple[int, ...]
+    prompt_lrs: tuple[float, ...]
+    mlp_prompt_lrs: tuple[float, ...]
+    num_virtual_tokens: int
+    short_virtual_tokens: int
+    steps: int
+    max_eval: int
+    residual_tasks: tuple[str, ...]  # claim 1, 16-shot
+    full_data: tuple[str, int, int]  # claim 1 on a bigger training set: (task, training examples, steps)
+    sources: tuple[str, ...]  # claim 2: trained on their full training sets
+    source_steps: int
+    transfer_targets: tuple[str, ...]  # claim 2, 16-shot, never a source
+    multitask: tuple[str, ...]  # claim 3, 16-shot each
+
+
 SUITES = {
     "quick": Budget(
         seeds=(13,),
@@ -48,6 +76,40 @@ SUITES = {
     ),
     # SmolLM2 sweeps 1e-3 too: every MLP-made prompt (residual, P-tuning) did best at 3e-3, the lowest value of the
     # first sweep, and at one LR AdamW moves such a prompt 30-130x further per step (python -m benchmarks.prompt_steps)
+    # about 4.5 h per seed with 2 workers on 2 CPU cores (python -m benchmarks smollm2 --workers 2): the first three
+    # seeds well inside a day; measured where a run's time goes in benchmarks/RESULTS.md ("Budget")
+    "smollm2": CausalBudget(
+        model="smollm2",
+        seeds=KSHOT_SEEDS,
+        prompt_lrs=(3e-3, 1e-2, 3e-2),
+        mlp_prompt_lrs=(1e-3, 3e-3, 1e-2),
+        num_virtual_tokens=20,
+        short_virtual_tokens=2,
+        steps=40,
+        max_eval=300,
+        residual_tasks=("sst2", "subj", "trec"),
+        full_data=("sst2", 800, 100),
+        sources=("sst2", "cola"),
+        source_steps=100,
+        transfer_targets=("mr", "subj"),
+        multitask=("sst2", "subj", "trec"),
+    ),
+    "smollm2-quick": CausalBudget(
+        model="smollm2",
+        seeds=(13,),
+        prompt_lrs=(1e-2,),
+        mlp_prompt_lrs=(3e-3,),
+        num_virtual_tokens=4,
+        short_virtual_tokens=1,
+        steps=2,
+        max_eval=16,
+        residual_tasks=("sst2",),
+        full_data=("sst2", 16, 2),
+        sources=("sst2", "cola"),
+        source_steps=2,
+        transfer_targets=("mr",),
+        multitask=("sst2", "trec"),
+    ),
     "full": Budget(
         seeds=KSHOT_SEEDS,
         prompt_lrs={"minilm": (3e-2, 1e-1, 3e-1), "smollm2": (1e-3, 3e-3, 1e-2, 3e-2)},
@@ -63,9 +125,11 @@ SUITES = {
         multitask=("sst2", "cr", "subj"),
     ),
 }
+
+
 CLAIMS = ("residual", "transfer", "multitask")
 MODELS = ("minilm", "smollm2")
-DATA = ("kshot", "fewglue")
+DATA = ("kshot", "fewglue", "full")
 
 
 def residual_runs(budget: Budget, seed: int) -> list[RunSpec]:
@@ -167,16 +231,81 @@ def multitask_runs(budget: Budget, seed: int) -> list[RunSpec]:
 
 CLAIM_RUNS = {"residual": residual_runs, "transfer": transfer_runs, "multitask": multitask_runs}
 
+MLP_PROMPT_METHODS = ("residual", "residual_embedding_rms", "p_tuning")
+
+
+def _causal_sweep(budget: CausalBudget, run: RunSpec) -> list[RunSpec]:
+    lrs = budget.mlp_prompt_lrs if run.method in MLP_PROMPT_METHODS else budget.prompt_lrs
+    return [replace(run, lr=lr) for lr in lrs]
+
+
+def causal_runs(budget: CausalBudget, claim: str, seed: int) -> list[RunSpec]:
+    """The runs of one claim and seed in a causal-LM suite (zero-shot runs with the first seed only: they train
+    nothing, and the test sets are the same for every seed).
+
+    - residual: prompt tuning, residual (the paper's branch and the one scaled to the embeddings' RMS) and
+      P-tuning on 16-shot tasks and on `full_data`, and prompt tuning vs residual with `short_virtual_tokens`;
+    - transfer: no transfer, SPoT, the average of the source prompts, peft's MPT and three Bayesian variants
+      (sharded or replicated particles, plain or decomposed target prompt) on 16-shot targets;
+    - multitask: one shared prompt and ComPT in both designs trained on all tasks; one prompt per task is the
+      single-task prompt tuning runs of the same tasks, seed, LRs and steps (listed here, run once).
+    """
+    base = RunSpec(
+        method="prompt_tuning",
+        model=budget.model,
+        tasks=(),
+        seed=seed,
+        lr=0.0,
+        num_virtual_tokens=budget.num_virtual_tokens,
+        init="vocab",
+        steps=budget.steps,
+        max_eval=budget.max_eval,
+    )
+    zero_shot = lambda tasks: [  # noqa: E731
+        replace(base, method="zero_shot", tasks=(task,), steps=0) for task in tasks if seed == budget.seeds[0]
+    ]
+    runs = []
+    if claim == "residual":
+        task, examples, steps = budget.full_data
+        full = replace(base, tasks=(task,), data="full", train_examples=examples, steps=steps)
+        runs += zero_shot(budget.residual_tasks) + [replace(full, method="zero_shot", steps=0)] * (
+            seed == budget.seeds[0]
+        )
+        for run in [replace(base, tasks=(t,)) for t in budget.residual_tasks] + [full]:
+            for method in ("prompt_tuning", "residual", "residual_embedding_rms", "p_tuning"):
+                runs += _causal_sweep(budget, replace(run, method=method))
+        short = replace(base, tasks=(budget.residual_tasks[0],), num_virtual_tokens=budget.short_virtual_tokens)
+        for method in ("prompt_tuning", "residual"):
+            runs += _causal_sweep(budget, replace(short, method=method))
+    elif claim == "transfer":
+        runs += zero_shot(budget.transfer_targets)
+        for task in budget.transfer_targets:
+            target = replace(base, tasks=(task,), sources=budget.sources, source_steps=budget.source_steps)
+            runs += _causal_sweep(budget, replace(base, tasks=(task,)))  # no transfer
+            for method in ("spot", "source_average", "mpt", "bayesian", "bayesian_replicated", "bayesian_decomposed"):
+                runs += _causal_sweep(budget, replace(target, method=method))
+    else:
+        runs += zero_shot(budget.multitask)
+        runs += [run for task in budget.multitask for run in _causal_sweep(budget, replace(base, tasks=(task,)))]
+        for method in ("shared_prompt", "compt", "compt_authors"):
+            runs += _causal_sweep(budget, replace(base, method=method, tasks=budget.multitask))
+    return runs
+
 
 def suite_runs(name: str, claims=CLAIMS, models=MODELS, data=DATA) -> list[tuple[str, RunSpec]]:
     """(claim, run) pairs of a suite, seed by seed; a run shared by two claims is listed once.
 
-    `models` and `data` ("kshot": LM-BFF 16-shot splits, "fewglue") keep only the runs on those models and data.
+    `models` and `data` ("kshot": LM-BFF 16-shot splits, "fewglue", "full": part of a full training set) keep only the runs on those models and data.
     """
     budget, seen, runs = SUITES[name], set(), []
     for seed in budget.seeds:
         for claim in claims:
-            for spec in CLAIM_RUNS[claim](budget, seed):
+            claim_runs = (
+                causal_runs(budget, claim, seed)
+                if isinstance(budget, CausalBudget)
+                else CLAIM_RUNS[claim](budget, seed)
+            )
+            for spec in claim_runs:
                 if spec.model in models and spec.data in data and spec.key() not in seen:
                     seen.add(spec.key())
                     runs.append((claim, spec))

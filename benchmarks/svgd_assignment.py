@@ -42,7 +42,7 @@ from benchmarks.experiments import (
     train,
 )
 from benchmarks.harness import versions
-from benchmarks.tasks import TASKS, load_split, metric
+from benchmarks.tasks import TASKS, load_split
 
 # (name, particle_assignment, source batch size, likelihood_scale)
 SETTINGS = (
@@ -100,8 +100,7 @@ def source_stage(backbone: Backbone, args, assignment: str, batch_size: int, lik
     source_accuracy = {}
     for task, offset in zip(args.sources, _offsets(args.sources)):
         dev = load_split(task, "dev").shuffle(seed=0).select(range(args.max_eval))
-        predictions = backbone.predict(model, backbone.encode(dev, task, train=False), task, label_offset=offset)
-        source_accuracy[task] = metric(task, dev["label"], predictions)
+        source_accuracy[task] = backbone.evaluate(model, dev, task, label_offset=offset)["metric"]
     return {
         "spread": spread(model.prompt_encoder["default"].particles.detach()),
         "source_dev": source_accuracy,
@@ -120,7 +119,7 @@ def target_stage(backbone: Backbone, args, folder: Path, seed: int) -> float:
     model = get_peft_model(backbone.base_model(TASKS[task].num_labels, seed), config)
     train(model, train_set, backbone, make_optimizer(model, args.target_lr, "bayesian"), args.target_steps, 8, seed)
     test = load_split(task, "kshot-test", seed=seed).shuffle(seed=0).select(range(args.max_eval))
-    return metric(task, test["label"], backbone.predict(model, backbone.encode(test, task, train=False), task))
+    return backbone.evaluate(model, test, task)["metric"]
 
 
 def table(report: dict) -> str:

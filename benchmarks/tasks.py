@@ -119,6 +119,14 @@ TASKS = {
         (" subjective", " objective"),
         kshot=("subj", "csv", "text", None, "label"),
     ),
+    # LM-BFF's TREC labels: 0 description, 1 entity, 2 abbreviation, 3 human, 4 location, 5 number
+    "trec": Task(
+        "trec",
+        ("description", "entity", "abbreviation", "human", "location", "number"),
+        "Question: {text}\nAnswer type:",
+        (" description", " entity", " abbreviation", " person", " location", " number"),
+        kshot=("trec", "csv", "text", None, "label"),
+    ),
     "cb": Task(
         "cb",
         ("entailment", "contradiction", "neutral"),

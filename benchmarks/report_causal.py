@@ -1,0 +1,352 @@
+"""The report of a causal-LM suite (`smollm2`): each claim's tables at learning rates chosen on dev data, a
+zero-shot row in every table, paired differences with 95% intervals over seeds, and a verdict per claim.
+
+See `benchmarks.selection` for the selection rule and the intervals; `benchmarks.suites.causal_runs` for the runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from benchmarks.report import LABELS
+from benchmarks.selection import best_on_test, chosen_on_dev, describe, paired, verdict
+
+SHORT_LABEL = "{label}, {tokens} tokens"
+BAYESIAN = ("bayesian", "bayesian_replicated", "bayesian_decomposed")
+PER_TASK = "one prompt per task (peft PROMPT_TUNING)"
+
+
+def _fmt(values: pd.Series) -> str:
+    if values.empty:
+        return "-"
+    std = values.std() if len(values) > 1 else 0.0
+    return f"{100 * values.mean():.1f} ± {100 * std:.1f} (n={len(values)})"
+
+
+def _lrs(chosen: pd.DataFrame) -> str:
+    if chosen.lr.eq(0).all():
+        return "-"
+    counts = chosen.lr.value_counts().sort_index()
+    return ", ".join(f"{lr:g} ×{n}" for lr, n in counts.items())
+
+
+def method_table(methods: dict[str, pd.DataFrame], zero_shot: Optional[str] = None) -> list[str]:
+    """One row per method: test metric at the dev-chosen LRs, which LRs dev chose, the difference to the zero-shot
+    row with its interval, and (labelled optimistic) the test metric at the test-chosen LR."""
+    lines = [
+        "| method | test, LR chosen on dev | LRs chosen | vs zero-shot (points, 95% CI) | test at the best test LR "
+        "(optimistic) |",
+        "|---|---:|---|---:|---:|",
+    ]
+    base = chosen_on_dev(methods[zero_shot])["metric"] if zero_shot in methods else None
+    for label, runs in methods.items():
+        chosen = chosen_on_dev(runs)
+        versus = "" if label == zero_shot or base is None else describe(paired(chosen["metric"], base))
+        optimistic = "-" if chosen.lr.eq(0).all() else _fmt(best_on_test(runs)["metric"])
+        lines.append(f"| {label} | {_fmt(chosen['metric'])} | {_lrs(chosen)} | {versus} | {optimistic} |")
+    return lines
+
+
+def comparison(methods: dict[str, pd.DataFrame], a: str, b: str) -> Optional[tuple[str, str]]:
+    """('a − b: +x [lo, hi] points (k of n seeds): better', verdict) at dev-chosen LRs, or None if one is missing."""
+    if a not in methods or b not in methods:
+        return None
+    difference = paired(chosen_on_dev(methods[a])["metric"], chosen_on_dev(methods[b])["metric"])
+    if difference is None:
+        return None
+    result = verdict(difference)
+    return f"{a} − {b}: {describe(difference)} points: **{result}**", result
+
+
+def _bars(methods: dict[str, pd.DataFrame], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = {label: chosen_on_dev(runs)["metric"] for label, runs in methods.items()}
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(chosen) + 1.2), dpi=90)
+    means = [100 * v.mean() for v in chosen.values()]
+    stds = [100 * v.std() if len(v) > 1 else 0.0 for v in chosen.values()]
+    ax.barh(range(len(chosen)), means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
+    ax.set_yticks(range(len(chosen)), list(chosen), fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test metric (x100) at the LR chosen on dev, mean ± std over seeds")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _routing(runs: pd.DataFrame, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    chosen = chosen_on_dev(runs)
+    weights = np.mean([np.array(d["routing_weights"]) for d in chosen["details"]], axis=0)
+    tasks = list(chosen.iloc[0]["tasks"])
+    fig, ax = plt.subplots(figsize=(1.2 * weights.shape[1] + 2.5, 0.6 * len(tasks) + 1.5), dpi=90)
+    image = ax.imshow(weights, cmap="viridis", vmin=0)
+    ax.set_xticks(range(weights.shape[1]), [f"source {j}" for j in range(weights.shape[1])], fontsize=8)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    for (i, j), value in np.ndenumerate(weights):
+        color = "white" if value < weights.max() / 2 else "black"
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=color, fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(f"{title}, mean of {len(chosen)} seeds at the dev-chosen LR", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _single(frame: pd.DataFrame, task: str, data: str = "kshot", tokens: Optional[int] = None) -> pd.DataFrame:
+    rows = frame[(frame.task == task) & (frame.data == data)]
+    return rows if tokens is None else rows[(rows.num_virtual_tokens == tokens) | (rows.method == "zero_shot")]
+
+
+def _by_method(rows: pd.DataFrame, methods: tuple[str, ...]) -> dict[str, pd.DataFrame]:
+    return {LABELS[m]: rows[rows.method == m] for m in methods if (rows.method == m).any()}
+
+
+def _section(
+    heading: str,
+    methods: dict[str, pd.DataFrame],
+    pairs: list[tuple[str, str]],
+    figure: Path,
+    rel: Callable[[str], Path],
+    verdicts: dict,
+) -> list[str]:
+    _bars(methods, heading.split(": ", 1)[-1], figure)
+    lines = [f"### {heading}", ""] + method_table(methods, LABELS["zero_shot"]) + [""]
+    for a, b in pairs:
+        found = comparison(methods, a, b)
+        if found:
+            lines.append(f"- {found[0]}")
+            verdicts[(heading, a, b)] = found
+    return lines + ["", f"![{heading}]({rel(figure.name)})", ""]
+
+
+def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[list[str], list[str]]:
+    """The claim sections of a causal-LM suite and the verdict lines that summarise them."""
+    model, lines, verdicts = budget.model, [], {}
+    frame = frame[frame.model == model]
+    pt, res, rms, ptun = (LABELS[m] for m in ("prompt_tuning", "residual", "residual_embedding_rms", "p_tuning"))
+    claim1 = ("zero_shot", "prompt_tuning", "residual", "residual_embedding_rms", "p_tuning")
+    claim1_pairs = [(res, pt), (rms, pt), (rms, res), (ptun, pt)]
+    for task in budget.residual_tasks:
+        rows = _single(frame, task, tokens=budget.num_virtual_tokens)
+        heading = f"Claim 1 — residual vs prompt tuning: {task} (16-shot), {model}"
+        lines += _section(
+            heading, _by_method(rows, claim1), claim1_pairs, figures / f"claim1-{model}-{task}.png", rel, verdicts
+        )
+    task, examples, _ = budget.full_data
+    heading = f"Claim 1 — residual vs prompt tuning: {task} ({examples} examples of the full training set), {model}"
+    lines += _section(
+        heading,
+        _by_method(_single(frame, task, data="full"), claim1),
+        claim1_pairs,
+        figures / f"claim1-{model}-{task}-full.png",
+        rel,
+        verdicts,
+    )
+    # the short-prompt claim: residual with a few tokens against prompt tuning with few and with many
+    task = budget.residual_tasks[0]
+    rows = _single(frame, task)
+    short = {}
+    for tokens in (budget.short_virtual_tokens, budget.num_virtual_tokens):
+        for method in ("prompt_tuning", "residual"):
+            runs = rows[(rows.method == method) & (rows.num_virtual_tokens == tokens)]
+            if not runs.empty:
+                short[SHORT_LABEL.format(label=LABELS[method], tokens=tokens)] = runs
+    zero = rows[rows.method == "zero_shot"]
+    if short and not zero.empty:
+        short = {LABELS["zero_shot"]: zero, **short}
+        name = lambda m, t: SHORT_LABEL.format(label=LABELS[m], tokens=t)  # noqa: E731
+        s, n = budget.short_virtual_tokens, budget.num_virtual_tokens
+        lines += _section(
+            f"Claim 1 — short prompts: {task} (16-shot), {s} vs {n} tokens, {model}",
+            short,
+            [
+                (name("residual", s), name("prompt_tuning", s)),
+                (name("residual", s), name("prompt_tuning", n)),
+                (name("prompt_tuning", s), name("prompt_tuning", n)),
+            ],
+            figures / f"claim1-{model}-{task}-short.png",
+            rel,
+            verdicts,
+        )
+
+    transfer = ("zero_shot", "prompt_tuning", "spot", "source_average", "mpt", *BAYESIAN)
+    bay = LABELS["bayesian"]
+    transfer_pairs = [(bay, LABELS[m]) for m in ("prompt_tuning", "spot", "source_average", "mpt")] + [
+        (LABELS["bayesian_replicated"], bay),
+        (LABELS["bayesian_decomposed"], bay),
+        (LABELS["bayesian_decomposed"], LABELS["prompt_tuning"]),
+    ]
+    for task in budget.transfer_targets:
+        rows = _single(frame, task, tokens=budget.num_virtual_tokens)
+        rows = rows[rows.sources.map(lambda sources: tuple(sources) in ((), tuple(budget.sources)))]
+        lines += _section(
+            f"Claim 2 — Bayesian transfer from {' + '.join(budget.sources)}: target {task} (16-shot), {model}",
+            _by_method(rows, transfer),
+            transfer_pairs,
+            figures / f"claim2-{model}-{task}.png",
+            rel,
+            verdicts,
+        )
+
+    lines += _multitask_section(frame, budget, figures, rel, verdicts)
+    return lines, _verdict_lines(verdicts)
+
+
+def per_task_prompts(frame: pd.DataFrame, tasks: tuple[str, ...], tokens: int, steps: int) -> pd.DataFrame:
+    """ "One prompt per task" from the single-task prompt tuning runs: per seed, each task's LR chosen on its own dev
+    split, the test metrics averaged over the tasks (seeds missing a task are left out). One row per seed, shaped
+    like a run (a constant LR of 0 says that each task chose its own)."""
+    per_seed = {}
+    for task in tasks:
+        runs = frame[
+            (frame.method == "prompt_tuning")
+            & (frame.task == task)
+            & (frame.data == "kshot")
+            & (frame.num_virtual_tokens == tokens)
+            & (frame.steps == steps)
+        ]
+        if runs.empty:
+            return pd.DataFrame()
+        for seed, row in chosen_on_dev(runs).iterrows():
+            per_seed.setdefault(seed, {})[task] = row
+    rows = []
+    for seed, chosen in per_seed.items():
+        if len(chosen) == len(tasks):
+            rows.append(
+                {
+                    "seed": seed,
+                    "lr": 0.0,
+                    "metric": sum(r["metric"] for r in chosen.values()) / len(tasks),
+                    "metrics": {t: r["metric"] for t, r in chosen.items()},
+                    "dev_metric": 0.0,
+                    "dev_loss": 0.0,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts: dict) -> list[str]:
+    tasks, model = budget.multitask, budget.model
+    joint = frame[(frame.task == "+".join(tasks)) & (frame.num_virtual_tokens == budget.num_virtual_tokens)]
+    zero = frame[(frame.method == "zero_shot") & frame.task.isin(tasks) & (frame.data == "kshot")]
+    methods = {}
+    if set(zero.task) == set(tasks):
+        methods[LABELS["zero_shot"]] = pd.DataFrame(
+            [
+                {
+                    "seed": zero.seed.iloc[0],
+                    "lr": 0.0,
+                    "metric": zero.metric.mean(),
+                    "metrics": dict(zip(zero.task, zero.metric)),
+                    "dev_metric": 0.0,
+                    "dev_loss": 0.0,
+                }
+            ]
+        )
+    separate = per_task_prompts(frame, tasks, budget.num_virtual_tokens, budget.steps)
+    if not separate.empty:
+        methods[PER_TASK] = separate
+    methods.update(_by_method(joint, ("shared_prompt", "compt", "compt_authors")))
+    if not methods:
+        return []
+    compt, authors = LABELS["compt"], LABELS["compt_authors"]
+    heading = (
+        f"Claim 3 — ComPT vs one prompt per task vs one shared prompt: {' + '.join(tasks)} (16-shot each), {model}"
+    )
+    lines = _section(
+        heading,
+        methods,
+        [(compt, PER_TASK), (compt, LABELS["shared_prompt"]), (authors, PER_TASK), (compt, authors)],
+        figures / f"claim3-{model}.png",
+        rel,
+        verdicts,
+    )
+    lines += ["Per task, at the LRs chosen on dev:", "", "| method | " + " | ".join(tasks) + " |"]
+    lines.append("|---|" + "---:|" * len(tasks))
+    for label, runs in methods.items():
+        chosen = chosen_on_dev(runs)
+        lines.append(f"| {label} | " + " | ".join(_fmt(chosen["metrics"].map(lambda m: m[t])) for t in tasks) + " |")
+    lines.append("")
+    for method in ("compt", "compt_authors"):
+        runs = joint[joint.method == method]
+        if not runs.empty:
+            path = figures / f"claim3-{model}-{method}-routing.png"
+            _routing(runs, f"{LABELS[method]}: routing weights", path)
+            lines.append(f"![{LABELS[method]} routing]({rel(path.name)})")
+    return lines + [""]
+
+
+def _verdict_lines(verdicts: dict) -> list[str]:
+    lines = []
+    for (heading, _a, _b), (sentence, _) in verdicts.items():
+        lines.append(f"- {heading.split(' — ', 1)[0]}, {heading.split(': ', 1)[-1]}: {sentence}")
+    return lines
+
+
+def progress(planned: list, frame: pd.DataFrame) -> str:
+    """How much of the suite is done, seed by seed (the suite runs seed after seed, every claim within a seed)."""
+    done = set(frame["key"]) if not frame.empty else set()
+    per_seed: dict[int, list[int]] = {}
+    for _, spec in planned:
+        counts = per_seed.setdefault(spec.seed, [0, 0])
+        counts[0] += spec.key() in done
+        counts[1] += 1
+    return "Done so far: " + "; ".join(f"seed {seed}: {d} of {n} runs" for seed, (d, n) in per_seed.items()) + "."
+
+
+def budget_line(budget) -> str:
+    from benchmarks import experiments
+
+    task, examples, steps = budget.full_data
+    return (
+        f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))}; {budget.num_virtual_tokens} virtual tokens "
+        f"({budget.short_virtual_tokens} in the short-prompt runs), vocabulary init; {budget.steps} steps of batch 8 "
+        f"per task (16-shot: 32 examples for two classes, so 10 epochs); {task} from {examples} examples of its "
+        f"training set in {steps} steps, {experiments.FULL_DATA_DEV_EXAMPLES} more held out as its dev set; prompt "
+        f"LRs {budget.prompt_lrs}, MLP-made prompts {budget.mlp_prompt_lrs}; up to {budget.max_eval} test examples "
+        f"per task (the same subset for every method and seed); source stages {budget.source_steps} steps per source "
+        f"of batch 16 at lr {experiments.SOURCE_LR[budget.model]:g} ({experiments.BAYESIAN_PARTICLES} SVGD "
+        f"particles; the replicated stage takes 4 examples per step, each seen by every particle: the sharded "
+        f"stage's compute per step)."
+    )
+
+
+def time_profile(frame: pd.DataFrame) -> str:
+    """Where a run's time goes: training and scoring (test and dev sets), by kind of run, from the records.
+
+    Loading the model is not recorded: it takes under a second (a converted float32 folder), once per run."""
+    if frame.empty:
+        return ""
+    kind = frame.apply(
+        lambda r: (
+            "zero-shot"
+            if r["method"] == "zero_shot"
+            else "multi-task"
+            if len(r["tasks"]) > 1
+            else f"{r['data']}, {r['steps']} steps"
+        ),
+        axis=1,
+    )
+    stats = frame.assign(kind=kind).groupby("kind")[["train_seconds", "eval_seconds"]].mean()
+    cells = [
+        f"{name}: {row.train_seconds:.0f} s training + {row.eval_seconds:.0f} s scoring"
+        for name, row in stats.iterrows()
+    ]
+    return (
+        "Where a run's time goes (mean per run, one worker of two on 2 CPU cores; loading the model takes under a "
+        "second): " + "; ".join(cells) + "."
+    )
