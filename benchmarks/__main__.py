@@ -39,24 +39,28 @@ def run_workers(args) -> int:
 
     threads = max(1, args.threads // args.workers)
     queue = tempfile.mkdtemp(prefix="benchmarks-queue-")  # per invocation: a killed run leaves no stale claims
-    options = [
-        args.suite,
-        "--claims",
-        *args.claims,
-        "--models",
-        *args.models,
-        "--data",
-        *args.data,
-        "--results-dir",
-        args.results_dir,
-        "--threads",
-        str(threads),
-        "--no-report",
-        "--queue",
-        queue,
-        "--invoked-as",
-        _command(args),
-    ] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    options = (
+        [
+            args.suite,
+            "--claims",
+            *args.claims,
+            "--models",
+            *args.models,
+            "--data",
+            *args.data,
+            "--results-dir",
+            args.results_dir,
+            "--threads",
+            str(threads),
+            "--no-report",
+            "--queue",
+            queue,
+            "--invoked-as",
+            _command(args),
+        ]
+        + (["--data-dir", args.data_dir] if args.data_dir else [])
+        + _task_options(args)
+    )
     try:
         workers = [
             subprocess.Popen([sys.executable, "-m", "benchmarks", *options, "--progress-position", str(k)])
@@ -86,11 +90,23 @@ def _command(args) -> str:
     return args.invoked_as or "python -m benchmarks " + " ".join(args.argv)
 
 
+def _task_options(args) -> list[str]:
+    """The task options a worker needs to see the same runs as the user's command."""
+    return (["--task-file", *args.task_file] if args.task_file else []) + (
+        ["--tasks", *args.tasks] if args.tasks else []
+    )
+
+
 def _report(args) -> None:
     if not args.no_report:
         from benchmarks.report import render
 
-        report = render(args.suite, Path(args.results_dir) / args.suite, Path(args.report) if args.report else None)
+        report = render(
+            args.suite,
+            Path(args.results_dir) / args.suite,
+            Path(args.report) if args.report else None,
+            tasks=args.tasks,
+        )
         print(f"report: {report}")
 
 
@@ -117,7 +133,7 @@ def run_suite(args) -> int:
     shard, num_shards = args.shard
     runs = [
         (claim, spec)
-        for index, (claim, spec) in enumerate(suite_runs(args.suite, args.claims, args.models, args.data))
+        for index, (claim, spec) in enumerate(suite_runs(args.suite, args.claims, args.models, args.data, args.tasks))
         if index % num_shards == shard and spec.key() not in done
     ]
     print(f"{args.suite}: {len(done)} runs already recorded in {records_path}, {len(runs)} to go")
@@ -158,6 +174,24 @@ def _shard(text: str) -> tuple[int, int]:
     if not (shard.isdigit() and count.isdigit() and int(shard) < int(count)):
         raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, e.g. 0/2; got {text!r}")
     return int(shard), int(count)
+
+
+def _add_task_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--task-file",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="add the tasks these JSON files describe (your data: LM-BFF k-shot folders or GLUE-style train/dev "
+        "files, a template and label words; see benchmarks.tasks.register_tasks), to use with --tasks",
+    )
+    command.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="run every claim on these tasks instead of the suite's (each needs k-shot splits; sources are never "
+        "targets; claim 3 needs two or more); give the same --tasks to `report`",
+    )
 
 
 def main(argv=None) -> int:
@@ -224,12 +258,27 @@ def main(argv=None) -> int:
     report.add_argument("suite", choices=list(SUITES))
     report.add_argument("--results-dir", default=str(RESULTS_DIR))
     report.add_argument("--report", default=None)
+    for command in (*sub.choices.values(),):
+        _add_task_options(command)
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.task_file:
+        from benchmarks.tasks import register_tasks
+
+        for path in args.task_file:
+            register_tasks(path)
+    if args.tasks:
+        from benchmarks.suites import suite_budget
+
+        try:
+            suite_budget(args.suite, args.tasks)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.command == "report":
         from benchmarks.report import render
 
-        print(render(args.suite, Path(args.results_dir) / args.suite, Path(args.report) if args.report else None))
+        out = Path(args.report) if args.report else None
+        print(render(args.suite, Path(args.results_dir) / args.suite, out, tasks=args.tasks))
         return 0
     return run_workers(args) if args.workers > 1 else run_suite(args)
 

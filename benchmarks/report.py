@@ -242,13 +242,14 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
 REPOSITORY_SUITES = ("smollm2", "full")
 
 
-def render(suite: str, records_dir: Path, out: Optional[Path] = None) -> Path:
+def render(suite: str, records_dir: Path, out: Optional[Path] = None, tasks: Optional[tuple] = None) -> Path:
     """Write the report for the records in `records_dir/runs.jsonl`; returns its path.
 
-    The repository's suites (`REPOSITORY_SUITES`) are rendered together into `benchmarks/RESULTS.md` unless `out`
-    is given; any other suite gets `records_dir/RESULTS.md` by default. The cost results in `records_dir`'s parent
-    (`cost-*.json`, `svgd_scaling.json`) close the report."""
-    if out is None and suite in REPOSITORY_SUITES:
+    The repository's suites (`REPOSITORY_SUITES`) on their own tasks are rendered together into
+    `benchmarks/RESULTS.md` unless `out` is given; anything else (another suite, or `tasks` replacing a suite's
+    targets) gets `records_dir/RESULTS.md` by default. The cost results in `records_dir`'s parent (`cost-*.json`,
+    `svgd_scaling.json`) close the report."""
+    if out is None and suite in REPOSITORY_SUITES and not tasks:
         out, figures = REPOSITORY_RESULTS, REPOSITORY_RESULTS.parent / "figures"
         lines = ["# Benchmark results", ""]
         for name in REPOSITORY_SUITES:
@@ -256,24 +257,25 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None) -> Path:
     else:
         out = out or records_dir / "RESULTS.md"
         figures = records_dir / "figures"
-        lines = [f"# Benchmark results: `{suite}` suite", "", *_suite_lines(suite, records_dir, figures, out)]
+        lines = [f"# Benchmark results: `{suite}` suite", "", *_suite_lines(suite, records_dir, figures, out, tasks)]
     figures.mkdir(parents=True, exist_ok=True)
     lines += _cost_section(records_dir.parent, figures, out)
     out.write_text("\n".join(lines) + "\n")
     return out
 
 
-def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path) -> list[str]:
+def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path, tasks: Optional[tuple] = None) -> list[str]:
     from benchmarks.harness import load_records
-    from benchmarks.suites import SUITES, CausalBudget, suite_runs
+    from benchmarks.suites import CausalBudget, suite_budget, suite_runs
 
     records = load_records(records_dir / "runs.jsonl")
     frame = _frame(records)
-    causal = isinstance(SUITES[suite], CausalBudget)
+    budget = suite_budget(suite, tasks)
+    causal = isinstance(budget, CausalBudget)
     if causal:  # a figure per claim and task, named as the MiniLM suite's are: a folder of its own
         figures = figures / suite
     figures.mkdir(parents=True, exist_ok=True)
-    planned = suite_runs(suite)
+    planned = suite_runs(suite, tasks=tasks)
     failed = sum("error" in r for r in records)
     dates = sorted(r["date"] for r in records)
     versions = records[-1]["versions"] if records else {}
@@ -281,7 +283,9 @@ def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path) -> lis
         f"## The `{suite}` suite" + (" (SmolLM2-135M-Instruct, verbalised labels)" if causal else ""),
         "",
         f"Runs produced by {_commands(records)}. Rendered by "
-        f"`python -m benchmarks report {suite}`. {len(frame)} of {len(planned)} planned runs recorded"
+        f"`python -m benchmarks report {suite}"
+        + (f" --tasks {' '.join(tasks)}` (with the runs' --task-file)" if tasks else "`")
+        + f". {len(frame)} of {len(planned)} planned runs recorded"
         + (f" ({failed} failed attempts logged)" if failed else "")
         + (f", {dates[0][:10]} to {dates[-1][:10]}" if dates else "")
         + ". "
@@ -296,7 +300,7 @@ def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path) -> lis
         lines += [
             report_causal.progress(planned, frame),
             "",
-            report_causal.budget_line(SUITES[suite]),
+            report_causal.budget_line(budget),
             "",
             report_causal.time_profile(frame),
             "",
@@ -304,7 +308,7 @@ def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path) -> lis
             "",
         ]
         if not frame.empty:
-            sections, verdicts = report_causal.causal_sections(frame, SUITES[suite], figures, rel)
+            sections, verdicts = report_causal.causal_sections(frame, budget, figures, rel)
             lines += ["### Verdicts at a glance", "", *verdicts, "", *sections]
         return lines
     lines += [_budget_line(suite), "", __doc__.split("\n\n", 1)[1].strip(), ""]

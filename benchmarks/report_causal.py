@@ -146,16 +146,16 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
         lines += _section(
             heading, _by_method(rows, claim1), claim1_pairs, figures / f"claim1-{model}-{task}.png", rel, verdicts
         )
-    task, examples, _ = budget.full_data
-    heading = f"Claim 1 — residual vs prompt tuning: {task} ({examples} examples of the full training set), {model}"
-    lines += _section(
-        heading,
-        _by_method(_single(frame, task, data="full"), claim1),
-        claim1_pairs,
-        figures / f"claim1-{model}-{task}-full.png",
-        rel,
-        verdicts,
-    )
+    if budget.full_data:
+        task, examples, _ = budget.full_data
+        lines += _section(
+            f"Claim 1 — residual vs prompt tuning: {task} ({examples} examples of the full training set), {model}",
+            _by_method(_single(frame, task, data="full"), claim1),
+            claim1_pairs,
+            figures / f"claim1-{model}-{task}-full.png",
+            rel,
+            verdicts,
+        )
     # the short-prompt claim: residual with a few tokens against prompt tuning with few and with many
     task = budget.residual_tasks[0]
     rows = _single(frame, task)
@@ -241,6 +241,8 @@ def per_task_prompts(frame: pd.DataFrame, tasks: tuple[str, ...], tokens: int, s
 
 def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts: dict) -> list[str]:
     tasks, model = budget.multitask, budget.model
+    if not tasks:
+        return []
     joint = frame[(frame.task == "+".join(tasks)) & (frame.num_virtual_tokens == budget.num_virtual_tokens)]
     zero = frame[(frame.method == "zero_shot") & frame.task.isin(tasks) & (frame.data == "kshot")]
     methods = {}
@@ -311,12 +313,17 @@ def progress(planned: list, frame: pd.DataFrame) -> str:
 def budget_line(budget) -> str:
     from benchmarks import experiments
 
-    task, examples, steps = budget.full_data
+    full = ""
+    if budget.full_data:
+        task, examples, steps = budget.full_data
+        full = (
+            f"{task} from {examples} examples of its training set in {steps} steps, "
+            f"{experiments.FULL_DATA_DEV_EXAMPLES} more held out as its dev set; "
+        )
     return (
         f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))}; {budget.num_virtual_tokens} virtual tokens "
         f"({budget.short_virtual_tokens} in the short-prompt runs), vocabulary init; {budget.steps} steps of batch 8 "
-        f"per task (16-shot: 32 examples for two classes, so 10 epochs); {task} from {examples} examples of its "
-        f"training set in {steps} steps, {experiments.FULL_DATA_DEV_EXAMPLES} more held out as its dev set; prompt "
+        f"per task (16-shot: 32 examples for two classes, so 10 epochs); {full}prompt "
         f"LRs {budget.prompt_lrs}, MLP-made prompts {budget.mlp_prompt_lrs}; up to {budget.max_eval} test examples "
         f"per task (the same subset for every method and seed); source stages {budget.source_steps} steps per source "
         f"of batch 16 at lr {experiments.SOURCE_LR[budget.model]:g} ({experiments.BAYESIAN_PARTICLES} SVGD "

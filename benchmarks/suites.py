@@ -8,6 +8,7 @@ seed across all claims, so a suite stopped early still covers every claim with f
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional, Union
 
 from benchmarks.experiments import RunSpec
 from benchmarks.tasks import KSHOT_SEEDS
@@ -52,7 +53,7 @@ class CausalBudget:
     steps: int
     max_eval: int
     residual_tasks: tuple[str, ...]  # claim 1, 16-shot
-    full_data: tuple[str, int, int]  # claim 1 on a bigger training set: (task, training examples, steps)
+    full_data: Optional[tuple[str, int, int]]  # claim 1 on a bigger training set: (task, examples, steps), or None
     sources: tuple[str, ...]  # claim 2: trained on their full training sets
     source_steps: int
     transfer_targets: tuple[str, ...]  # claim 2, 16-shot, never a source
@@ -213,6 +214,8 @@ def transfer_runs(budget: Budget, seed: int) -> list[RunSpec]:
 def multitask_runs(budget: Budget, seed: int) -> list[RunSpec]:
     """Claim 3: ComPT (this package's defaults and the authors' recipe) vs one prompt per task vs one prompt shared
     by all tasks, trained on few-shot tasks."""
+    if not budget.multitask:
+        return []
     return [
         RunSpec(
             method=method,
@@ -266,12 +269,12 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int) -> list[RunSpec]:
     ]
     runs = []
     if claim == "residual":
-        task, examples, steps = budget.full_data
-        full = replace(base, tasks=(task,), data="full", train_examples=examples, steps=steps)
-        runs += zero_shot(budget.residual_tasks) + [replace(full, method="zero_shot", steps=0)] * (
-            seed == budget.seeds[0]
-        )
-        for run in [replace(base, tasks=(t,)) for t in budget.residual_tasks] + [full]:
+        targets = [replace(base, tasks=(t,)) for t in budget.residual_tasks]
+        if budget.full_data:
+            task, examples, steps = budget.full_data
+            targets.append(replace(base, tasks=(task,), data="full", train_examples=examples, steps=steps))
+        runs += [replace(run, method="zero_shot", steps=0) for run in targets if seed == budget.seeds[0]]
+        for run in targets:
             for method in ("prompt_tuning", "residual", "residual_embedding_rms", "p_tuning"):
                 runs += _causal_sweep(budget, replace(run, method=method))
         short = replace(base, tasks=(budget.residual_tasks[0],), num_virtual_tokens=budget.short_virtual_tokens)
@@ -284,7 +287,7 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int) -> list[RunSpec]:
             runs += _causal_sweep(budget, replace(base, tasks=(task,)))  # no transfer
             for method in ("spot", "source_average", "mpt", "bayesian", "bayesian_replicated", "bayesian_decomposed"):
                 runs += _causal_sweep(budget, replace(target, method=method))
-    else:
+    elif budget.multitask:
         runs += zero_shot(budget.multitask)
         runs += [run for task in budget.multitask for run in _causal_sweep(budget, replace(base, tasks=(task,)))]
         for method in ("shared_prompt", "compt", "compt_authors"):
@@ -292,12 +295,45 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int) -> list[RunSpec]:
     return runs
 
 
-def suite_runs(name: str, claims=CLAIMS, models=MODELS, data=DATA) -> list[tuple[str, RunSpec]]:
+def with_tasks(budget: Union[Budget, CausalBudget], tasks: tuple[str, ...]) -> Union[Budget, CausalBudget]:
+    """The budget with `tasks` (built in, or added by a task file) as every claim's targets (`--tasks`).
+
+    Every task needs k-shot splits. They become claim 1's targets, claim 2's (except any that is a source: sources
+    are never targets) and, if there are two or more, claim 3's task set; in a causal-LM suite the first task with a
+    full training set also gets the bigger-training-set runs (none has: those runs are left out)."""
+    from benchmarks.tasks import TASKS
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"Unknown tasks {unknown}: choose from {sorted(TASKS)} or add them with --task-file.")
+    no_kshot = [t for t in tasks if "kshot-train" not in TASKS[t].splits]
+    if no_kshot:
+        raise ValueError(f"Tasks {no_kshot} have no k-shot splits, which every claim trains on.")
+    targets = tuple(t for t in tasks if t not in budget.sources)
+    multitask = tuple(tasks) if len(tasks) > 1 else ()
+    if isinstance(budget, Budget):
+        return replace(
+            budget,
+            residual_tasks=tuple(tasks),
+            transfer_targets=tuple((t, "kshot") for t in targets),
+            multitask=multitask,
+        )
+    full = next((t for t in tasks if "train" in TASKS[t].splits), None)
+    full_data = (full, *budget.full_data[1:]) if full and budget.full_data else None
+    return replace(
+        budget, residual_tasks=tuple(tasks), full_data=full_data, transfer_targets=targets, multitask=multitask
+    )
+
+
+def suite_runs(
+    name: str, claims=CLAIMS, models=MODELS, data=DATA, tasks: Optional[tuple[str, ...]] = None
+) -> list[tuple[str, RunSpec]]:
     """(claim, run) pairs of a suite, seed by seed; a run shared by two claims is listed once.
 
-    `models` and `data` ("kshot": LM-BFF 16-shot splits, "fewglue", "full": part of a full training set) keep only the runs on those models and data.
+    `models` and `data` ("kshot": LM-BFF 16-shot splits, "fewglue", "full": part of a full training set) keep only
+    the runs on those models and data; `tasks` replaces the suite's target tasks (see `with_tasks`).
     """
-    budget, seen, runs = SUITES[name], set(), []
+    budget, seen, runs = suite_budget(name, tasks), set(), []
     for seed in budget.seeds:
         for claim in claims:
             claim_runs = (
@@ -310,3 +346,8 @@ def suite_runs(name: str, claims=CLAIMS, models=MODELS, data=DATA) -> list[tuple
                     seen.add(spec.key())
                     runs.append((claim, spec))
     return runs
+
+
+def suite_budget(name: str, tasks: Optional[tuple[str, ...]] = None) -> Union[Budget, CausalBudget]:
+    """A suite's budget, with `tasks` as its targets if given."""
+    return with_tasks(SUITES[name], tuple(tasks)) if tasks else SUITES[name]

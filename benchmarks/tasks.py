@@ -54,6 +54,7 @@ class Task:
     full: Optional[tuple[str, str, Optional[str], str]] = None  # (format, text, pair, label) of train/dev
     kshot: Optional[tuple[str, str, str, Optional[str], str]] = None  # (folder, format, text, pair, label)
     fewglue: Optional[str] = None  # FewGLUE folder; the test split is superglue/<name>/val.jsonl
+    full_folder: Optional[str] = None  # a task file's task: the folder of its train/dev files (see `register_tasks`)
 
     @property
     def num_labels(self) -> int:
@@ -137,6 +138,7 @@ TASKS = {
         fewglue="CB",
     ),
 }
+_BUILT_IN = frozenset(TASKS)
 _COLA_COLUMNS = ["source", "label", "mark", "sentence"]  # CoLA files have no header row
 _CSV_COLUMNS = ["label", "text"]  # LM-BFF's sentence-task csv files (mr, cr, subj, mpqa) have no header row
 _FULL_FILES = {"train": ("train.tsv", "train.jsonl"), "dev": ("dev.tsv", "val.jsonl")}
@@ -185,15 +187,16 @@ def load_split(task_name: str, split: str, seed: int = 42, root: Optional[str] =
     task = TASKS[task_name]
     if split not in task.splits:
         raise ValueError(f"Task {task_name!r} has no {split!r} split; it has {list(task.splits)}.")
-    base = data_dir(root)
     if split.startswith("kshot-"):
         folder, fmt, text, pair, label = task.kshot
         if seed not in KSHOT_SEEDS:
             raise ValueError(f"The k-shot splits exist for seeds {KSHOT_SEEDS}, not {seed}.")
         suffix = "csv" if fmt == "csv" else "tsv"
-        ds = _read(base / "k-shot" / folder / f"16-{seed}" / f"{split[len('kshot-') :]}.{suffix}", fmt)
+        folder = Path(folder) if Path(folder).is_absolute() else data_dir(root) / "k-shot" / folder
+        ds = _read(_existing(folder / f"16-{seed}" / f"{split[len('kshot-') :]}.{suffix}", task_name), fmt)
         return _standardise(ds, task, text, pair, label)
     if split.startswith("fewglue-"):
+        base = data_dir(root)
         path = (
             base / "fewglue" / task.fewglue / "train.jsonl"
             if split == "fewglue-train"
@@ -201,8 +204,98 @@ def load_split(task_name: str, split: str, seed: int = 42, root: Optional[str] =
         )
         return _standardise(_read(path, "jsonl"), task, "premise", "hypothesis", "label")
     fmt, text, pair, label = task.full
-    folder = base / ("superglue" if fmt == "jsonl" else "glue") / task.name
-    return _standardise(_read(folder / _FULL_FILES[split][fmt == "jsonl"], fmt), task, text, pair, label)
+    if task.full_folder:
+        folder = Path(task.full_folder)
+    else:
+        folder = data_dir(root) / ("superglue" if fmt == "jsonl" else "glue") / task.name
+    ds = _read(_existing(folder / _FULL_FILES[split][fmt == "jsonl"], task_name), fmt)
+    return _standardise(ds, task, text, pair, label)
+
+
+def _existing(path: Path, task_name: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"Task {task_name!r}: no file {path}.")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- task files ---
+
+_TASK_FILE_KEYS = {"name", "label_names", "template", "label_words", "metric", "kshot", "full"}
+_SOURCE_KEYS = {"folder", "format", "text", "pair", "label"}
+
+
+def register_tasks(path: str) -> list[str]:
+    """Add the tasks a JSON task file describes to `TASKS`, so that a suite runs them (`--task-file`); returns
+    their names.
+
+    The file holds `{"tasks": [...]}`; each task gives `name`, `label_names`, the causal LM's `template` (with
+    `{text}`, and `{text_pair}` for pairs) and one `label_words` entry per label (their first tokens must differ),
+    `metric` ("accuracy", the default, "f1" or "mcc"), and its data: `kshot` (a folder in the LM-BFF layout,
+    `16-<seed>/train.tsv`, `dev.tsv`, `test.tsv`, or `.csv` without a header row: label, text), `full` (a folder
+    holding a GLUE-style `train.tsv` and `dev.tsv` with a header row, or `train.jsonl` and `val.jsonl`), or both.
+    Each data entry names its folder (relative to the task file), `format` ("tsv", "csv" or "jsonl"), and the
+    columns of the text, the optional pair and the label; labels are integers or the label names.
+
+    ```json
+    {"tasks": [{"name": "reviews", "label_names": ["negative", "positive"],
+                "template": "Review: {text}\\nSentiment:", "label_words": [" negative", " positive"],
+                "kshot": {"folder": "reviews-kshot", "format": "tsv", "text": "sentence", "label": "label"}}]}
+    ```
+    """
+    import json
+
+    file = Path(path)
+    try:
+        entries = json.loads(file.read_text())["tasks"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"Task file {path}: expected a JSON object with a 'tasks' list ({exc!r}).") from exc
+    names = []
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        where = f"Task file {path}, task {name!r}"
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Task file {path}: every task needs a 'name'.")
+        if name in TASKS:
+            raise ValueError(f"{where}: the name is taken by a {'built-in' if name in _BUILT_IN else 'loaded'} task.")
+        unknown = set(entry) - _TASK_FILE_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; a task has {sorted(_TASK_FILE_KEYS)}.")
+        labels, words = entry.get("label_names") or [], entry.get("label_words") or []
+        if len(labels) < 2 or len(words) != len(labels):
+            raise ValueError(f"{where}: give at least two label_names and one label_words entry per label.")
+        if "{text}" not in entry.get("template", ""):
+            raise ValueError(f"{where}: the template must contain {{text}} (and {{text_pair}} for pairs).")
+        if entry.get("metric", "accuracy") not in ("accuracy", "f1", "mcc"):
+            raise ValueError(f"{where}: metric must be 'accuracy', 'f1' or 'mcc'.")
+        if not (entry.get("kshot") or entry.get("full")):
+            raise ValueError(f"{where}: give its data as 'kshot' (LM-BFF layout), 'full' (train/dev files) or both.")
+        sources = {}
+        for kind in ("kshot", "full"):
+            source = entry.get(kind)
+            if not source:
+                continue
+            if set(source) - _SOURCE_KEYS or not {"folder", "format", "text", "label"} <= set(source):
+                raise ValueError(f"{where}: '{kind}' needs folder, format, text, label (and optionally pair).")
+            if source["format"] not in ("tsv", "csv", "jsonl") or (kind == "full" and source["format"] == "csv"):
+                raise ValueError(
+                    f"{where}: '{kind}' format must be 'tsv' or " + ("'jsonl'." if kind == "full" else "'csv'.")
+                )
+            folder = (file.parent / source["folder"]).resolve()
+            if not folder.is_dir():
+                raise ValueError(f"{where}: '{kind}' folder {folder} does not exist.")
+            sources[kind] = (str(folder), source["format"], source["text"], source.get("pair"), source["label"])
+        TASKS[name] = Task(
+            name,
+            tuple(labels),
+            entry["template"],
+            tuple(words),
+            metric=entry.get("metric", "accuracy"),
+            full=sources["full"][1:] if "full" in sources else None,
+            kshot=sources.get("kshot"),
+            full_folder=sources["full"][0] if "full" in sources else None,
+        )
+        names.append(name)
+    return names
 
 
 def metric(task_name: str, labels, predictions) -> float:

@@ -1,0 +1,235 @@
+"""The evidence machinery of the SmolLM2 suite: learning rates chosen on dev data, paired differences with 95%
+intervals and their verdicts, the causal-LM report, and tasks from a task file run through the same suites."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from benchmarks.harness import load_records
+from benchmarks.report import LABELS
+from benchmarks.report_causal import causal_sections
+from benchmarks.selection import chosen_on_dev, paired, verdict
+from benchmarks.suites import SUITES, causal_runs, suite_runs, with_tasks
+from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split, register_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_lr_is_chosen_on_dev_with_ties_broken_by_dev_loss():
+    runs = pd.DataFrame(
+        [  # seed 13: dev prefers 0.01 though 0.03 is better on test; seed 21: a dev tie, 0.03 has the lower loss
+            {"seed": 13, "lr": 0.01, "dev_metric": 0.9, "dev_loss": 0.5, "metric": 0.70},
+            {"seed": 13, "lr": 0.03, "dev_metric": 0.8, "dev_loss": 0.2, "metric": 0.90},
+            {"seed": 21, "lr": 0.01, "dev_metric": 0.8, "dev_loss": 0.4, "metric": 0.60},
+            {"seed": 21, "lr": 0.03, "dev_metric": 0.8, "dev_loss": 0.3, "metric": 0.65},
+        ]
+    )
+    chosen = chosen_on_dev(runs)
+    assert chosen.loc[13, "lr"] == 0.01 and chosen.loc[13, "metric"] == 0.70
+    assert chosen.loc[21, "lr"] == 0.03 and chosen.loc[21, "metric"] == 0.65
+
+
+def test_paired_differences_get_a_student_t_interval_over_seeds():
+    a = pd.Series({13: 0.82, 21: 0.84, 42: 0.86})
+    b = pd.Series({13: 0.80, 21: 0.80, 42: 0.80})
+    difference = paired(a, b)
+    # by hand: differences 0.02, 0.04, 0.06; mean 0.04, sd 0.02, t(0.975, 2) = 4.303
+    half = stats.t.ppf(0.975, 2) * 0.02 / 3**0.5
+    assert difference["mean"] == pytest.approx(0.04)
+    assert (difference["low"], difference["high"]) == pytest.approx((0.04 - half, 0.04 + half))
+    assert difference["n"] == 3 and difference["wins"] == 3
+    assert verdict(difference) == "no difference shown"  # 0.04 - 0.0497 < 0
+    assert verdict(paired(a + 0.1, a)) == "better" and verdict(paired(a, a + 0.1)) == "worse"
+    # a zero-shot score is one number for every seed
+    assert paired(a, pd.Series({13: 0.80}))["mean"] == pytest.approx(0.04)
+    assert verdict(paired(a.iloc[:1], b.iloc[:1])) == "no difference shown"  # one seed has no interval
+
+
+def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equal_sweeps():
+    runs = suite_runs("smollm2")
+    budget = SUITES["smollm2"]
+    keys = [spec.key() for _, spec in runs]
+    assert len(keys) == len(set(keys))
+    assert {claim for claim, _ in runs} == {"residual", "transfer", "multitask"}
+    assert {spec.seed for _, spec in runs} == set(KSHOT_SEEDS) and {spec.model for _, spec in runs} == {"smollm2"}
+    assert all(spec.data in ("kshot", "full") for _, spec in runs)  # both have a dev split to choose the LR on
+    zero_shot = {(spec.tasks, spec.data) for _, spec in runs if spec.method == "zero_shot"}
+    trained = {(spec.tasks, spec.data) for _, spec in runs if spec.method != "zero_shot" and len(spec.tasks) == 1}
+    assert zero_shot == trained  # a zero-shot row for every table, recorded once (first seed)
+    assert all(spec.seed == KSHOT_SEEDS[0] for _, spec in runs if spec.method == "zero_shot")
+    sweeps = {}
+    for _, spec in runs:
+        if spec.seed == KSHOT_SEEDS[0] and spec.method != "zero_shot":
+            sweeps.setdefault((spec.method, spec.tasks, spec.data, spec.num_virtual_tokens), set()).add(spec.lr)
+    assert {len(lrs) for lrs in sweeps.values()} == {3}
+    for _, spec in runs:
+        assert not set(spec.sources) & set(spec.tasks)
+    # one prompt per task (claim 3) is the single-task prompt tuning runs: every task and LR of the multi-task set
+    for task in budget.multitask:
+        assert sweeps[("prompt_tuning", (task,), "kshot", budget.num_virtual_tokens)] == set(budget.prompt_lrs)
+    methods = {spec.method for _, spec in runs}
+    assert {"bayesian", "bayesian_replicated", "bayesian_decomposed", "compt", "compt_authors"} <= methods
+    assert {"residual", "residual_embedding_rms", "p_tuning", "spot", "source_average", "mpt"} <= methods
+    # the full suite's keys did not change when RunSpec gained train_examples (its records stay valid)
+    assert all("train_examples" not in spec.key() for _, spec in suite_runs("full"))
+
+
+def _synthetic_records(budget, score) -> list[dict]:
+    """Records for every run of `budget`, with `score(spec) -> (dev, test)`."""
+    records = []
+    for seed in budget.seeds:
+        for claim in ("residual", "transfer", "multitask"):
+            for spec in causal_runs(budget, claim, seed):
+                dev, test = score(spec)
+                records.append(
+                    {
+                        "key": spec.key(),
+                        "claim": claim,
+                        **json.loads(spec.key()),
+                        "metric": test,
+                        "metrics": dict.fromkeys(spec.tasks, test),
+                        "dev_metric": dev,
+                        "dev_loss": 1 - dev,
+                        "details": {"routing_weights": [[0.5, 0.5]] * len(spec.tasks)},
+                        "train_seconds": 1.0,
+                        "eval_seconds": 1.0,
+                    }
+                )
+    return records
+
+
+def test_causal_report_reports_test_at_the_dev_chosen_lr_with_zero_shot_and_verdicts(tmp_path):
+    budget = replace(
+        SUITES["smollm2"], seeds=(13, 21, 42), residual_tasks=("sst2",), full_data=None, multitask=("sst2", "trec")
+    )
+    noise = {13: 0.0, 21: 0.01, 42: -0.01}
+
+    def score(spec):
+        if spec.method == "zero_shot":
+            return 0.5, 0.6
+        base = 0.7 + noise[spec.seed] + (0.05 if spec.method == "residual" else 0.0)
+        # dev prefers the middle LR of each sweep; the test set would prefer the highest
+        lrs = SUITES["smollm2"].mlp_prompt_lrs if spec.method in ("residual", "p_tuning") else budget.prompt_lrs
+        rank = sorted(lrs).index(spec.lr) if spec.lr in lrs else 0
+        return (0.9 if rank == 1 else 0.8), base + 0.1 * (rank == 2)
+
+    frame = pd.DataFrame(_synthetic_records(budget, score))
+    frame["task"] = frame["tasks"].map("+".join)
+    frame["label"] = frame["method"].map(LABELS)
+    lines, verdicts = causal_sections(frame, budget, tmp_path, lambda name: Path(name))
+    text = "\n".join(lines)
+    pt, res = LABELS["prompt_tuning"], LABELS["residual"]
+    # at the dev-chosen (middle) LR: 70.0 ± 1.0 for prompt tuning, 75.0 for residual; the test-best LR is optimistic
+    assert f"| {pt} | 70.0 ± 1.0 (n=3) | 0.01 ×3 | +10.0 [+7.5, +12.5] (3 of 3 seeds) | 80.0 ± 1.0 (n=3) |" in text
+    assert f"| {LABELS['zero_shot']} | 60.0 ± 0.0 (n=1) | - |" in text
+    assert f"- {res} − {pt}: +5.0 [+5.0, +5.0] (3 of 3 seeds) points: **better**" in text
+    assert any("Claim 1, sst2 (16-shot), smollm2:" in line and "**better**" in line for line in verdicts)
+    # claim 3's one prompt per task: each task's single-task prompt tuning at its own dev-chosen LR
+    assert "| one prompt per task (peft PROMPT_TUNING) | 70.0 ± 1.0 (n=3) |" in text
+    assert (tmp_path / "claim3-smollm2-compt-routing.png").stat().st_size > 1000
+
+
+@pytest.fixture
+def restore_tasks():
+    saved = dict(TASKS)
+    yield
+    TASKS.clear()
+    TASKS.update(saved)
+
+
+def _fake_task(folder: Path, **overrides) -> Path:
+    """A two-class task in the LM-BFF k-shot layout (seed 13) and a GLUE-style train/dev pair, with its task file."""
+    for seed in (13,):
+        kshot = folder / "reviews" / f"16-{seed}"
+        kshot.mkdir(parents=True)
+        for split, rows in (("train", 8), ("dev", 4), ("test", 6)):
+            lines = ["sentence\tlabel"] + [
+                f"review {split} {i} {'great' if i % 2 else 'awful'}\t{i % 2}" for i in range(rows)
+            ]
+            (kshot / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    full = folder / "reviews-full"
+    full.mkdir()
+    for split, rows in (("train", 40), ("dev", 10)):
+        labels = ["negative", "positive"]
+        lines = ["text\tlabel"] + [f"full {split} {i}\t{labels[i % 2]}" for i in range(rows)]
+        (full / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    task = {
+        "name": "reviews",
+        "label_names": ["negative", "positive"],
+        "template": "Review: {text}\nSentiment:",
+        "label_words": [" negative", " positive"],
+        "kshot": {"folder": "reviews", "format": "tsv", "text": "sentence", "label": "label"},
+        "full": {"folder": "reviews-full", "format": "tsv", "text": "text", "label": "label"},
+        **overrides,
+    }
+    path = folder / "tasks.json"
+    path.write_text(json.dumps({"tasks": [task]}))
+    return path
+
+
+def test_a_task_file_adds_a_task_every_split_of_which_reads(tmp_path, restore_tasks):
+    assert register_tasks(str(_fake_task(tmp_path))) == ["reviews"]
+    train = load_split("reviews", "kshot-train", seed=13)
+    assert len(train) == 8 and train[1] == {"text": "review train 1 great", "text_pair": None, "label": 1}
+    assert len(load_split("reviews", "kshot-test", seed=13)) == 6
+    full = load_split("reviews", "train")
+    assert len(full) == 40 and full["label"][:2] == [0, 1]  # label names become their indices
+    with pytest.raises(FileNotFoundError, match=r"Task 'reviews': no file .*16-21/train.tsv"):
+        load_split("reviews", "kshot-train", seed=21)
+    budget = with_tasks(SUITES["smollm2"], ("reviews", "trec"))
+    assert budget.residual_tasks == ("reviews", "trec") and budget.multitask == ("reviews", "trec")
+    assert budget.full_data == ("reviews", 800, 100)  # its training set is too small: that run will say so
+    assert budget.transfer_targets == ("reviews", "trec")
+    assert with_tasks(SUITES["smollm2"], ("sst2",)).transfer_targets == ()  # a source is never a target
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"name": "sst2"}, "the name is taken by a built-in task"),
+        ({"label_words": [" yes"]}, "one label_words entry per label"),
+        ({"template": "Review:"}, r"must contain \{text\}"),
+        ({"metric": "auc"}, "metric must be"),
+        ({"kshot": {"folder": "missing", "format": "tsv", "text": "t", "label": "l"}}, "missing does not exist"),
+        ({"kshot": {"folder": "reviews", "format": "xml", "text": "t", "label": "l"}}, "format must be"),
+        ({"colour": "red"}, r"unknown keys \['colour'\]"),
+    ],
+)
+def test_a_bad_task_file_is_refused_with_what_to_fix(tmp_path, restore_tasks, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        register_tasks(str(_fake_task(tmp_path, **overrides)))
+    assert "reviews" not in TASKS or overrides.get("name") == "sst2"
+
+
+def test_unknown_or_kshot_less_tasks_are_refused():
+    with pytest.raises(ValueError, match=r"Unknown tasks \['nope'\]"):
+        with_tasks(SUITES["quick"], ("nope",))
+    with pytest.raises(ValueError, match=r"Tasks \['cb'\] have no k-shot splits"):
+        with_tasks(SUITES["quick"], ("cb",))
+
+
+@pytest.mark.slow
+def test_a_custom_task_runs_through_the_quick_suite_from_the_command_line(tmp_path):
+    """A user's own task, by a task file and --tasks, no code change: the quick suite's claim 1 on MiniLM."""
+    task_file = _fake_task(tmp_path / "data")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PEFT_PROMPT_TRANSFER_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    results = tmp_path / "results"
+    options = ["--task-file", str(task_file), "--tasks", "reviews", "--results-dir", str(results)]
+    command = [sys.executable, "-m", "benchmarks", "quick", "--claims", "residual", "--models", "minilm", *options]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = load_records(results / "quick" / "runs.jsonl")
+    assert records and all(r["tasks"] == ["reviews"] and "error" not in r for r in records)
+    assert all(set(r["dev_metrics"]) == {"reviews"} for r in records)  # its own dev split chose nothing but is scored
+    report = (results / "quick" / "RESULTS.md").read_text()
+    assert "residual prompt tuning vs prompt tuning: reviews (16-shot), minilm" in report
+    assert (
+        f"`python -m benchmarks report quick --tasks reviews` (with the runs' --task-file). {len(records)} of" in report
+    )
