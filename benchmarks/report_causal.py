@@ -111,8 +111,17 @@ def _single(frame: pd.DataFrame, task: str, data: str = "kshot", tokens: Optiona
     return rows if tokens is None else rows[(rows.num_virtual_tokens == tokens) | (rows.method == "zero_shot")]
 
 
-def _by_method(rows: pd.DataFrame, methods: tuple[str, ...]) -> dict[str, pd.DataFrame]:
-    return {LABELS[m]: rows[rows.method == m] for m in methods if (rows.method == m).any()}
+def complete_sweeps(runs: pd.DataFrame, sweep_size: int) -> pd.DataFrame:
+    """The runs of the seeds whose learning-rate sweep is complete: a choice among some of the LRs is no choice
+    (the suite records a seed's runs one after another, so a report rendered mid-suite sees partial sweeps)."""
+    if runs.empty or runs.lr.eq(0).all():  # zero-shot: nothing to sweep
+        return runs
+    return runs[runs.groupby("seed").lr.transform("nunique") == sweep_size]
+
+
+def _by_method(rows: pd.DataFrame, methods: tuple[str, ...], sweep_size: int) -> dict[str, pd.DataFrame]:
+    found = {LABELS[m]: complete_sweeps(rows[rows.method == m], sweep_size) for m in methods}
+    return {label: runs for label, runs in found.items() if not runs.empty}
 
 
 def _section(
@@ -123,6 +132,8 @@ def _section(
     rel: Callable[[str], Path],
     verdicts: dict,
 ) -> list[str]:
+    if set(methods) <= {LABELS["zero_shot"]}:  # nothing trained yet
+        return []
     _bars(methods, heading.split(": ", 1)[-1], figure)
     lines = [f"### {heading}", ""] + method_table(methods, LABELS["zero_shot"]) + [""]
     for a, b in pairs:
@@ -137,6 +148,7 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
     """The claim sections of a causal-LM suite and the verdict lines that summarise them."""
     model, lines, verdicts = budget.model, [], {}
     frame = frame[frame.model == model]
+    sweep = len(budget.prompt_lrs)  # every method sweeps as many LRs
     pt, res, rms, ptun = (LABELS[m] for m in ("prompt_tuning", "residual", "residual_embedding_rms", "p_tuning"))
     claim1 = ("zero_shot", "prompt_tuning", "residual", "residual_embedding_rms", "p_tuning")
     claim1_pairs = [(res, pt), (rms, pt), (rms, res), (ptun, pt)]
@@ -144,13 +156,18 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
         rows = _single(frame, task, tokens=budget.num_virtual_tokens)
         heading = f"Claim 1 — residual vs prompt tuning: {task} (16-shot), {model}"
         lines += _section(
-            heading, _by_method(rows, claim1), claim1_pairs, figures / f"claim1-{model}-{task}.png", rel, verdicts
+            heading,
+            _by_method(rows, claim1, sweep),
+            claim1_pairs,
+            figures / f"claim1-{model}-{task}.png",
+            rel,
+            verdicts,
         )
     if budget.full_data:
         task, examples, _ = budget.full_data
         lines += _section(
             f"Claim 1 — residual vs prompt tuning: {task} ({examples} examples of the full training set), {model}",
-            _by_method(_single(frame, task, data="full"), claim1),
+            _by_method(_single(frame, task, data="full"), claim1, sweep),
             claim1_pairs,
             figures / f"claim1-{model}-{task}-full.png",
             rel,
@@ -163,6 +180,7 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
     for tokens in (budget.short_virtual_tokens, budget.num_virtual_tokens):
         for method in ("prompt_tuning", "residual"):
             runs = rows[(rows.method == method) & (rows.num_virtual_tokens == tokens)]
+            runs = complete_sweeps(runs, sweep)
             if not runs.empty:
                 short[SHORT_LABEL.format(label=LABELS[method], tokens=tokens)] = runs
     zero = rows[rows.method == "zero_shot"]
@@ -192,10 +210,10 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
     ]
     for task in budget.transfer_targets:
         rows = _single(frame, task, tokens=budget.num_virtual_tokens)
-        rows = rows[rows.sources.map(lambda sources: tuple(sources) in ((), tuple(budget.sources)))]
+        rows = rows[rows.sources.map(lambda sources: tuple(sources) in ((), tuple(budget.sources))).astype(bool)]
         lines += _section(
             f"Claim 2 — Bayesian transfer from {' + '.join(budget.sources)}: target {task} (16-shot), {model}",
-            _by_method(rows, transfer),
+            _by_method(rows, transfer, sweep),
             transfer_pairs,
             figures / f"claim2-{model}-{task}.png",
             rel,
@@ -206,7 +224,9 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
     return lines, _verdict_lines(verdicts)
 
 
-def per_task_prompts(frame: pd.DataFrame, tasks: tuple[str, ...], tokens: int, steps: int) -> pd.DataFrame:
+def per_task_prompts(
+    frame: pd.DataFrame, tasks: tuple[str, ...], tokens: int, steps: int, sweep_size: int
+) -> pd.DataFrame:
     """ "One prompt per task" from the single-task prompt tuning runs: per seed, each task's LR chosen on its own dev
     split, the test metrics averaged over the tasks (seeds missing a task are left out). One row per seed, shaped
     like a run (a constant LR of 0 says that each task chose its own)."""
@@ -219,6 +239,7 @@ def per_task_prompts(frame: pd.DataFrame, tasks: tuple[str, ...], tokens: int, s
             & (frame.num_virtual_tokens == tokens)
             & (frame.steps == steps)
         ]
+        runs = complete_sweeps(runs, sweep_size)
         if runs.empty:
             return pd.DataFrame()
         for seed, row in chosen_on_dev(runs).iterrows():
@@ -259,11 +280,11 @@ def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts
                 }
             ]
         )
-    separate = per_task_prompts(frame, tasks, budget.num_virtual_tokens, budget.steps)
+    separate = per_task_prompts(frame, tasks, budget.num_virtual_tokens, budget.steps, len(budget.prompt_lrs))
     if not separate.empty:
         methods[PER_TASK] = separate
-    methods.update(_by_method(joint, ("shared_prompt", "compt", "compt_authors")))
-    if not methods:
+    methods.update(_by_method(joint, ("shared_prompt", "compt", "compt_authors"), len(budget.prompt_lrs)))
+    if set(methods) <= {LABELS["zero_shot"]}:  # nothing trained yet
         return []
     compt, authors = LABELS["compt"], LABELS["compt_authors"]
     heading = (
@@ -293,6 +314,10 @@ def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts
 
 
 def _verdict_lines(verdicts: dict) -> list[str]:
+    if not verdicts:
+        return [
+            "None yet: a comparison needs both methods' complete LR sweeps for at least one seed (and two seeds for an interval)."
+        ]
     lines = []
     for (heading, _a, _b), (sentence, _) in verdicts.items():
         lines.append(f"- {heading.split(' — ', 1)[0]}, {heading.split(': ', 1)[-1]}: {sentence}")
