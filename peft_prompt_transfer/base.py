@@ -65,6 +65,32 @@ def gathered_parameters(
                 parameter.copy_(reshard_like(whole.detach(), parameter))
 
 
+@torch.no_grad()
+def load_module_state(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """`module.load_state_dict(state_dict, strict=True)` done by copying each value into the module's own tensor.
+
+    Our encoders load their submodules (a residual MLP, ComPT's prompt encoders) inside [`gathered_parameters`]. Under
+    FSDP2, `load_state_dict` there runs FSDP's post-load hook, which expects the module's parameters to be its sharded
+    `DTensor`s, finds the whole tensors swapped in and fails (`'Parameter' object has no attribute '_local_tensor'`),
+    so loading an adapter into a sharded model (what resuming from a sharded Trainer checkpoint does) failed. Copying
+    in place runs no module hooks, and on leaving the context each rank keeps its shard of what was copied.
+    """
+    own = module.state_dict(keep_vars=True)
+    missing, unexpected = sorted(own.keys() - state_dict.keys()), sorted(state_dict.keys() - own.keys())
+    if missing or unexpected:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__}: missing keys {missing}, unexpected keys "
+            f"{unexpected}."
+        )
+    for name, value in state_dict.items():
+        if own[name].shape != value.shape:
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(module).__name__}: {name!r} has shape "
+                f"{tuple(value.shape)} in the state dict but {tuple(own[name].shape)} in the module."
+            )
+        own[name].copy_(value)
+
+
 def _plugin_record() -> dict:
     return {"package": PACKAGE_NAME, "version": __version__, "import": IMPORT_LINE}
 

@@ -1,12 +1,16 @@
 """Train one method with the stock Trainer, in one process or as one rank of a torchrun / accelerate launch.
 
 Used by tests/test_distributed.py: the same global batch (4 examples per step) is either one process's batch or
-2 processes x 2 examples (DDP or, with --fsdp fsdp2, FSDP2; gloo backend on the CPU). Rank 0 writes the losses,
-the trained adapter state (state.safetensors) and the package it imported (run.json); every rank takes part in
-`save_pretrained` into DIR/adapter and in `Trainer.save_model` into DIR/trainer.
+2 processes x 2 examples (DDP or, with --fsdp fsdp2 or fsdp2-sharded, FSDP2; gloo backend on the CPU). Rank 0 writes
+the losses, the trained adapter state (state.safetensors) and the package it imported (run.json); every rank takes
+part in `save_pretrained` into DIR/adapter and in `Trainer.save_model` into DIR/trainer. With --save-steps N the
+Trainer also writes its checkpoints (DIR/checkpoint-N, ...), and --resume-from DIR/checkpoint-N continues such a run
+in a fresh launch, with `trainer.train(resume_from_checkpoint=...)`.
 
     python tests/ddp_worker.py --method compt --out DIR --per-device-batch 4
     torchrun --nproc_per_node 2 tests/ddp_worker.py --method compt --out DIR --per-device-batch 2 [--fsdp fsdp2]
+    torchrun ... --fsdp fsdp2-sharded --save-steps 2 --out DIR
+    torchrun ... --fsdp fsdp2-sharded --save-steps 2 --out DIR2 --resume-from DIR/checkpoint-2
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from accelerate.utils import DistributedType  # noqa: E402
 from conftest import TINY_MODELS, ListDataset, stack_collator  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import peft_prompt_transfer  # noqa: E402
 from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualPromptConfig  # noqa: E402
@@ -49,6 +53,18 @@ CONFIGS = {
 FSDP_CONFIGS = {
     "fsdp2": {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"], "reshard_after_forward": True},
 }
+# the same, with checkpoints written as sharded (torch.distributed.checkpoint) instead of full state dicts
+FSDP_CONFIGS["fsdp2-sharded"] = {**FSDP_CONFIGS["fsdp2"], "state_dict_type": "SHARDED_STATE_DICT"}
+
+
+class CountSteps(TrainerCallback):
+    """Counts the optimizer steps this launch takes (a resumed run takes only those after the checkpoint)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.count += 1
 
 
 def dataset(method: str) -> ListDataset:
@@ -80,6 +96,8 @@ def main() -> None:
     parser.add_argument("--per-device-batch", type=int, required=True)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fsdp", choices=sorted(FSDP_CONFIGS), help="shard the model with FSDP2 instead of DDP")
+    parser.add_argument("--save-steps", type=int, help="write a Trainer checkpoint every this many steps")
+    parser.add_argument("--resume-from", help="a Trainer checkpoint to resume from (resume_from_checkpoint)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -95,7 +113,8 @@ def main() -> None:
         learning_rate=1e-2,
         lr_scheduler_type="constant",
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,  # 500: the default, unused without saving
         report_to=[],
         use_cpu=True,
         seed=0,
@@ -110,22 +129,32 @@ def main() -> None:
         # accelerate turns FSDP on only for accelerator devices (GPU, XPU, NPU, ...), and on the CPU silently trains
         # with DDP instead; presenting the CPU process group as a GPU one makes it shard, on the CPU, with gloo
         PartialState().distributed_type = DistributedType.MULTI_GPU
+    steps_taken = CountSteps()
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset(args.method),
         data_collator=stack_collator,
+        callbacks=[steps_taken],
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from)
     # every rank takes part: under FSDP2 the adapter's parameters are sharded and saving gathers them
     state = {k: v.contiguous() for k, v in model.prompt_encoder["default"].whole_adapter_state_dict().items()}
     model.save_pretrained(os.path.join(args.out, "adapter"), is_main_process=trainer.is_world_process_zero())
-    trainer.save_model(os.path.join(args.out, "trainer"))  # under FSDP2: a full state dict, saved by rank 0 only
+    # under FSDP2: a full state dict, saved by rank 0 only (with SHARDED_STATE_DICT the Trainer writes no model here)
+    trainer.save_model(os.path.join(args.out, "trainer"))
     if trainer.is_world_process_zero():
         save_file(state, os.path.join(args.out, "state.safetensors"))
-        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        # a resumed run's history starts with the checkpoint's: `steps` says which step each loss was logged at
+        logged = [entry for entry in trainer.state.log_history if "loss" in entry]
         with open(os.path.join(args.out, "run.json"), "w") as f:
-            run = {"losses": losses, "world_size": trainer.args.world_size, "package": peft_prompt_transfer.__file__}
+            run = {
+                "losses": [entry["loss"] for entry in logged],
+                "steps": [entry["step"] for entry in logged],
+                "steps_taken": steps_taken.count,
+                "world_size": trainer.args.world_size,
+                "package": peft_prompt_transfer.__file__,
+            }
             json.dump(run, f)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 has written its files

@@ -20,6 +20,7 @@ from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file
 
 from peft_prompt_transfer import ResidualPromptConfig, export_prompt_tuning
+from peft_prompt_transfer.base import load_module_state
 from peft_prompt_transfer.residual import ResidualMLP
 
 N_TOKENS = 4
@@ -421,6 +422,26 @@ def test_mismatched_mlp_shape_fails_clearly(tmp_path):
     other = get_peft_model(tiny.build(), residual_config(tiny, bottleneck_size=8))
     with pytest.raises(ValueError, match="reparameterisation MLP does not match"):
         other.load_adapter(tmp_path / "adapter", adapter_name="default", is_trainable=True)
+
+
+def test_load_module_state_copies_in_place_with_load_state_dicts_checks():
+    """The MLP is loaded by copying into its own tensors, not with `load_state_dict`, whose FSDP2 post-load hook fails
+    inside `gathered_parameters` (tests/test_distributed.py resumes from sharded checkpoints); what it accepts and
+    refuses is what `load_state_dict(strict=True)` would."""
+    torch.manual_seed(0)
+    saved = ResidualMLP(1, 8, 5, "relu", layer_norm=True, dropout=0.0, residual=True)
+    mlp = ResidualMLP(1, 8, 5, "relu", layer_norm=True, dropout=0.0, residual=True)
+    own = dict(mlp.named_parameters())
+    load_module_state(mlp, saved.state_dict())
+    for name, value in saved.state_dict().items():
+        assert getattr(mlp, name) is own[name]  # the same parameters, now holding the saved values
+        torch.testing.assert_close(getattr(mlp, name), value, atol=0, rtol=0)
+
+    state = saved.state_dict()
+    with pytest.raises(RuntimeError, match=r"missing keys \['up_bias'\], unexpected keys \['extra'\]"):
+        load_module_state(mlp, {**{k: v for k, v in state.items() if k != "up_bias"}, "extra": state["up_bias"]})
+    with pytest.raises(RuntimeError, match="'down_weight' has shape"):
+        load_module_state(mlp, {**state, "down_weight": state["down_weight"][:, :4]})
 
 
 def test_state_dict_has_prompt_and_training_state():

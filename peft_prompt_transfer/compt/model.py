@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..base import TransferPromptEncoder, initial_prompt
+from ..base import TransferPromptEncoder, initial_prompt, load_module_state
 from ..multitask import check_task_ids
 from ..residual.model import RAW_PROMPT_KEY, ResidualMLP
 from .config import ComPTConfig
@@ -387,7 +387,7 @@ class ComPTEncoder(TransferPromptEncoder):
                 )
             for prefix, encoder in self._prompt_encoders().items():
                 encoder_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-                encoder.load_state_dict(encoder_state, strict=True)
+                load_module_state(encoder, encoder_state)
             sources, private = state_dict[RAW_PROMPT_KEY], state_dict.get(RAW_PRIVATE_KEY)
         self.embedding.weight.copy_(sources)
         if self.private is not None:

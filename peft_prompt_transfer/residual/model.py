@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import TransferPromptEncoder, initial_prompt
+from ..base import TransferPromptEncoder, initial_prompt, load_module_state
 from .config import ResidualPromptConfig
 
 _ACTIVATIONS = {
@@ -207,4 +207,4 @@ class ResidualPromptEncoder(TransferPromptEncoder):
                 "branch_scale must match)."
             )
         self.embedding.weight.copy_(state_dict[RAW_PROMPT_KEY])
-        self.reparameterization.load_state_dict(mlp_state, strict=True)
+        load_module_state(self.reparameterization, mlp_state)
