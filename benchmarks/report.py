@@ -94,27 +94,29 @@ def _paired(frame: pd.DataFrame, ours: str, theirs: str, by: str = "variant") ->
     )
 
 
-def _bar_plot(frame: pd.DataFrame, by: str, title: str, path: Path) -> None:
+def bar_plot(scores: dict[str, pd.Series], xlabel: str, title: str, path: Path) -> None:
+    """Horizontal bars: for each label, the mean (x100) of its per-seed scores, with their std as the error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, means, stds = [], [], []
-    for name, group in frame.groupby(by, sort=False):
-        best = group[group.lr == _best_lr(group)]["metric"]
-        names.append(name)
-        means.append(100 * best.mean())
-        stds.append(100 * best.std() if len(best) > 1 else 0.0)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2), dpi=90)
-    ax.barh(range(len(names)), means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    means = [100 * values.mean() for values in scores.values()]
+    stds = [100 * values.std() if len(values) > 1 else 0.0 for values in scores.values()]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(scores) + 1.2), dpi=90)
+    ax.barh(range(len(scores)), means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
+    ax.set_yticks(range(len(scores)), list(scores), fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("test metric (x100), best LR, mean ± std over seeds")
+    ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
+
+
+def _bar_plot(frame: pd.DataFrame, by: str, title: str, path: Path) -> None:
+    scores = {name: group[group.lr == _best_lr(group)]["metric"] for name, group in frame.groupby(by, sort=False)}
+    bar_plot(scores, "test metric (x100), best LR, mean ± std over seeds", title, path)
 
 
 def _lr_plot(frame: pd.DataFrame, title: str, path: Path) -> None:
@@ -137,39 +139,38 @@ def _lr_plot(frame: pd.DataFrame, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _routing_plot(frame: pd.DataFrame, path: Path) -> Optional[list[list[float]]]:
+def routing_heatmap(runs: pd.DataFrame, title: str, path: Path) -> list[list[float]]:
+    """The mean over `runs` (ComPT runs, one per seed) of their routing weights, as an annotated heatmap; returns
+    the mean weights."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    compt = frame[frame.method == "compt"]
-    if compt.empty:
-        return None
-    best = compt[compt.lr == _best_lr(compt)]
-    weights = np.mean([np.array(d["routing_weights"]) for d in best["details"]], axis=0)
-    tasks = list(best.iloc[0]["tasks"])
+    weights = np.mean([np.array(d["routing_weights"]) for d in runs["details"]], axis=0)
+    tasks = list(runs.iloc[0]["tasks"])
     fig, ax = plt.subplots(figsize=(1.2 * weights.shape[1] + 2.5, 0.6 * len(tasks) + 1.5), dpi=90)
     image = ax.imshow(weights, cmap="viridis", vmin=0)
     ax.set_xticks(range(weights.shape[1]), [f"source {j}" for j in range(weights.shape[1])], fontsize=8)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     for (i, j), value in np.ndenumerate(weights):
-        ax.text(
-            j,
-            i,
-            f"{value:.2f}",
-            ha="center",
-            va="center",
-            color="white" if value < weights.max() / 2 else "black",
-            fontsize=8,
-        )
+        color = "white" if value < weights.max() / 2 else "black"
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=color, fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set_title(f"ComPT routing weights (after gates), mean of {len(best)} seeds", fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return weights.round(3).tolist()
+
+
+def _routing_plot(frame: pd.DataFrame, path: Path) -> Optional[list[list[float]]]:
+    compt = frame[frame.method == "compt"]
+    if compt.empty:
+        return None
+    best = compt[compt.lr == _best_lr(compt)]
+    return routing_heatmap(best, f"ComPT routing weights (after gates), mean of {len(best)} seeds", path)
 
 
 def _svgd_plot(report: dict, path: Path) -> None:

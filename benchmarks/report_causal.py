@@ -12,7 +12,7 @@ from typing import Optional
 
 import pandas as pd
 
-from benchmarks.report import LABELS
+from benchmarks.report import LABELS, bar_plot, routing_heatmap
 from benchmarks.selection import best_on_test, chosen_on_dev, describe, paired, verdict
 
 SHORT_LABEL = "{label}, {tokens} tokens"
@@ -63,47 +63,8 @@ def comparison(methods: dict[str, pd.DataFrame], a: str, b: str) -> Optional[tup
 
 
 def _bars(methods: dict[str, pd.DataFrame], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    chosen = {label: chosen_on_dev(runs)["metric"] for label, runs in methods.items()}
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(chosen) + 1.2), dpi=90)
-    means = [100 * v.mean() for v in chosen.values()]
-    stds = [100 * v.std() if len(v) > 1 else 0.0 for v in chosen.values()]
-    ax.barh(range(len(chosen)), means, xerr=stds, color="tab:blue", alpha=0.8, capsize=3)
-    ax.set_yticks(range(len(chosen)), list(chosen), fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("test metric (x100) at the LR chosen on dev, mean ± std over seeds")
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _routing(runs: pd.DataFrame, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    chosen = chosen_on_dev(runs)
-    weights = np.mean([np.array(d["routing_weights"]) for d in chosen["details"]], axis=0)
-    tasks = list(chosen.iloc[0]["tasks"])
-    fig, ax = plt.subplots(figsize=(1.2 * weights.shape[1] + 2.5, 0.6 * len(tasks) + 1.5), dpi=90)
-    image = ax.imshow(weights, cmap="viridis", vmin=0)
-    ax.set_xticks(range(weights.shape[1]), [f"source {j}" for j in range(weights.shape[1])], fontsize=8)
-    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
-    for (i, j), value in np.ndenumerate(weights):
-        color = "white" if value < weights.max() / 2 else "black"
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=color, fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set_title(f"{title}, mean of {len(chosen)} seeds at the dev-chosen LR", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    scores = {label: chosen_on_dev(runs)["metric"] for label, runs in methods.items()}
+    bar_plot(scores, "test metric (x100) at the LR chosen on dev, mean ± std over seeds", title, path)
 
 
 def _single(frame: pd.DataFrame, task: str, data: str = "kshot", tokens: Optional[int] = None) -> pd.DataFrame:
@@ -308,7 +269,10 @@ def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts
         runs = joint[joint.method == method]
         if not runs.empty:
             path = figures / f"claim3-{model}-{method}-routing.png"
-            _routing(runs, f"{LABELS[method]}: routing weights", path)
+            chosen = chosen_on_dev(runs)
+            routing_heatmap(
+                chosen, f"{LABELS[method]}: routing weights, {len(chosen)} seeds at the dev-chosen LR", path
+            )
             lines.append(f"![{LABELS[method]} routing]({rel(path.name)})")
     return lines + [""]
 
