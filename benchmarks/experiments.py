@@ -502,6 +502,8 @@ def run(spec: RunSpec, backbone: Backbone) -> dict:
     """Train and evaluate one run; returns its record (without versions and date).
 
     `zero_shot` (causal LMs) trains nothing: the frozen model scores the template and label words as they are."""
+    if spec.method == "zero_shot" and not backbone.causal:
+        raise ValueError("zero_shot needs a causal LM: a classifier's new head knows nothing untrained.")
     record = {"metrics": {}, "dev_metrics": {}, "dev_losses": {}, "details": {}}
     if spec.method in MULTITASK_METHODS and len(spec.tasks) > 1:
         multitask_run(spec, backbone, record)
@@ -513,8 +515,6 @@ def run(spec: RunSpec, backbone: Backbone) -> dict:
         if needs_task_ids:
             train_set = train_set.add_column("task_ids", [0] * len(train_set))
         if spec.method == "zero_shot":
-            if not backbone.causal:
-                raise ValueError("zero_shot needs a causal LM: a classifier's new head knows nothing untrained.")
             model, result = backbone.base_model(TASKS[task].num_labels, spec.seed), {"train_seconds": 0.0, "losses": []}
         else:
             model, record["details"] = build_single_task_model(backbone, spec, train_set)

@@ -194,6 +194,17 @@ def test_a_task_file_adds_a_task_every_split_of_which_reads(tmp_path, restore_ta
     assert with_tasks(SUITES["smollm2"], ("sst2",)).transfer_targets == ()  # a source is never a target
 
 
+def test_a_full_data_run_that_does_not_fit_the_training_set_says_so(tmp_path, restore_tasks):
+    from benchmarks.experiments import Backbone, RunSpec, run, training_data
+
+    register_tasks(str(_fake_task(tmp_path)))
+    spec = RunSpec("prompt_tuning", "smollm2", ("reviews",), 13, 1e-2, 4, data="full", train_examples=800)
+    with pytest.raises(ValueError, match="reviews's training set has 40 examples; train_examples=800 plus 200"):
+        training_data("reviews", spec)
+    with pytest.raises(ValueError, match="zero_shot needs a causal LM"):
+        run(RunSpec("zero_shot", "minilm", ("reviews",), 13, 0.0, 4), Backbone("minilm", tokenizer=None))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
