@@ -75,14 +75,18 @@ def run_workers(args) -> int:
 
 def claim_run(queue: str, key: str) -> bool:
     """Claim a run for this worker; False when another worker of the same invocation already has it."""
-    import hashlib
-
-    path = os.path.join(queue, hashlib.sha1(key.encode()).hexdigest())
+    path = os.path.join(queue, _claim_name(key))
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # atomic: exactly one worker succeeds
     except FileExistsError:
         return False
     return True
+
+
+def _claim_name(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(key.encode()).hexdigest()
 
 
 def _command(args) -> str:
@@ -117,8 +121,7 @@ def run_suite(args) -> int:
     from tqdm.auto import tqdm
 
     from benchmarks import experiments
-    from benchmarks.harness import append_record, load_records, versions
-    from benchmarks.suites import suite_runs
+    from benchmarks.harness import append_record, versions
 
     if args.data_dir:
         os.environ["PEFT_PROMPT_TRANSFER_DATA"] = args.data_dir
@@ -129,44 +132,82 @@ def run_suite(args) -> int:
     out = Path(args.results_dir) / args.suite
     out.mkdir(parents=True, exist_ok=True)
     records_path = out / "runs.jsonl"
-    done = {r["key"] for r in load_records(records_path) if "error" not in r}
-    shard, num_shards = args.shard
-    runs = [
-        (claim, spec)
-        for index, (claim, spec) in enumerate(suite_runs(args.suite, args.claims, args.models, args.data, args.tasks))
-        if index % num_shards == shard and spec.key() not in done
-    ]
-    print(f"{args.suite}: {len(done)} runs already recorded in {records_path}, {len(runs)} to go")
-    backbones, failures, package_versions = {}, 0, versions()
+    backbones, failures, attempted, package_versions = {}, 0, set(), versions()
     name = (
         f"{args.suite} worker {args.progress_position}"
         if args.queue
-        else (f"{args.suite} {shard}/{num_shards}" if num_shards > 1 else args.suite)
+        else (f"{args.suite} {args.shard[0]}/{args.shard[1]}" if args.shard[1] > 1 else args.suite)
     )
-    progress = tqdm(runs, desc=name, unit="run", dynamic_ncols=True, position=args.progress_position)
-    for claim, spec in progress:  # with a queue the bar counts the runs any worker has started
-        if args.queue and not claim_run(args.queue, spec.key()):
-            continue
-        progress.set_postfix_str(f"{claim}: {spec.method} {'+'.join(spec.tasks)} seed {spec.seed} lr {spec.lr:g}")
-        record = {"key": spec.key(), "claim": claim, **json.loads(spec.key())}
-        try:
-            if spec.model not in backbones:
-                backbones[spec.model] = experiments.Backbone.load(spec.model)
-            record.update(experiments.run(spec, backbones[spec.model]))
-        except Exception as exc:  # recorded and retried on the next run; the suite goes on
-            failures += 1
-            record["error"] = "".join(traceback.format_exception(exc))[-4000:]
-            progress.write(f"FAILED {spec.method} {spec.tasks} seed {spec.seed}: {exc!r}")
-        record.update(
-            versions=package_versions,
-            command=_command(args),
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        )
-        append_record(records_path, record)
+    # rounds: the later seeds' runs become runnable once the sweeping seeds have chosen their learning rates
+    announce = True  # how many runs are left, once
+    while runs := _runs_to_do(args, records_path, attempted, announce):
+        announce = False
+        progress = tqdm(runs, desc=name, unit="run", dynamic_ncols=True, position=args.progress_position)
+        for claim, spec in progress:  # with a queue the bar counts the runs any worker has started
+            if args.queue and not claim_run(args.queue, spec.key()):
+                continue
+            attempted.add(spec.key())
+            progress.set_postfix_str(f"{claim}: {spec.method} {'+'.join(spec.tasks)} seed {spec.seed} lr {spec.lr:g}")
+            record = {"key": spec.key(), "claim": claim, **json.loads(spec.key())}
+            try:
+                if spec.model not in backbones:
+                    backbones[spec.model] = experiments.Backbone.load(spec.model)
+                record.update(experiments.run(spec, backbones[spec.model]))
+            except Exception as exc:  # recorded and retried on the next run; the suite goes on
+                failures += 1
+                record["error"] = "".join(traceback.format_exception(exc))[-4000:]
+                progress.write(f"FAILED {spec.method} {spec.tasks} seed {spec.seed}: {exc!r}")
+            record.update(
+                versions=package_versions,
+                command=_command(args),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            )
+            append_record(records_path, record)
+        progress.close()
     _report(args)
     if failures:
         print(f"{failures} run(s) failed; their tracebacks are in {records_path} (run the command again to retry)")
     return 1 if failures else 0
+
+
+def _runs_to_do(args, records_path: Path, attempted: set, announce: bool) -> list:
+    """The runs of this worker's share that have no record, that this process has not attempted and (with a queue)
+    no worker has claimed, planned from the records so far. When only runs that wait for the sweeping seeds' learning
+    rates are left while other workers still run sweeping runs, it waits for those rather than leave the later seeds
+    to the other workers."""
+    import time
+
+    from benchmarks.harness import load_records
+    from benchmarks.suites import WAITING_LR, suite_runs
+
+    shard, num_shards = args.shard
+    claimed = lambda spec: bool(args.queue) and os.path.exists(os.path.join(args.queue, _claim_name(spec.key())))  # noqa: E731
+    while True:
+        records = load_records(records_path)
+        done = {r["key"] for r in records if "error" not in r}
+        failed = {r["key"] for r in records if "error" in r} - done  # in this invocation: not retried, not waited for
+        planned = [
+            (claim, spec)
+            for index, (claim, spec) in enumerate(
+                suite_runs(args.suite, args.claims, args.models, args.data, args.tasks, records=records)
+            )
+            if index % num_shards == shard and spec.key() not in done
+        ]
+        if announce:
+            announce = False
+            print(f"{args.suite}: {len(done)} runs already recorded in {records_path}, {len(planned)} to go")
+        open_runs = [
+            (claim, spec)
+            for claim, spec in planned
+            if spec.lr is not WAITING_LR
+            and spec.key() not in attempted
+            and not (claimed(spec) and spec.key() in failed)
+        ]
+        todo = [(claim, spec) for claim, spec in open_runs if not claimed(spec)]
+        waiting = any(spec.lr is WAITING_LR for _, spec in planned)
+        if todo or not waiting or len(todo) == len(open_runs):  # nothing runs elsewhere that could unblock them
+            return todo
+        time.sleep(30)
 
 
 def _shard(text: str) -> tuple[int, int]:

@@ -276,7 +276,7 @@ def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path, tasks:
     if causal:  # a figure per claim and task, named as the MiniLM suite's are: a folder of its own
         figures = figures / suite
     figures.mkdir(parents=True, exist_ok=True)
-    planned = suite_runs(suite, tasks=tasks)
+    planned = suite_runs(suite, tasks=tasks, records=records)
     failed = sum("error" in r for r in records)
     dates = sorted(r["date"] for r in records)
     versions = records[-1]["versions"] if records else {}

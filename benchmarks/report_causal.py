@@ -72,16 +72,18 @@ def _single(frame: pd.DataFrame, task: str, data: str = "kshot", tokens: Optiona
     return rows if tokens is None else rows[(rows.num_virtual_tokens == tokens) | (rows.method == "zero_shot")]
 
 
-def complete_sweeps(runs: pd.DataFrame, sweep_size: int) -> pd.DataFrame:
-    """The runs of the seeds whose learning-rate sweep is complete: a choice among some of the LRs is no choice
-    (the suite records a seed's runs one after another, so a report rendered mid-suite sees partial sweeps)."""
+def complete_sweeps(runs: pd.DataFrame, budget) -> pd.DataFrame:
+    """The runs of the sweeping seeds whose learning-rate sweep is complete, and the later seeds' runs (at the LR the
+    sweeping seeds chose): a choice among some of the LRs is no choice (the suite records a seed's runs one after
+    another, so a report rendered mid-suite sees partial sweeps)."""
     if runs.empty or runs.lr.eq(0).all():  # zero-shot: nothing to sweep
         return runs
-    return runs[runs.groupby("seed").lr.transform("nunique") == sweep_size]
+    complete = runs.groupby("seed").lr.transform("nunique") == len(budget.prompt_lrs)
+    return runs[complete | ~runs.seed.isin(budget.sweeping_seeds)]
 
 
-def _by_method(rows: pd.DataFrame, methods: tuple[str, ...], sweep_size: int) -> dict[str, pd.DataFrame]:
-    found = {LABELS[m]: complete_sweeps(rows[rows.method == m], sweep_size) for m in methods}
+def _by_method(rows: pd.DataFrame, methods: tuple[str, ...], budget) -> dict[str, pd.DataFrame]:
+    found = {LABELS[m]: complete_sweeps(rows[rows.method == m], budget) for m in methods}
     return {label: runs for label, runs in found.items() if not runs.empty}
 
 
@@ -109,7 +111,6 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
     """The claim sections of a causal-LM suite and the verdict lines that summarise them."""
     model, lines, verdicts = budget.model, [], {}
     frame = frame[frame.model == model]
-    sweep = len(budget.prompt_lrs)  # every method sweeps as many LRs
     pt, res, rms, ptun = (LABELS[m] for m in ("prompt_tuning", "residual", "residual_embedding_rms", "p_tuning"))
     claim1 = ("zero_shot", "prompt_tuning", "residual", "residual_embedding_rms", "p_tuning")
     claim1_pairs = [(res, pt), (rms, pt), (rms, res), (ptun, pt)]
@@ -118,7 +119,7 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
         heading = f"Claim 1 — residual vs prompt tuning: {task} (16-shot), {model}"
         lines += _section(
             heading,
-            _by_method(rows, claim1, sweep),
+            _by_method(rows, claim1, budget),
             claim1_pairs,
             figures / f"claim1-{model}-{task}.png",
             rel,
@@ -128,7 +129,7 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
         task, examples, _ = budget.full_data
         lines += _section(
             f"Claim 1 — residual vs prompt tuning: {task} ({examples} examples of the full training set), {model}",
-            _by_method(_single(frame, task, data="full"), claim1, sweep),
+            _by_method(_single(frame, task, data="full"), claim1, budget),
             claim1_pairs,
             figures / f"claim1-{model}-{task}-full.png",
             rel,
@@ -141,7 +142,7 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
     for tokens in (budget.short_virtual_tokens, budget.num_virtual_tokens):
         for method in ("prompt_tuning", "residual"):
             runs = rows[(rows.method == method) & (rows.num_virtual_tokens == tokens)]
-            runs = complete_sweeps(runs, sweep)
+            runs = complete_sweeps(runs, budget)
             if not runs.empty:
                 short[SHORT_LABEL.format(label=LABELS[method], tokens=tokens)] = runs
     zero = rows[rows.method == "zero_shot"]
@@ -174,7 +175,7 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
         rows = rows[rows.sources.map(lambda sources: tuple(sources) in ((), tuple(budget.sources))).astype(bool)]
         lines += _section(
             f"Claim 2 — Bayesian transfer from {' + '.join(budget.sources)}: target {task} (16-shot), {model}",
-            _by_method(rows, transfer, sweep),
+            _by_method(rows, transfer, budget),
             transfer_pairs,
             figures / f"claim2-{model}-{task}.png",
             rel,
@@ -185,22 +186,20 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
     return lines, _verdict_lines(verdicts)
 
 
-def per_task_prompts(
-    frame: pd.DataFrame, tasks: tuple[str, ...], tokens: int, steps: int, sweep_size: int
-) -> pd.DataFrame:
+def per_task_prompts(frame: pd.DataFrame, budget) -> pd.DataFrame:
     """ "One prompt per task" from the single-task prompt tuning runs: per seed, each task's LR chosen on its own dev
     split, the test metrics averaged over the tasks (seeds missing a task are left out). One row per seed, shaped
     like a run (a constant LR of 0 says that each task chose its own)."""
-    per_seed = {}
+    per_seed, tasks = {}, budget.multitask
     for task in tasks:
         runs = frame[
             (frame.method == "prompt_tuning")
             & (frame.task == task)
             & (frame.data == "kshot")
-            & (frame.num_virtual_tokens == tokens)
-            & (frame.steps == steps)
+            & (frame.num_virtual_tokens == budget.num_virtual_tokens)
+            & (frame.steps == budget.steps)
         ]
-        runs = complete_sweeps(runs, sweep_size)
+        runs = complete_sweeps(runs, budget)
         if runs.empty:
             return pd.DataFrame()
         for seed, row in chosen_on_dev(runs).iterrows():
@@ -241,10 +240,10 @@ def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts
                 }
             ]
         )
-    separate = per_task_prompts(frame, tasks, budget.num_virtual_tokens, budget.steps, len(budget.prompt_lrs))
+    separate = per_task_prompts(frame, budget)
     if not separate.empty:
         methods[PER_TASK] = separate
-    methods.update(_by_method(joint, ("shared_prompt", "compt", "compt_authors"), len(budget.prompt_lrs)))
+    methods.update(_by_method(joint, ("shared_prompt", "compt", "compt_authors"), budget))
     if set(methods) <= {LABELS["zero_shot"]}:  # nothing trained yet
         return []
     compt, authors = LABELS["compt"], LABELS["compt_authors"]
@@ -290,13 +289,19 @@ def _verdict_lines(verdicts: dict) -> list[str]:
 
 def progress(planned: list, frame: pd.DataFrame) -> str:
     """How much of the suite is done, seed by seed (the suite runs seed after seed, every claim within a seed)."""
+    from benchmarks.suites import WAITING_LR
+
     done = set(frame["key"]) if not frame.empty else set()
     per_seed: dict[int, list[int]] = {}
     for _, spec in planned:
         counts = per_seed.setdefault(spec.seed, [0, 0])
         counts[0] += spec.key() in done
         counts[1] += 1
-    return "Done so far: " + "; ".join(f"seed {seed}: {d} of {n} runs" for seed, (d, n) in per_seed.items()) + "."
+    waiting = sum(spec.lr is WAITING_LR for _, spec in planned)
+    line = "Done so far: " + "; ".join(f"seed {seed}: {d} of {n} runs" for seed, (d, n) in per_seed.items()) + "."
+    if waiting:
+        line += f" {waiting} runs of the later seeds wait for the sweeping seeds to choose their learning rates."
+    return line
 
 
 def budget_line(budget) -> str:
@@ -310,7 +315,8 @@ def budget_line(budget) -> str:
             f"{experiments.FULL_DATA_DEV_EXAMPLES} more held out as its dev set; "
         )
     return (
-        f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))}; {budget.num_virtual_tokens} virtual tokens "
+        f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))} ({_sweeping(budget)}); "
+        f"{budget.num_virtual_tokens} virtual tokens "
         f"({budget.short_virtual_tokens} in the short-prompt runs), vocabulary init; {budget.steps} steps of batch 8 "
         f"per task (16-shot: 32 examples for two classes, so 10 epochs); {full}prompt "
         f"LRs {budget.prompt_lrs}, MLP-made prompts {budget.mlp_prompt_lrs}; up to {budget.max_eval} test examples "
@@ -318,6 +324,16 @@ def budget_line(budget) -> str:
         f"of batch 16 at lr {experiments.SOURCE_LR[budget.model]:g} ({experiments.BAYESIAN_PARTICLES} SVGD "
         f"particles; the replicated stage takes 4 examples per step, each seen by every particle: the sharded "
         f"stage's compute per step)."
+    )
+
+
+def _sweeping(budget) -> str:
+    sweeping, later = budget.sweeping_seeds, budget.seeds[len(budget.sweeping_seeds) :]
+    if not later:
+        return "each runs every learning rate"
+    return (
+        f"{', '.join(map(str, sweeping))} run every learning rate; {', '.join(map(str, later))} run only the one "
+        "chosen on the dev splits of those"
     )
 
 

@@ -1,10 +1,11 @@
 """Honest selection and paired comparisons for the benchmark reports.
 
-A method's learning rate is chosen per seed on that seed's dev split (the k-shot dev set, or examples held out of
-the training set), never on the test set: the LR with the best dev metric, ties broken by the lower dev loss (a
-16-shot dev set has 32 examples, so accuracies tie often). The test metric at that LR is what the tables report.
-Two methods are compared seed by seed at their chosen LRs; the mean difference gets a 95% Student-t interval over
-seeds, and a difference counts as shown only when its interval excludes 0.
+A method's learning rate is chosen on dev splits (the k-shot dev sets, or examples held out of the training set),
+never on the test set: the LR with the best dev metric averaged over the seeds that ran every LR, ties broken by the
+lower mean dev loss (a 16-shot dev set has 32 examples, so accuracies tie often). Every seed reports its test metric
+at that LR; a suite's later seeds run only that LR (`CausalBudget.sweep_seeds`). Two methods are compared seed by
+seed at their chosen LRs; the mean difference gets a 95% Student-t interval over seeds, and a difference counts as
+shown only when its interval excludes 0.
 """
 
 from __future__ import annotations
@@ -14,20 +15,35 @@ from typing import Optional
 import pandas as pd
 
 
-def chosen_on_dev(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per seed: the run whose LR did best on that seed's dev split (dev metric, then dev loss).
+def choose_lr(runs: pd.DataFrame) -> float:
+    """The learning rate with the best mean dev metric over `runs` (one method's runs at every LR of some seeds),
+    ties broken by the lower mean dev loss, then by the lower LR."""
+    means = runs.groupby("lr")[["dev_metric", "dev_loss"]].mean().reset_index()
+    return float(means.sort_values(["dev_metric", "dev_loss", "lr"], ascending=[False, True, True]).lr.iloc[0])
 
-    `runs` holds one method's runs (every LR and seed). A method that trains nothing (zero-shot, recorded for the
-    first seed only: the test sets are the same for every seed) has one run, which stands for every seed."""
-    ranked = runs.sort_values(["seed", "dev_metric", "dev_loss", "lr"], ascending=[True, False, True, True])
-    return ranked.drop_duplicates("seed").set_index("seed", drop=False)
+
+def _sweeping(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of the seeds that ran more than one LR, or all runs if every seed ran one (a one-value sweep)."""
+    swept = runs[runs.groupby("seed").lr.transform("nunique") > 1]
+    return swept if not swept.empty else runs
+
+
+def chosen_on_dev(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per seed, at the LR `choose_lr` picks from the seeds that ran more than one LR (the sweeping seeds;
+    seeds that ran one LR, the suite's later seeds, ran the one chosen).
+
+    `runs` holds one method's runs, with only complete sweeps (see `report_causal.complete_sweeps`). A method that
+    trains nothing (zero-shot, recorded for the first seed only: the test sets are the same for every seed) has one
+    run, which stands for every seed."""
+    lr = choose_lr(_sweeping(runs))
+    return runs[runs.lr == lr].drop_duplicates("seed").set_index("seed", drop=False)
 
 
 def best_on_test(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per seed at the LR with the best mean test metric over seeds: the optimistic choice of the earlier
-    tables, kept only as a labelled secondary column."""
-    best = runs.groupby("lr")["metric"].mean().idxmax()
-    return runs[runs.lr == best].set_index("seed", drop=False)
+    """One row per seed at the LR with the best mean test metric over the seeds that ran every LR: the optimistic
+    choice of the earlier tables, kept only as a labelled secondary column."""
+    best = _sweeping(runs).groupby("lr")["metric"].mean().idxmax()
+    return runs[runs.lr == best].drop_duplicates("seed").set_index("seed", drop=False)
 
 
 def paired(a: pd.Series, b: pd.Series) -> Optional[dict]:

@@ -7,8 +7,11 @@ seed across all claims, so a suite stopped early still covers every claim with f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Optional, Union
+
+import pandas as pd
 
 from benchmarks.experiments import RunSpec
 from benchmarks.tasks import KSHOT_SEEDS
@@ -40,8 +43,11 @@ class CausalBudget:
     Prompts given straight to the model (prompt tuning and everything initialised from source prompts) sweep
     `prompt_lrs`; prompts made by an MLP (residual, P-tuning) sweep `mlp_prompt_lrs`, the same number of values a
     factor 3 lower, because AdamW moves an MLP-made prompt 30-130x further per step at one LR
-    (`python -m benchmarks.prompt_steps`). Every run records its dev-set score, on which the report chooses each
-    method's LR.
+    (`python -m benchmarks.prompt_steps`). Every run records its dev-set score, on which each method's LR is chosen.
+
+    The first `sweep_seeds` seeds run every LR; the LR with the best dev score pooled over them (see
+    `benchmarks.selection.choose_lr`) is then the only one the later seeds run, which cuts a 5-seed suite with
+    3-value sweeps by 40% and still pairs every comparison over all seeds. 0: every seed runs every LR.
     """
 
     model: str
@@ -58,6 +64,12 @@ class CausalBudget:
     source_steps: int
     transfer_targets: tuple[str, ...]  # claim 2, 16-shot, never a source
     multitask: tuple[str, ...]  # claim 3, 16-shot each
+    sweep_seeds: int = 0
+
+    @property
+    def sweeping_seeds(self) -> tuple[int, ...]:
+        """The seeds that run every learning rate and choose it for the others."""
+        return self.seeds[: self.sweep_seeds or None]
 
 
 SUITES = {
@@ -77,8 +89,8 @@ SUITES = {
     ),
     # SmolLM2 sweeps 1e-3 too: every MLP-made prompt (residual, P-tuning) did best at 3e-3, the lowest value of the
     # first sweep, and at one LR AdamW moves such a prompt 30-130x further per step (python -m benchmarks.prompt_steps)
-    # about 4.5 h per seed with 2 workers on 2 CPU cores (python -m benchmarks smollm2 --workers 2): the first three
-    # seeds well inside a day; measured where a run's time goes in benchmarks/RESULTS.md ("Budget")
+    # with 2 workers on 2 CPU cores (python -m benchmarks smollm2 --workers 2, about 3 min per run) a sweeping seed
+    # (102 runs) takes about 5 h and a later seed (34) under 2 h: 311 runs, about 15 h (where the time goes: RESULTS.md)
     "smollm2": CausalBudget(
         model="smollm2",
         seeds=KSHOT_SEEDS,
@@ -94,6 +106,7 @@ SUITES = {
         source_steps=100,
         transfer_targets=("mr", "subj"),
         multitask=("sst2", "subj", "trec"),
+        sweep_seeds=2,
     ),
     "smollm2-quick": CausalBudget(
         model="smollm2",
@@ -237,14 +250,45 @@ CLAIM_RUNS = {"residual": residual_runs, "transfer": transfer_runs, "multitask":
 MLP_PROMPT_METHODS = ("residual", "residual_embedding_rms", "p_tuning")
 
 
-def _causal_sweep(budget: CausalBudget, run: RunSpec) -> list[RunSpec]:
-    lrs = budget.mlp_prompt_lrs if run.method in MLP_PROMPT_METHODS else budget.prompt_lrs
-    return [replace(run, lr=lr) for lr in lrs]
+# a later seed's run whose learning rate the sweeping seeds have not chosen yet (they are still running)
+WAITING_LR = None
+
+# a run -> the learning rate the sweeping seeds chose for its method and data, or None while they have not finished
+LRChooser = Callable[[RunSpec], Optional[float]]
 
 
-def causal_runs(budget: CausalBudget, claim: str, seed: int) -> list[RunSpec]:
+def _lrs(budget: CausalBudget, run: RunSpec) -> tuple[float, ...]:
+    return budget.mlp_prompt_lrs if run.method in MLP_PROMPT_METHODS else budget.prompt_lrs
+
+
+def _causal_sweep(budget: CausalBudget, chosen_lr: Optional[LRChooser], run: RunSpec) -> list[RunSpec]:
+    if run.seed in budget.sweeping_seeds:
+        return [replace(run, lr=lr) for lr in _lrs(budget, run)]
+    return [replace(run, lr=chosen_lr(run) if chosen_lr else WAITING_LR)]
+
+
+def lr_chooser(budget: CausalBudget, records: list[dict]) -> LRChooser:
+    """Choose a later seed's learning rate from the sweeping seeds' records: `choose_lr` over every LR of every
+    sweeping seed (None until all of those runs have a record)."""
+    from benchmarks.selection import choose_lr
+
+    by_key = {record["key"]: record for record in records if "error" not in record}
+
+    def chosen_lr(run: RunSpec) -> Optional[float]:
+        swept = [
+            by_key.get(replace(run, seed=seed, lr=lr).key())
+            for seed in budget.sweeping_seeds
+            for lr in _lrs(budget, run)
+        ]
+        return None if None in swept else choose_lr(pd.DataFrame(swept))
+
+    return chosen_lr
+
+
+def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional[LRChooser] = None) -> list[RunSpec]:
     """The runs of one claim and seed in a causal-LM suite (zero-shot runs with the first seed only: they train
-    nothing, and the test sets are the same for every seed).
+    nothing, and the test sets are the same for every seed). A seed after the sweeping seeds runs each method at
+    the LR `chosen_lr` gives (`WAITING_LR` while it gives None, or without `chosen_lr`).
 
     - residual: prompt tuning, residual (the paper's branch and the one scaled to the embeddings' RMS) and
       P-tuning on 16-shot tasks and on `full_data`, and prompt tuning vs residual with `short_virtual_tokens`;
@@ -276,22 +320,24 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int) -> list[RunSpec]:
         runs += [replace(run, method="zero_shot", steps=0) for run in targets if seed == budget.seeds[0]]
         for run in targets:
             for method in ("prompt_tuning", "residual", "residual_embedding_rms", "p_tuning"):
-                runs += _causal_sweep(budget, replace(run, method=method))
+                runs += _causal_sweep(budget, chosen_lr, replace(run, method=method))
         short = replace(base, tasks=(budget.residual_tasks[0],), num_virtual_tokens=budget.short_virtual_tokens)
         for method in ("prompt_tuning", "residual"):
-            runs += _causal_sweep(budget, replace(short, method=method))
+            runs += _causal_sweep(budget, chosen_lr, replace(short, method=method))
     elif claim == "transfer":
         runs += zero_shot(budget.transfer_targets)
         for task in budget.transfer_targets:
             target = replace(base, tasks=(task,), sources=budget.sources, source_steps=budget.source_steps)
-            runs += _causal_sweep(budget, replace(base, tasks=(task,)))  # no transfer
+            runs += _causal_sweep(budget, chosen_lr, replace(base, tasks=(task,)))  # no transfer
             for method in ("spot", "source_average", "mpt", "bayesian", "bayesian_replicated", "bayesian_decomposed"):
-                runs += _causal_sweep(budget, replace(target, method=method))
+                runs += _causal_sweep(budget, chosen_lr, replace(target, method=method))
     elif budget.multitask:
         runs += zero_shot(budget.multitask)
-        runs += [run for task in budget.multitask for run in _causal_sweep(budget, replace(base, tasks=(task,)))]
+        runs += [
+            run for task in budget.multitask for run in _causal_sweep(budget, chosen_lr, replace(base, tasks=(task,)))
+        ]
         for method in ("shared_prompt", "compt", "compt_authors"):
-            runs += _causal_sweep(budget, replace(base, method=method, tasks=budget.multitask))
+            runs += _causal_sweep(budget, chosen_lr, replace(base, method=method, tasks=budget.multitask))
     return runs
 
 
@@ -326,18 +372,25 @@ def with_tasks(budget: Union[Budget, CausalBudget], tasks: tuple[str, ...]) -> U
 
 
 def suite_runs(
-    name: str, claims=CLAIMS, models=MODELS, data=DATA, tasks: Optional[tuple[str, ...]] = None
+    name: str,
+    claims=CLAIMS,
+    models=MODELS,
+    data=DATA,
+    tasks: Optional[tuple[str, ...]] = None,
+    records: Optional[list[dict]] = None,
 ) -> list[tuple[str, RunSpec]]:
     """(claim, run) pairs of a suite, seed by seed; a run shared by two claims is listed once.
 
     `models` and `data` ("kshot": LM-BFF 16-shot splits, "fewglue", "full": part of a full training set) keep only
-    the runs on those models and data; `tasks` replaces the suite's target tasks (see `with_tasks`).
+    the runs on those models and data; `tasks` replaces the suite's target tasks (see `with_tasks`). In a causal-LM
+    suite the later seeds' LRs are chosen from `records`; a run whose sweep has not finished has `lr=WAITING_LR`.
     """
     budget, seen, runs = suite_budget(name, tasks), set(), []
+    chosen_lr = lr_chooser(budget, records or []) if isinstance(budget, CausalBudget) else None
     for seed in budget.seeds:
         for claim in claims:
             claim_runs = (
-                causal_runs(budget, claim, seed)
+                causal_runs(budget, claim, seed, chosen_lr)
                 if isinstance(budget, CausalBudget)
                 else CLAIM_RUNS[claim](budget, seed)
             )

@@ -10,30 +10,41 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from scipy import stats
+from transformers import TrainingArguments
 
+from benchmarks.experiments import LabelWordTrainer
 from benchmarks.harness import load_records
 from benchmarks.report import LABELS
 from benchmarks.report_causal import causal_sections
-from benchmarks.selection import chosen_on_dev, paired, verdict
-from benchmarks.suites import SUITES, causal_runs, suite_runs, with_tasks
+from benchmarks.selection import best_on_test, choose_lr, chosen_on_dev, paired, verdict
+from benchmarks.suites import MLP_PROMPT_METHODS, SUITES, WAITING_LR, causal_runs, lr_chooser, suite_runs, with_tasks
 from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split, register_tasks
+from tests.conftest import TINY_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_lr_is_chosen_on_dev_with_ties_broken_by_dev_loss():
+def test_the_lr_is_chosen_on_the_sweeping_seeds_dev_splits_with_ties_broken_by_dev_loss():
     runs = pd.DataFrame(
-        [  # seed 13: dev prefers 0.01 though 0.03 is better on test; seed 21: a dev tie, 0.03 has the lower loss
+        [  # dev prefers 0.01 over both sweeping seeds (mean 0.85 vs 0.8), though 0.03 is better on test
             {"seed": 13, "lr": 0.01, "dev_metric": 0.9, "dev_loss": 0.5, "metric": 0.70},
             {"seed": 13, "lr": 0.03, "dev_metric": 0.8, "dev_loss": 0.2, "metric": 0.90},
             {"seed": 21, "lr": 0.01, "dev_metric": 0.8, "dev_loss": 0.4, "metric": 0.60},
             {"seed": 21, "lr": 0.03, "dev_metric": 0.8, "dev_loss": 0.3, "metric": 0.65},
+            # a later seed ran only the LR the sweeping seeds chose
+            {"seed": 42, "lr": 0.01, "dev_metric": 0.5, "dev_loss": 0.9, "metric": 0.75},
         ]
     )
     chosen = chosen_on_dev(runs)
-    assert chosen.loc[13, "lr"] == 0.01 and chosen.loc[13, "metric"] == 0.70
-    assert chosen.loc[21, "lr"] == 0.03 and chosen.loc[21, "metric"] == 0.65
+    assert chosen.lr.tolist() == [0.01] * 3 and chosen.metric.tolist() == [0.70, 0.60, 0.75]
+    assert best_on_test(runs).lr.tolist() == [0.03, 0.03]  # the optimistic column: the sweeping seeds only
+    # a dev tie (mean 0.8 at both LRs) goes to the lower mean dev loss, then to the lower LR
+    tie = runs[runs.seed == 21]
+    assert choose_lr(tie) == 0.03
+    assert choose_lr(tie.assign(dev_loss=0.3)) == 0.01
 
 
 def test_paired_differences_get_a_student_t_interval_over_seeds():
@@ -59,6 +70,13 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
     assert len(keys) == len(set(keys))
     assert {claim for claim, _ in runs} == {"residual", "transfer", "multitask"}
     assert {spec.seed for _, spec in runs} == set(KSHOT_SEEDS) and {spec.model for _, spec in runs} == {"smollm2"}
+    # the first two seeds run every LR; without their records the later seeds' runs wait, one per method and data
+    sweeping = [spec for _, spec in runs if spec.seed in KSHOT_SEEDS[:2]]
+    assert all(spec.lr is not WAITING_LR for spec in sweeping)
+    for seed in KSHOT_SEEDS[2:]:
+        later = [spec for _, spec in runs if spec.seed == seed]
+        assert all(spec.lr is WAITING_LR for spec in later)
+        assert 3 * len(later) == sum(spec.seed == KSHOT_SEEDS[1] for spec in sweeping)
     assert all(spec.data in ("kshot", "full") for _, spec in runs)  # both have a dev split to choose the LR on
     zero_shot = {(spec.tasks, spec.data) for _, spec in runs if spec.method == "zero_shot"}
     trained = {(spec.tasks, spec.data) for _, spec in runs if spec.method != "zero_shot" and len(spec.tasks) == 1}
@@ -82,11 +100,15 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
 
 
 def _synthetic_records(budget, score) -> list[dict]:
-    """Records for every run of `budget`, with `score(spec) -> (dev, test)`."""
+    """Records for every run of `budget`, with `score(spec) -> (dev, test)`; the later seeds run the LRs the
+    sweeping seeds' records choose, as the suite does."""
     records = []
     for seed in budget.seeds:
+        chosen_lr = lr_chooser(budget, records)
         for claim in ("residual", "transfer", "multitask"):
-            for spec in causal_runs(budget, claim, seed):
+            for spec in causal_runs(budget, claim, seed, chosen_lr):
+                if any(record["key"] == spec.key() for record in records):
+                    continue  # a run two claims share is recorded once
                 dev, test = score(spec)
                 records.append(
                     {
@@ -105,9 +127,15 @@ def _synthetic_records(budget, score) -> list[dict]:
     return records
 
 
-def test_causal_report_reports_test_at_the_dev_chosen_lr_with_zero_shot_and_verdicts(tmp_path):
+@pytest.mark.parametrize("sweep_seeds", [0, 2], ids=["every-seed-sweeps", "two-sweeping-seeds"])
+def test_causal_report_reports_test_at_the_dev_chosen_lr_with_zero_shot_and_verdicts(tmp_path, sweep_seeds):
     budget = replace(
-        SUITES["smollm2"], seeds=(13, 21, 42), residual_tasks=("sst2",), full_data=None, multitask=("sst2", "trec")
+        SUITES["smollm2"],
+        seeds=(13, 21, 42),
+        residual_tasks=("sst2",),
+        full_data=None,
+        multitask=("sst2", "trec"),
+        sweep_seeds=sweep_seeds,
     )
     noise = {13: 0.0, 21: 0.01, 42: -0.01}
 
@@ -121,17 +149,23 @@ def test_causal_report_reports_test_at_the_dev_chosen_lr_with_zero_shot_and_verd
         return (0.9 if rank == 1 else 0.8), base + 0.1 * (rank == 2)
 
     records = _synthetic_records(budget, score)
-    # a seed whose sweep is not complete yet (a report rendered mid-suite) is left out: one LR is no choice
-    partial = next(r for r in records if r["method"] == "prompt_tuning" and r["tasks"] == ["sst2"])
+    if sweep_seeds:  # the later seed ran only the LR dev chose: the middle one of each sweep
+        later = {r["lr"] for r in records if r["seed"] == 42 and r["method"] != "zero_shot"}
+        assert later == {budget.prompt_lrs[1], budget.mlp_prompt_lrs[1]}
+    # a sweeping seed whose sweep is not complete yet (a report rendered mid-suite) is left out: one LR is no choice
+    partial = next(r for r in records if r["method"] == "prompt_tuning" and r["tasks"] == ["sst2"] and r["lr"] == 0.01)
     records.append({**partial, "key": "partial", "seed": 87, "metric": 0.99})
     frame = pd.DataFrame(records)
     frame["task"] = frame["tasks"].map("+".join)
     frame["label"] = frame["method"].map(LABELS)
+    budget = replace(budget, seeds=(13, 21, 87, 42), sweep_seeds=sweep_seeds and 3)  # 87 sweeps but has not finished
     lines, verdicts = causal_sections(frame, budget, tmp_path, lambda name: Path(name))
     text = "\n".join(lines)
     pt, res = LABELS["prompt_tuning"], LABELS["residual"]
     # at the dev-chosen (middle) LR: 70.0 ± 1.0 for prompt tuning, 75.0 for residual; the test-best LR is optimistic
-    assert f"| {pt} | 70.0 ± 1.0 (n=3) | 0.01 ×3 | +10.0 [+7.5, +12.5] (3 of 3 seeds) | 80.0 ± 1.0 (n=3) |" in text
+    # and, when later seeds ran only the chosen LR, known for the sweeping seeds only
+    optimistic = "80.0 ± 1.0 (n=3)" if not sweep_seeds else "80.5 ± 0.7 (n=2)"
+    assert f"| {pt} | 70.0 ± 1.0 (n=3) | 0.01 ×3 | +10.0 [+7.5, +12.5] (3 of 3 seeds) | {optimistic} |" in text
     assert f"| {LABELS['zero_shot']} | 60.0 ± 0.0 (n=1) | - |" in text
     assert f"- {res} − {pt}: +5.0 [+5.0, +5.0] (3 of 3 seeds) points: **better**" in text
     assert any("Claim 1, sst2 (16-shot), smollm2:" in line and "**better**" in line for line in verdicts)
@@ -281,3 +315,130 @@ def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
     assert (
         results / "smollm2-quick" / "figures" / "smollm2-quick" / "claim3-smollm2-compt_authors-routing.png"
     ).exists()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),  # prepends 3 positions
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),  # prepends none
+    ],
+    ids=["prompt_tuning", "prefix_tuning"],
+)
+def test_the_label_word_loss_equals_the_models_own_loss_and_gradients(tmp_path, config):
+    model = get_peft_model(TINY_MODELS["llama"].build(), config)
+    # right-padded rows of different lengths with one label token each, as Backbone.encode and its collator make them
+    input_ids = torch.randint(3, 64, (4, 7), generator=torch.Generator().manual_seed(0))
+    lengths = [7, 5, 6, 3]
+    attention_mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    labels = torch.full_like(input_ids, -100)
+    for row, n in enumerate(lengths):
+        labels[row, n - 1] = 5 + row
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def loss_and_gradient(loss_of):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        return loss.detach(), gradient
+
+    trainer = LabelWordTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
+    own_loss, own_gradient = loss_and_gradient(lambda: model(**batch).loss)
+    loss, gradient = loss_and_gradient(lambda: trainer.compute_loss(model, dict(batch)))
+    torch.testing.assert_close(loss, own_loss)
+    torch.testing.assert_close(gradient, own_gradient)
+    assert own_gradient.abs().sum() > 0
+
+
+@pytest.fixture
+def two_stage_suite(monkeypatch):
+    """A one-claim causal suite whose first seed sweeps two LRs and whose second runs the one dev chose, with runs
+    that record at once (dev prefers the higher LR of each sweep)."""
+    from benchmarks import experiments
+
+    budget = replace(
+        SUITES["smollm2-quick"], seeds=(13, 21), sweep_seeds=1, prompt_lrs=(1e-2, 3e-2), mlp_prompt_lrs=(3e-3, 1e-2)
+    )
+    monkeypatch.setitem(SUITES, "two-stage", budget)
+    monkeypatch.setattr(experiments.Backbone, "load", classmethod(lambda cls, name: None))
+
+    def run(spec, backbone):
+        dev = 0.9 if spec.lr == _higher_lr(spec.method) else 0.8
+        return {"metrics": {}, "metric": 0.5, "dev_metric": dev, "dev_loss": 0.1}
+
+    monkeypatch.setattr(experiments, "run", run)
+    return budget
+
+
+def _higher_lr(method: str) -> float:
+    return 1e-2 if method in MLP_PROMPT_METHODS else 3e-2
+
+
+def test_the_later_seeds_run_the_lr_the_sweeping_seeds_chose_in_the_same_invocation(tmp_path, two_stage_suite):
+    from benchmarks.__main__ import main
+
+    assert main(["two-stage", "--claims", "residual", "--results-dir", str(tmp_path), "--no-report"]) == 0
+    records = load_records(tmp_path / "two-stage" / "runs.jsonl")
+    first = [r for r in records if r["seed"] == 13 and r["method"] != "zero_shot"]
+    later = [r for r in records if r["seed"] == 21]
+    assert len(first) == 2 * len(later) > 0 and {r["lr"] for r in first} == {3e-3, 1e-2, 3e-2}
+    assert all(record["lr"] == _higher_lr(record["method"]) for record in later)
+    planned = suite_runs("two-stage", claims=("residual",), records=records)
+    assert {spec.key() for _, spec in planned} == {r["key"] for r in records}
+
+
+def _record(path: Path, spec, error: bool = False) -> None:
+    record = {"key": spec.key(), **json.loads(spec.key()), "dev_metric": 0.8, "dev_loss": 0.1}
+    with path.open("a") as records:
+        records.write(json.dumps({**record, "error": "Traceback ..."} if error else record) + "\n")
+
+
+def test_a_worker_waits_for_the_sweeping_runs_other_workers_hold_before_it_stops(
+    tmp_path, monkeypatch, two_stage_suite
+):
+    import argparse
+    import hashlib
+
+    import benchmarks.__main__ as cli
+
+    records_path = tmp_path / "runs.jsonl"
+    planned = suite_runs("two-stage", claims=("residual",))
+    sweeping = [spec for _, spec in planned if spec.seed == 13]
+    # another worker of the same invocation holds one LR of every sweep (claimed, not recorded yet), so every run
+    # of the later seed waits for it and this worker has nothing else to do
+    held = [spec for spec in sweeping if spec.lr == _higher_lr(spec.method)]
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    for spec in sweeping:
+        if spec in held:
+            (queue / hashlib.sha1(spec.key().encode()).hexdigest()).touch()
+        else:
+            _record(records_path, spec)
+    waits = []
+
+    def other_worker_finishes(seconds):
+        waits.append(seconds)
+        assert len(waits) == 1, "a worker waited for runs that will not finish"
+        for spec in held:
+            _record(records_path, spec)
+
+    monkeypatch.setattr("time.sleep", other_worker_finishes)
+    args = argparse.Namespace(
+        suite="two-stage",
+        claims=("residual",),
+        models=("smollm2",),
+        data=("kshot", "full"),
+        tasks=None,
+        shard=(0, 1),
+        queue=str(queue),
+    )
+    todo = cli._runs_to_do(args, records_path, set(), announce=False)
+    assert len(waits) == 1 and todo and {spec.seed for _, spec in todo} == {21}
+    assert all(spec.lr is not WAITING_LR for _, spec in todo)
+    # had the held runs failed (recorded with an error), the worker would stop instead of waiting for nothing
+    failed = tmp_path / "failed.jsonl"
+    for spec in sweeping:
+        _record(failed, spec, error=spec in held)
+    waits.clear()
+    assert cli._runs_to_do(args, failed, set(), announce=False) == [] and waits == []
