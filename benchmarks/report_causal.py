@@ -34,20 +34,44 @@ def _lrs(chosen: pd.DataFrame) -> str:
     return ", ".join(f"{lr:g} ×{n}" for lr, n in counts.items())
 
 
+def _loss_ends(losses) -> Optional[tuple[float, float]]:
+    """A run's first and last logged training loss; a run that trains one prompt per task logs one list per task,
+    and gets their means."""
+    if not isinstance(losses, list) or not losses:
+        return None
+    logs = [log for log in (losses if isinstance(losses[0], list) else [losses]) if log]
+    if not logs:
+        return None
+    return sum(log[0] for log in logs) / len(logs), sum(log[-1] for log in logs) / len(logs)
+
+
+def _training_loss(chosen: pd.DataFrame) -> str:
+    ends = [found for found in map(_loss_ends, chosen.get("losses", [])) if found]
+    if not ends:
+        return "-"
+    first, last = zip(*ends)
+    return f"{sum(first) / len(first):.2f} → {sum(last) / len(last):.2f}"
+
+
 def method_table(methods: dict[str, pd.DataFrame], zero_shot: Optional[str] = None) -> list[str]:
     """One row per method: test metric at the dev-chosen LRs, which LRs dev chose, the difference to the zero-shot
-    row with its interval, and (labelled optimistic) the test metric at the test-chosen LR."""
+    row with its interval, the training loss at the start and the end of those runs (whether a method that does not
+    help failed to fit its training set or fitted it and did not generalise), and (labelled optimistic) the test
+    metric at the test-chosen LR."""
     lines = [
-        "| method | test, LR chosen on dev | LRs chosen | vs zero-shot (points, 95% CI) | test at the best test LR "
-        "(optimistic) |",
-        "|---|---:|---|---:|---:|",
+        "| method | test, LR chosen on dev | LRs chosen | vs zero-shot (points, 95% CI) | training loss, first → "
+        "last logged | test at the best test LR (optimistic) |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     base = chosen_on_dev(methods[zero_shot])["metric"] if zero_shot in methods else None
     for label, runs in methods.items():
         chosen = chosen_on_dev(runs)
         versus = "" if label == zero_shot or base is None else describe(paired(chosen["metric"], base))
         optimistic = "-" if chosen.lr.eq(0).all() else _fmt(best_on_test(runs)["metric"])
-        lines.append(f"| {label} | {_fmt(chosen['metric'])} | {_lrs(chosen)} | {versus} | {optimistic} |")
+        lines.append(
+            f"| {label} | {_fmt(chosen['metric'])} | {_lrs(chosen)} | {versus} | {_training_loss(chosen)} "
+            f"| {optimistic} |"
+        )
     return lines
 
 
@@ -323,7 +347,8 @@ def budget_line(budget) -> str:
         f"per task (the same subset for every method and seed); source stages {budget.source_steps} steps per source "
         f"of batch 16 at lr {experiments.SOURCE_LR[budget.model]:g} ({experiments.BAYESIAN_PARTICLES} SVGD "
         f"particles; the replicated stage takes 4 examples per step, each seen by every particle: the sharded "
-        f"stage's compute per step)."
+        f"stage's compute per step). The training loss is logged over each tenth of a run's steps; the tables "
+        f"give the first and the last of those means, averaged over the seeds at the chosen LR."
     )
 
 

@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 from benchmarks.experiments import LabelWordTrainer
 from benchmarks.harness import load_records
 from benchmarks.report import LABELS
-from benchmarks.report_causal import causal_sections
+from benchmarks.report_causal import causal_sections, method_table
 from benchmarks.selection import best_on_test, choose_lr, chosen_on_dev, paired, verdict
 from benchmarks.suites import MLP_PROMPT_METHODS, SUITES, WAITING_LR, causal_runs, lr_chooser, suite_runs, with_tasks
 from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split, register_tasks
@@ -119,6 +119,7 @@ def _synthetic_records(budget, score) -> list[dict]:
                         "metrics": dict.fromkeys(spec.tasks, test),
                         "dev_metric": dev,
                         "dev_loss": 1 - dev,
+                        "losses": [] if spec.method == "zero_shot" else [2.0, 1.0 - dev],
                         "details": {"routing_weights": [[0.5, 0.5]] * len(spec.tasks)},
                         "train_seconds": 1.0,
                         "eval_seconds": 1.0,
@@ -165,13 +166,30 @@ def test_causal_report_reports_test_at_the_dev_chosen_lr_with_zero_shot_and_verd
     # at the dev-chosen (middle) LR: 70.0 ± 1.0 for prompt tuning, 75.0 for residual; the test-best LR is optimistic
     # and, when later seeds ran only the chosen LR, known for the sweeping seeds only
     optimistic = "80.0 ± 1.0 (n=3)" if not sweep_seeds else "80.5 ± 0.7 (n=2)"
-    assert f"| {pt} | 70.0 ± 1.0 (n=3) | 0.01 ×3 | +10.0 [+7.5, +12.5] (3 of 3 seeds) | {optimistic} |" in text
-    assert f"| {LABELS['zero_shot']} | 60.0 ± 0.0 (n=1) | - |" in text
+    # training loss at the chosen LR: 2.0 at the start, 1 - dev = 0.1 at the end
+    row = f"| {pt} | 70.0 ± 1.0 (n=3) | 0.01 ×3 | +10.0 [+7.5, +12.5] (3 of 3 seeds) | 2.00 → 0.10 | {optimistic} |"
+    assert row in text
+    assert f"| {LABELS['zero_shot']} | 60.0 ± 0.0 (n=1) | - |  | - | - |" in text
     assert f"- {res} − {pt}: +5.0 [+5.0, +5.0] (3 of 3 seeds) points: **better**" in text
     assert any("Claim 1, sst2 (16-shot), smollm2:" in line and "**better**" in line for line in verdicts)
     # claim 3's one prompt per task: each task's single-task prompt tuning at its own dev-chosen LR
     assert "| one prompt per task (peft PROMPT_TUNING) | 70.0 ± 1.0 (n=3) |" in text
     assert (tmp_path / "claim3-smollm2-compt-routing.png").stat().st_size > 1000
+
+
+def test_method_table_training_loss_averages_the_tasks_of_a_run_with_one_prompt_per_task():
+    runs = pd.DataFrame(
+        {
+            "seed": [13, 21],
+            "lr": [0.01, 0.01],
+            "metric": [0.7, 0.8],
+            "dev_metric": [0.7, 0.8],
+            "dev_loss": [0.3, 0.2],
+            # seed 13 trained one prompt per task (one log each): its ends are the tasks' means, 3.0 and 0.5
+            "losses": [[[4.0, 1.0], [2.0, 0.0]], [3.0, 1.0]],
+        }
+    )
+    assert "| 3.00 → 0.75 |" in method_table({"per task": runs})[2]
 
 
 @pytest.fixture
