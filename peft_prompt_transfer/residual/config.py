@@ -57,7 +57,8 @@ class ResidualPromptConfig(TransferPromptLearningConfig):
         metadata={
             "help": "Scale of the branch's LayerNorm output: 'unit' (the paper's, gain 1: the branch starts at norm "
             "sqrt(token_dim)) or 'embedding_rms' (times the word embeddings' RMS entry: the branch starts as long "
-            "as a vocabulary token). Default: the paper's; on SmolLM2 the two scored level (see docs/methods/residual.md)."
+            "as a vocabulary token). Default: the paper's; on SmolLM2 the two scored level "
+            "(see docs/methods/residual.md)."
         },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout after the activation, in [0, 1)."})
