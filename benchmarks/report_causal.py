@@ -13,7 +13,7 @@ from typing import Optional
 import pandas as pd
 
 from benchmarks.report import LABELS, bar_plot, routing_heatmap
-from benchmarks.selection import best_on_test, chosen_on_dev, describe, paired, verdict
+from benchmarks.selection import best_on_test, chosen_on_dev, describe, for_every_seed, paired, verdict
 
 SHORT_LABEL = "{label}, {tokens} tokens"
 BAYESIAN = ("bayesian", "bayesian_replicated", "bayesian_decomposed")
@@ -66,7 +66,11 @@ def method_table(methods: dict[str, pd.DataFrame], zero_shot: Optional[str] = No
     base = chosen_on_dev(methods[zero_shot])["metric"] if zero_shot in methods else None
     for label, runs in methods.items():
         chosen = chosen_on_dev(runs)
-        versus = "" if label == zero_shot or base is None else describe(paired(chosen["metric"], base))
+        versus = (
+            ""
+            if label == zero_shot or base is None
+            else describe(paired(chosen["metric"], for_every_seed(base, chosen.index)))
+        )
         optimistic = "-" if chosen.lr.eq(0).all() else _fmt(best_on_test(runs)["metric"])
         lines.append(
             f"| {label} | {_fmt(chosen['metric'])} | {_lrs(chosen)} | {versus} | {_training_loss(chosen)} "

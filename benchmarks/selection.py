@@ -47,16 +47,15 @@ def best_on_test(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired(a: pd.Series, b: pd.Series) -> Optional[dict]:
-    """Seed-by-seed difference a - b of two per-seed metrics (a constant, one-row series is broadcast).
+    """Seed-by-seed difference a - b of two per-seed metrics, over the seeds both have.
+
+    Nothing is broadcast: a method with one seed recorded so far, set against one with five, is one paired seed, not
+    five (a score that stands for every seed, zero-shot's, is broadcast by the caller with `for_every_seed`).
 
     Returns the mean, its 95% Student-t interval over seeds (None with one seed), the number of seeds and how many
     of them favour a; None when the two share no seed."""
     from scipy import stats
 
-    if len(b) == 1 and len(a) > 1:
-        b = pd.Series(b.iloc[0], index=a.index)
-    if len(a) == 1 and len(b) > 1:
-        a = pd.Series(a.iloc[0], index=b.index)
     diff = (a - b).dropna()
     if diff.empty:
         return None
@@ -66,6 +65,14 @@ def paired(a: pd.Series, b: pd.Series) -> Optional[dict]:
         sem = float(diff.std(ddof=1)) / n**0.5
         low, high = (mean, mean) if sem == 0 else stats.t.interval(0.95, n - 1, loc=mean, scale=sem)
     return {"mean": mean, "low": low, "high": high, "n": n, "wins": int((diff > 0).sum())}
+
+
+def for_every_seed(score: pd.Series, seeds: pd.Index) -> pd.Series:
+    """The one score of a method that trains nothing (zero-shot, recorded once: the test sets are the same for every
+    seed), repeated for each of `seeds` so that `paired` can set a trained method's seeds against it."""
+    if len(score) != 1:
+        raise ValueError(f"for_every_seed takes the one score of a method that trains nothing, got {len(score)}")
+    return pd.Series(score.iloc[0], index=seeds)
 
 
 def verdict(difference: Optional[dict]) -> str:

@@ -19,7 +19,7 @@ from benchmarks.experiments import LabelWordTrainer
 from benchmarks.harness import load_records
 from benchmarks.report import LABELS
 from benchmarks.report_causal import causal_sections, method_table
-from benchmarks.selection import best_on_test, choose_lr, chosen_on_dev, paired, verdict
+from benchmarks.selection import best_on_test, choose_lr, chosen_on_dev, for_every_seed, paired, verdict
 from benchmarks.suites import MLP_PROMPT_METHODS, SUITES, WAITING_LR, causal_runs, lr_chooser, suite_runs, with_tasks
 from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split, register_tasks
 from tests.conftest import TINY_MODELS
@@ -58,9 +58,15 @@ def test_paired_differences_get_a_student_t_interval_over_seeds():
     assert difference["n"] == 3 and difference["wins"] == 3
     assert verdict(difference) == "no difference shown"  # 0.04 - 0.0497 < 0
     assert verdict(paired(a + 0.1, a)) == "better" and verdict(paired(a, a + 0.1)) == "worse"
-    # a zero-shot score is one number for every seed
-    assert paired(a, pd.Series({13: 0.80}))["mean"] == pytest.approx(0.04)
     assert verdict(paired(a.iloc[:1], b.iloc[:1])) == "no difference shown"  # one seed has no interval
+    # mid-suite, a method with one seed recorded pairs with one seed of a method that has three: no interval, and
+    # not a three-seed interval made by repeating the one seed
+    one_seed = paired(pd.Series({21: 0.95}), b)
+    assert (one_seed["n"], one_seed["low"], one_seed["mean"]) == (1, None, pytest.approx(0.15))
+    # a zero-shot score is one number for every seed, and says so
+    assert paired(a, for_every_seed(pd.Series({13: 0.80}), a.index))["mean"] == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="one score of a method that trains nothing, got 3"):
+        for_every_seed(b, a.index)
 
 
 def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equal_sweeps():
@@ -190,6 +196,23 @@ def test_method_table_training_loss_averages_the_tasks_of_a_run_with_one_prompt_
         }
     )
     assert "| 3.00 → 0.75 |" in method_table({"per task": runs})[2]
+
+
+def test_method_table_sets_each_seed_against_the_one_zero_shot_score_and_a_one_seed_method_gets_no_interval():
+    zero_shot = pd.DataFrame([{"seed": 13, "lr": 0.0, "metric": 0.5, "dev_metric": 0.0, "dev_loss": 0.0}])
+    trained = pd.DataFrame(
+        {
+            "seed": [13, 21, 42],
+            "lr": [0.01] * 3,
+            "metric": [0.6, 0.7, 0.8],
+            "dev_metric": [0.6] * 3,
+            "dev_loss": [0.3] * 3,
+        }
+    )
+    rows = method_table({"zero-shot": zero_shot, "trained": trained, "one seed": trained.iloc[:1]}, "zero-shot")
+    half = stats.t.ppf(0.975, 2) * 0.1 / 3**0.5  # differences 0.1, 0.2, 0.3 over three seeds
+    assert f"| +20.0 [{100 * (0.2 - half):+.1f}, {100 * (0.2 + half):+.1f}] (3 of 3 seeds) |" in rows[3]
+    assert "| +10.0 (1 of 1 seeds) |" in rows[4]
 
 
 @pytest.fixture
