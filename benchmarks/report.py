@@ -279,7 +279,6 @@ def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path, tasks:
     planned = suite_runs(suite, tasks=tasks, records=records)
     failed = sum("error" in r for r in records)
     dates = sorted(r["date"] for r in records)
-    versions = records[-1]["versions"] if records else {}
     lines = [
         f"## The `{suite}` suite" + (" (SmolLM2-135M-Instruct, verbalised labels)" if causal else ""),
         "",
@@ -290,7 +289,7 @@ def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path, tasks:
         + (f" ({failed} failed attempts logged)" if failed else "")
         + (f", {dates[0][:10]} to {dates[-1][:10]}" if dates else "")
         + ". "
-        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + _versions(records)
         + ".",
         "",
     ]
@@ -327,6 +326,23 @@ def _commands(records: list[dict]) -> str:
     if counts[None]:
         named.append(f"{runs(counts[None])} from earlier starts that did not record their command")
     return "; ".join(named) or "no runs yet"
+
+
+def _versions(records: list[dict]) -> str:
+    """The package versions the runs used: 'peft 0.21.2, transformers 5.24.0 (241 runs), 5.25.0 (70 runs)'. A suite
+    that spans sessions can span upstream releases too; every version a run used is named, with its count."""
+    used: dict[str, Counter] = {}
+    for record in records:
+        if "error" not in record:
+            for package, version in record.get("versions", {}).items():
+                used.setdefault(package, Counter())[version] += 1
+    runs = lambda count: f"{count} run" + ("s" if count != 1 else "")  # noqa: E731
+    return ", ".join(
+        f"{package} {next(iter(counts))}"
+        if len(counts) == 1
+        else f"{package} " + ", ".join(f"{version} ({runs(count)})" for version, count in counts.items())
+        for package, counts in used.items()
+    )
 
 
 def _budget_line(suite: str) -> str:

@@ -93,7 +93,7 @@ IMPORT_LINE = "import peft_prompt_transfer"
 # [min, max) of each library whose internals we hook into, as declared in pyproject.toml
 SUPPORTED_VERSIONS = {
     "peft": (Version("0.20.0"), Version("0.22.0")),
-    "transformers": (Version("5.17.0"), Version("5.25.0")),
+    "transformers": (Version("5.17.0"), Version("5.26.0")),
 }
 INSTALLED_VERSIONS = {"peft": Version(peft.__version__), "transformers": Version(transformers.__version__)}
 

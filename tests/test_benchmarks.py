@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.__main__ import _shard, claim_run, main
 from benchmarks.harness import append_record, build_once, load_records
-from benchmarks.report import _commands, render
+from benchmarks.report import _commands, _versions, render
 from benchmarks.suites import SUITES, suite_runs
 from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split
 
@@ -242,6 +242,16 @@ def test_report_names_the_commands_its_records_came_from(tmp_path):
         "`python -m benchmarks quick --claims multitask` (1 run); `python -m benchmarks quick --workers 2` (2 runs); "
         "1 run from earlier starts that did not record their command"
     )
+
+
+def test_report_names_every_package_version_its_runs_used():
+    records = [
+        {"versions": {"peft": "0.21.2", "transformers": "5.24.0"}},
+        {"versions": {"peft": "0.21.2", "transformers": "5.24.0"}},
+        {"versions": {"peft": "0.21.2", "transformers": "5.25.0"}},
+        {"versions": {"peft": "0.21.3", "transformers": "5.26.0"}, "error": "a failed attempt is not a run"},
+    ]
+    assert _versions(records) == "peft 0.21.2, transformers 5.24.0 (2 runs), 5.25.0 (1 run)"
 
 
 def test_report_pairs_the_branch_variants_with_residual_and_prompt_tuning(tmp_path):
