@@ -318,13 +318,17 @@ def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path, tasks:
     return lines
 
 
+def _runs(count: int) -> str:
+    """'1 run', '3 runs'."""
+    return f"{count} run" + ("s" if count != 1 else "")
+
+
 def _commands(records: list[dict]) -> str:
     """The commands the records came from, with how many runs each produced, in the order they were first used."""
     counts = Counter(r.get("command") for r in records if "error" not in r)
-    runs = lambda count: f"{count} run" + ("s" if count != 1 else "")  # noqa: E731
-    named = [f"`{command}` ({runs(count)})" for command, count in counts.items() if command]
+    named = [f"`{command}` ({_runs(count)})" for command, count in counts.items() if command]
     if counts[None]:
-        named.append(f"{runs(counts[None])} from earlier starts that did not record their command")
+        named.append(f"{_runs(counts[None])} from earlier starts that did not record their command")
     return "; ".join(named) or "no runs yet"
 
 
@@ -336,11 +340,10 @@ def _versions(records: list[dict]) -> str:
         if "error" not in record:
             for package, version in record.get("versions", {}).items():
                 used.setdefault(package, Counter())[version] += 1
-    runs = lambda count: f"{count} run" + ("s" if count != 1 else "")  # noqa: E731
     return ", ".join(
         f"{package} {next(iter(counts))}"
         if len(counts) == 1
-        else f"{package} " + ", ".join(f"{version} ({runs(count)})" for version, count in counts.items())
+        else f"{package} " + ", ".join(f"{version} ({_runs(count)})" for version, count in counts.items())
         for package, counts in used.items()
     )
 
