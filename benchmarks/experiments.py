@@ -77,9 +77,13 @@ class SourceSpec:
     batch_size: int = 16  # examples per step; "bayesian_replicated" sees batch_size / particles, each particle all
     lr: float = 1e-1
     seed: int = 0
+    init: str = "random"  # the prompts' initialisation: "random" (peft's default, N(0, 1)) or "vocab"
 
     def folder(self) -> Path:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if fields["init"] == "random":  # folders built before the field existed stay the folders of their stages
+            del fields["init"]
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
         return cache_dir() / "benchmark-sources" / f"{self.kind}-{self.model}-{'+'.join(self.sources)}-{digest}"
 
 
@@ -101,11 +105,14 @@ class RunSpec:
     source_steps: int = 300
     max_eval: int = 500  # test examples scored per task (a fixed random subset of bigger test sets)
     train_examples: int = 0  # data="full": the training examples taken from the shuffled training set
+    source_init: str = "random"  # the source stages' prompt initialisation (`SourceSpec.init`)
 
     def key(self) -> str:
         fields = asdict(self)
-        if not fields["train_examples"]:  # keys written before the field existed stay the keys of their runs
+        if not fields["train_examples"]:  # keys written before these fields existed stay the keys of their runs
             del fields["train_examples"]
+        if fields["source_init"] == "random":
+            del fields["source_init"]
         return json.dumps(fields, sort_keys=True)
 
     def source(self, kind: str) -> SourceSpec:
@@ -120,6 +127,7 @@ class RunSpec:
             steps=self.source_steps,
             batch_size=batch_size,
             lr=SOURCE_LR[self.model],
+            init=self.source_init,
         )
 
 
@@ -354,13 +362,18 @@ def _source_data(backbone: Backbone, source: SourceSpec, multitask: bool):
 def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
     """Train a source stage once (kept in the cache folder; see `build_once`) and return its folder."""
 
+    # peft's MPT has no vocabulary init: its shared prompt is sampled here, as peft samples a prompt-tuning one
+    vocab_init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if source.init == "vocab" else {}
+
     def train_source(staging: Path) -> None:
         log = {}
         if source.kind == "prompt_tuning":
             for task, data in _source_data(backbone, source, multitask=False).items():
                 model = get_peft_model(
                     backbone.base_model(TASKS[task].num_labels, source.seed),
-                    PromptTuningConfig(task_type=backbone.task_type, num_virtual_tokens=source.num_virtual_tokens),
+                    PromptTuningConfig(
+                        task_type=backbone.task_type, num_virtual_tokens=source.num_virtual_tokens, **vocab_init
+                    ),
                 )
                 log[task] = train(
                     model,
@@ -382,6 +395,7 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
                 replicated = source.kind == "bayesian_replicated"
                 config = ppt.BayesianPromptConfig(
                     **common,
+                    **vocab_init,
                     num_particles=BAYESIAN_PARTICLES,
                     source_tasks=list(source.sources),
                     particle_assignment="replicated" if replicated else "sharded",
@@ -389,6 +403,10 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
                 if replicated:
                     collator = ppt.ParticleReplicationCollator(BAYESIAN_PARTICLES, backbone.collator())
             model = get_peft_model(backbone.base_model(_num_labels(source.sources), source.seed), config)
+            if source.kind == "mpt" and vocab_init:
+                vocabulary = model.get_input_embeddings().weight
+                token_ids = torch.randint(0, vocabulary.shape[0], (source.num_virtual_tokens,))
+                model.prompt_encoder["default"].embedding.weight.data.copy_(vocabulary[token_ids].detach())
             log["all"] = train(
                 model,
                 data,

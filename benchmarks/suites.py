@@ -285,6 +285,11 @@ def lr_chooser(budget: CausalBudget, records: list[dict]) -> LRChooser:
     return chosen_lr
 
 
+# every prompt of a causal-LM suite, source stages included, starts from sampled vocabulary embeddings: peft's
+# random init (N(0, 1), token norm sqrt(hidden) = 24 on SmolLM2) is 7x as long as a token the model reads (3.3)
+CAUSAL_PROMPT_INIT = "vocab"
+
+
 def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional[LRChooser] = None) -> list[RunSpec]:
     """The runs of one claim and seed in a causal-LM suite (zero-shot runs with the first seed only: they train
     nothing, and the test sets are the same for every seed). A seed after the sweeping seeds runs each method at
@@ -293,7 +298,8 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
     - residual: prompt tuning, residual (the paper's branch and the one scaled to the embeddings' RMS) and
       P-tuning on 16-shot tasks and on `full_data`, and prompt tuning vs residual with `short_virtual_tokens`;
     - transfer: no transfer, SPoT, the average of the source prompts, peft's MPT and three Bayesian variants
-      (sharded or replicated particles, plain or decomposed target prompt) on 16-shot targets;
+      (sharded or replicated particles, plain or decomposed target prompt) on 16-shot targets, every source stage
+      initialised as the target prompts are;
     - multitask: one shared prompt and ComPT in both designs trained on all tasks; one prompt per task is the
       single-task prompt tuning runs of the same tasks, seed, LRs and steps (listed here, run once).
     """
@@ -304,7 +310,7 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
         seed=seed,
         lr=0.0,
         num_virtual_tokens=budget.num_virtual_tokens,
-        init="vocab",
+        init=CAUSAL_PROMPT_INIT,
         steps=budget.steps,
         max_eval=budget.max_eval,
     )
@@ -327,7 +333,9 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
     elif claim == "transfer":
         runs += zero_shot(budget.transfer_targets)
         for task in budget.transfer_targets:
-            target = replace(base, tasks=(task,), sources=budget.sources, source_steps=budget.source_steps)
+            target = replace(
+                base, tasks=(task,), sources=budget.sources, source_steps=budget.source_steps, source_init=base.init
+            )
             runs += _causal_sweep(budget, chosen_lr, replace(base, tasks=(task,)))  # no transfer
             for method in ("spot", "source_average", "mpt", "bayesian", "bayesian_replicated", "bayesian_decomposed"):
                 runs += _causal_sweep(budget, chosen_lr, replace(target, method=method))

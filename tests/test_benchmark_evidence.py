@@ -15,9 +15,9 @@ from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from scipy import stats
 from transformers import TrainingArguments
 
-from benchmarks.experiments import LabelWordTrainer
-from benchmarks.harness import load_records
-from benchmarks.report import LABELS
+from benchmarks.experiments import LabelWordTrainer, SourceSpec
+from benchmarks.harness import append_record, load_records
+from benchmarks.report import LABELS, _frame, render
 from benchmarks.report_causal import causal_sections, method_table
 from benchmarks.selection import best_on_test, choose_lr, chosen_on_dev, for_every_seed, paired, verdict
 from benchmarks.suites import MLP_PROMPT_METHODS, SUITES, WAITING_LR, causal_runs, lr_chooser, suite_runs, with_tasks
@@ -101,8 +101,16 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
     methods = {spec.method for _, spec in runs}
     assert {"bayesian", "bayesian_replicated", "bayesian_decomposed", "compt", "compt_authors"} <= methods
     assert {"residual", "residual_embedding_rms", "p_tuning", "spot", "source_average", "mpt"} <= methods
-    # the full suite's keys did not change when RunSpec gained train_examples (its records stay valid)
+    # the full suite's keys did not change when RunSpec gained train_examples and source_init (its records stay
+    # valid), nor did the folders of the source stages it cached
     assert all("train_examples" not in spec.key() for _, spec in suite_runs("full"))
+    assert all("source_init" not in spec.key() for _, spec in suite_runs("full"))
+    sharded = SourceSpec("bayesian", "smollm2", ("sst2", "cola"), 20, steps=100, batch_size=16, lr=1e-2)
+    assert sharded.folder().name == "bayesian-smollm2-sst2+cola-a6852df65aee"
+    # every SmolLM2 prompt starts from the vocabulary, the source stages' prompts too
+    transferred = [spec for _, spec in runs if spec.sources]
+    assert transferred and all(spec.init == spec.source_init == "vocab" for spec in transferred)
+    assert all(spec.source(kind).init == "vocab" for spec in transferred for kind in ("bayesian", "mpt"))
 
 
 def _synthetic_records(budget, score) -> list[dict]:
@@ -162,9 +170,11 @@ def test_causal_report_reports_test_at_the_dev_chosen_lr_with_zero_shot_and_verd
     # a sweeping seed whose sweep is not complete yet (a report rendered mid-suite) is left out: one LR is no choice
     partial = next(r for r in records if r["method"] == "prompt_tuning" and r["tasks"] == ["sst2"] and r["lr"] == 0.01)
     records.append({**partial, "key": "partial", "seed": 87, "metric": 0.99})
-    frame = pd.DataFrame(records)
-    frame["task"] = frame["tasks"].map("+".join)
-    frame["label"] = frame["method"].map(LABELS)
+    # a claim-2 run recorded (earlier in the file) before the source stages started from the vocabulary is not one
+    # of the suite's runs
+    bayesian = next(r for r in records if r["method"] == "bayesian" and r["seed"] == 13 and r["lr"] == 0.01)
+    records.insert(0, {k: v for k, v in bayesian.items() if k != "source_init"} | {"key": "random", "metric": 0.0})
+    frame = _frame(records)
     budget = replace(budget, seeds=(13, 21, 87, 42), sweep_seeds=sweep_seeds and 3)  # 87 sweeps but has not finished
     lines, verdicts = causal_sections(frame, budget, tmp_path, lambda name: Path(name))
     text = "\n".join(lines)
@@ -180,6 +190,7 @@ def test_causal_report_reports_test_at_the_dev_chosen_lr_with_zero_shot_and_verd
     assert any("Claim 1, sst2 (16-shot), smollm2:" in line and "**better**" in line for line in verdicts)
     # claim 3's one prompt per task: each task's single-task prompt tuning at its own dev-chosen LR
     assert "| one prompt per task (peft PROMPT_TUNING) | 70.0 ± 1.0 (n=3) |" in text
+    assert text.count(f"| {LABELS['bayesian']} | 70.0 ± 1.0 (n=3) |") == len(budget.transfer_targets)
     assert (tmp_path / "claim3-smollm2-compt-routing.png").stat().st_size > 1000
 
 
@@ -325,6 +336,23 @@ def test_a_custom_task_runs_through_the_quick_suite_from_the_command_line(tmp_pa
     )
 
 
+def test_the_report_counts_the_runs_the_suite_plans_and_keeps_records_of_an_old_design_out(tmp_path):
+    budget = SUITES["smollm2-quick"]
+    records = _synthetic_records(budget, lambda spec: (0.8, 0.7))
+    bayesian = next(r for r in records if r["method"] == "bayesian")
+    old_key = json.dumps({k: v for k, v in json.loads(bayesian["key"]).items() if k != "source_init"}, sort_keys=True)
+    records.insert(0, {k: v for k, v in bayesian.items() if k != "source_init"} | {"key": old_key, "metric": 0.0})
+    (tmp_path / "smollm2-quick").mkdir()
+    for record in records:
+        record |= {"date": "2026-12-04T00:00:00+00:00", "versions": {"peft": "0.21.2"}}
+        append_record(tmp_path / "smollm2-quick" / "runs.jsonl", record)
+    text = render("smollm2-quick", tmp_path / "smollm2-quick").read_text()
+    planned = len(suite_runs("smollm2-quick"))
+    assert planned == len(records) - 1
+    assert f"{planned} of {planned} planned runs recorded; 1 run of a design the suite no longer plans" in text
+    assert f"| {LABELS['bayesian']} | 70.0 ± 0.0 (n=1) |" in text  # the old run's 0.0 is not in its table
+
+
 @pytest.mark.slow
 def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
     """The SmolLM2 suite's code paths on a tiny budget with the real model: zero-shot runs, dev scoring, the
@@ -349,6 +377,7 @@ def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
         if (folder / "done.json").exists()
     }
     assert sources["bayesian_replicated"]["spec"]["batch_size"] * 4 == sources["bayesian"]["spec"]["batch_size"]
+    assert {source["spec"]["init"] for source in sources.values()} == {"vocab"}
     report = (results / "smollm2-quick" / "RESULTS.md").read_text()
     for heading in ("### Verdicts at a glance", "### Claim 1", "### Claim 2", "### Claim 3", "Done so far: seed 13"):
         assert heading in report
@@ -356,6 +385,26 @@ def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
     assert (
         results / "smollm2-quick" / "figures" / "smollm2-quick" / "claim3-smollm2-compt_authors-routing.png"
     ).exists()
+
+    # every claim-2 starting point, scored untrained from the source stages just built
+    output = tmp_path / "transfer_inits.json"
+    command = [sys.executable, "-m", "benchmarks.transfer_inits", "--suite", "smollm2-quick", "--tasks", "mr"]
+    done = subprocess.run(
+        command + ["--output", str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    inits = json.loads(output.read_text())
+    particles = [f"{kind} particle {k}" for kind in ("bayesian", "bayesian_replicated") for k in range(4)]
+    names = ["prompt_tuning", "source_average", "mpt", "bayesian", "bayesian_replicated"]
+    assert list(inits["results"]) == names + ["source prompt: sst2", "source prompt: cola"] + particles
+    vocabulary = inits["vocabulary_token_norm"]
+    for name in ["prompt_tuning", "source prompt: sst2", "source prompt: cola"] + particles:
+        # started from vocabulary tokens and moved little in 2 steps (peft's random init: 7 times as long)
+        assert 0.7 * vocabulary < inits["results"][name]["token_norm"] < 1.3 * vocabulary, name
+    for kind in ("bayesian", "bayesian_replicated"):  # the target starts from the posterior mean
+        assert inits["results"][kind]["token_norm"] == pytest.approx(inits["posteriors"][kind]["mean_token_norm"])
+        assert inits["posteriors"][kind]["spread"] > 0
+    assert all(0 <= row["mr"]["metric"] <= 1 and row["mr"]["loss"] > 0 for row in inits["results"].values())
 
 
 @pytest.mark.parametrize(
