@@ -399,8 +399,9 @@ def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
     assert list(inits["results"]) == names + ["source prompt: sst2", "source prompt: cola"] + particles
     vocabulary = inits["vocabulary_token_norm"]
     for name in ["prompt_tuning", "source prompt: sst2", "source prompt: cola"] + particles:
-        # started from vocabulary tokens and moved little in 2 steps (peft's random init: 7 times as long)
-        assert 0.7 * vocabulary < inits["results"][name]["token_norm"] < 1.3 * vocabulary, name
+        # started from vocabulary tokens (4 of them: 0.76-1.34 times the mean token's norm in 99.8% of draws) and
+        # moved little in 2 steps; peft's random init would be 7.5 times as long
+        assert 0.5 * vocabulary < inits["results"][name]["token_norm"] < 2 * vocabulary, name
     for kind in ("bayesian", "bayesian_replicated"):  # the target starts from the posterior mean
         assert inits["results"][kind]["token_norm"] == pytest.approx(inits["posteriors"][kind]["mean_token_norm"])
         assert inits["posteriors"][kind]["spread"] > 0
