@@ -4,6 +4,7 @@ cached artefacts that concurrent suite shards build only once."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -90,3 +91,22 @@ def build_once(folder: Path, build: Callable[[Path], None], marker: str = "done.
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def measurement_parser(module: str, doc: str, output: str = "") -> argparse.ArgumentParser:
+    """The command line of a measurement (`python -m benchmarks.<module>`) with its docstring as the help; with
+    `output`, an `--output` option for its JSON report, defaulting to that file name."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if output:
+        parser.add_argument("--output", default=output, help="Where to write the JSON report.")
+    return parser
+
+
+def write_report(report: dict, output: str, table: Callable[[dict], str]) -> dict:
+    """Write a measurement's JSON report to `output`, print it as a markdown table and return it."""
+    with open(output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(table(report))
+    return report

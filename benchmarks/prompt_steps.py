@@ -13,13 +13,12 @@ with the cosine similarity between the prompt after those steps and the step-0 p
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 
 import peft_prompt_transfer as ppt
 from benchmarks.experiments import RESIDUAL_BOTTLENECK
+from benchmarks.harness import measurement_parser
 
 
 def prompt_configs(task_type: str, num_virtual_tokens: int = 20, bottleneck_size: int = RESIDUAL_BOTTLENECK) -> dict:
@@ -68,11 +67,7 @@ def first_steps(model: PeftModel, lr: float, steps: int = 5, seed: int = 0) -> d
 def main(argv=None) -> None:
     from benchmarks.models import load_causal_lm, load_classifier
 
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.prompt_steps",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = measurement_parser("prompt_steps", __doc__)
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="smollm2")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--steps", type=int, default=5)

@@ -21,7 +21,6 @@ head, and the k-shot accuracy of target runs started from that mean on a held-ou
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import tempfile
@@ -41,7 +40,7 @@ from benchmarks.experiments import (
     make_optimizer,
     train,
 )
-from benchmarks.harness import versions
+from benchmarks.harness import measurement_parser, versions, write_report
 from benchmarks.tasks import TASKS, load_split
 
 # (name, particle_assignment, source batch size, likelihood_scale)
@@ -140,12 +139,7 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.svgd_assignment",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--output", default="svgd_assignment.json", help="Where to write the JSON report.")
+    parser = measurement_parser("svgd_assignment", __doc__, output="svgd_assignment.json")
     parser.add_argument("--sources", nargs="+", default=["sst2", "cola"])
     parser.add_argument("--target", default="mr")
     parser.add_argument("--source-steps", type=int, default=50, help="Steps per source task.")
@@ -181,10 +175,7 @@ def main(argv=None) -> dict:
         "versions": versions(),
         "results": results,
     }
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
-    print(table(report))
-    return report
+    return write_report(report, args.output, table)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ otherwise they are trained first, as the suite would.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 
@@ -36,7 +35,7 @@ from benchmarks.experiments import (
     ensure_source,
     training_data,
 )
-from benchmarks.harness import versions
+from benchmarks.harness import measurement_parser, versions, write_report
 from benchmarks.suites import SUITES, CausalBudget, causal_runs
 from benchmarks.svgd_assignment import spread
 from benchmarks.tasks import TASKS
@@ -103,12 +102,7 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.transfer_inits",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--output", default="transfer_inits.json", help="Where to write the JSON report.")
+    parser = measurement_parser("transfer_inits", __doc__, output="transfer_inits.json")
     parser.add_argument(
         "--tasks", nargs="+", default=["mr", "subj", "sst2"], help="Tasks to score every starting prompt on."
     )
@@ -141,10 +135,7 @@ def main(argv=None) -> dict:
         "posteriors": posterior_geometry(backbone, spec),
         "results": results,
     }
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
-    print(table(report))
-    return report
+    return write_report(report, args.output, table)
 
 
 if __name__ == "__main__":
