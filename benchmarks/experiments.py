@@ -361,8 +361,6 @@ def _source_data(backbone: Backbone, source: SourceSpec, multitask: bool):
 
 def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
     """Train a source stage once (kept in the cache folder; see `build_once`) and return its folder."""
-
-    # peft's MPT has no vocabulary init: its shared prompt is sampled here, as peft samples a prompt-tuning one
     vocab_init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if source.init == "vocab" else {}
 
     def train_source(staging: Path) -> None:
@@ -403,7 +401,7 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
                 if replicated:
                     collator = ppt.ParticleReplicationCollator(BAYESIAN_PARTICLES, backbone.collator())
             model = get_peft_model(backbone.base_model(_num_labels(source.sources), source.seed), config)
-            if source.kind == "mpt" and vocab_init:
+            if source.kind == "mpt" and vocab_init:  # MPT has no such init: sampled as peft samples a prompt
                 vocabulary = model.get_input_embeddings().weight
                 token_ids = torch.randint(0, vocabulary.shape[0], (source.num_virtual_tokens,))
                 model.prompt_encoder["default"].embedding.weight.data.copy_(vocabulary[token_ids].detach())

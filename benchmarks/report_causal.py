@@ -319,7 +319,6 @@ def _verdict_lines(verdicts: dict) -> list[str]:
 
 def progress(planned: list, frame: pd.DataFrame) -> str:
     """How much of the suite is done, seed by seed (the suite runs seed after seed, every claim within a seed)."""
-
     done = set(frame["key"]) if not frame.empty else set()
     per_seed: dict[int, list[int]] = {}
     for _, spec in planned:
