@@ -18,10 +18,11 @@ otherwise they are trained first, as the suite would.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 import peft_prompt_transfer as ppt
 from benchmarks.experiments import (
@@ -46,17 +47,17 @@ def _prompt(model) -> torch.Tensor:
     return model.get_prompt_embedding_to_save("default").detach().reshape(-1, model.config.hidden_size)
 
 
-def starting_points(backbone: Backbone, spec: RunSpec) -> dict:
-    """Every claim-2 starting prompt for `spec`'s target, each as a model ready to score, in the suite's order."""
+def starting_points(backbone: Backbone, spec: RunSpec) -> Iterator[tuple[str, PeftModel]]:
+    """Every claim-2 starting prompt for `spec`'s target as (name, model ready to score), in the suite's order; one
+    model at a time, since each holds its own copy of the base model."""
     task = spec.tasks[0]
     train_set = backbone.encode(training_data(task, spec)[0], task, train=True)
-    models = {}
     for method in ("prompt_tuning", "source_average", "mpt", "bayesian", "bayesian_replicated"):
-        models[method] = build_single_task_model(backbone, replace(spec, method=method), train_set)[0]
+        yield method, build_single_task_model(backbone, replace(spec, method=method), train_set)[0]
     for source, prompt in _source_prompts(backbone, spec).items():  # SPoT's candidates, each alone
         model = get_peft_model(backbone.base_model(TASKS[task].num_labels, spec.seed), _prompt_config(backbone, spec))
         model.prompt_encoder["default"].embedding.weight.data.copy_(prompt)
-        models[f"source prompt: {source}"] = model
+        yield f"source prompt: {source}", model
     for kind in ("bayesian", "bayesian_replicated"):
         folder = ensure_source(backbone, spec.source(kind))
         for k in range(BAYESIAN_PARTICLES):
@@ -67,10 +68,7 @@ def starting_points(backbone: Backbone, spec: RunSpec) -> dict:
                 posterior=str(folder),
                 target_init=f"particle:{k}",
             )
-            models[f"{kind} particle {k}"] = get_peft_model(
-                backbone.base_model(TASKS[task].num_labels, spec.seed), config
-            )
-    return models
+            yield f"{kind} particle {k}", get_peft_model(backbone.base_model(TASKS[task].num_labels, spec.seed), config)
 
 
 def posterior_geometry(backbone: Backbone, spec: RunSpec) -> dict:
@@ -120,7 +118,7 @@ def main(argv=None) -> dict:
     suite_run = next(run for run in causal_runs(budget, "transfer", args.seed) if run.method == "bayesian")
     spec = replace(suite_run, method="prompt_tuning", lr=0.0)
     results = {}
-    for name, model in starting_points(backbone, spec).items():
+    for name, model in starting_points(backbone, spec):
         row = {"token_norm": _prompt(model).norm(dim=-1).mean().item()}
         for task in args.tasks:
             test = _test_set(task, replace(spec, tasks=(task,)))
