@@ -121,7 +121,7 @@ def run_suite(args) -> int:
     from tqdm.auto import tqdm
 
     from benchmarks import experiments
-    from benchmarks.harness import append_record, versions
+    from benchmarks.harness import append_record, is_built, versions
 
     if args.data_dir:
         os.environ["PEFT_PROMPT_TRANSFER_DATA"] = args.data_dir
@@ -143,7 +143,12 @@ def run_suite(args) -> int:
     while runs := _runs_to_do(args, records_path, attempted, announce):
         announce = False
         progress = tqdm(runs, desc=name, unit="run", dynamic_ncols=True, position=args.progress_position)
-        for claim, spec in progress:  # with a queue the bar counts the runs any worker has started
+        for index, (claim, spec) in enumerate(progress):  # with a queue the bar counts the runs any worker has started
+            if _wait_elsewhere(spec, runs[index + 1 :], args.queue):
+                continue  # unclaimed: the next round plans it again
+            if args.queue and (stage := spec.source_stage()) and not is_built(stage.folder()):
+                # before the claim: whichever worker wins it builds the stage, and the other sees that at once
+                Path(args.queue, _stage_claim_name(stage)).touch()
             if args.queue and not claim_run(args.queue, spec.key()):
                 continue
             attempted.add(spec.key())
@@ -170,6 +175,32 @@ def run_suite(args) -> int:
     return 1 if failures else 0
 
 
+def _claimed(queue: str | None, spec) -> bool:
+    return bool(queue) and os.path.exists(os.path.join(queue, _claim_name(spec.key())))
+
+
+def _stage_claim_name(stage) -> str:
+    return f"stage-{stage.folder().name}"
+
+
+def _wait_elsewhere(spec, later: list, queue: str | None) -> bool:
+    """Whether to leave `spec` for a later round: the source stage it needs is not built, another process builds it
+    (or a worker of this queue has claimed a run that will), and one of the `later` runs that no worker has claimed
+    can start now. The workers of a suite all start with runs that need the same stage; the second one builds the
+    next stage rather than wait an hour for the first."""
+    from benchmarks.harness import being_built, is_built
+
+    def blocked(run) -> bool:
+        stage = run.source_stage()
+        if stage is None or is_built(stage.folder()):
+            return False
+        return (
+            bool(queue) and os.path.exists(os.path.join(queue, _stage_claim_name(stage))) or being_built(stage.folder())
+        )
+
+    return blocked(spec) and any(not _claimed(queue, run) and not blocked(run) for _, run in later)
+
+
 def _runs_to_do(args, records_path: Path, attempted: set, announce: bool) -> list:
     """The runs of this worker's share that have no record, that this process has not attempted and (with a queue)
     no worker has claimed, planned from the records so far. When only runs that wait for the sweeping seeds' learning
@@ -181,7 +212,6 @@ def _runs_to_do(args, records_path: Path, attempted: set, announce: bool) -> lis
     from benchmarks.suites import WAITING_LR, suite_runs
 
     shard, num_shards = args.shard
-    claimed = lambda spec: bool(args.queue) and os.path.exists(os.path.join(args.queue, _claim_name(spec.key())))  # noqa: E731
     while True:
         records = load_records(records_path)
         done = {r["key"] for r in records if "error" not in r}
@@ -201,9 +231,9 @@ def _runs_to_do(args, records_path: Path, attempted: set, announce: bool) -> lis
             for claim, spec in planned
             if spec.lr is not WAITING_LR
             and spec.key() not in attempted
-            and not (claimed(spec) and spec.key() in failed)
+            and not (_claimed(args.queue, spec) and spec.key() in failed)
         ]
-        todo = [(claim, spec) for claim, spec in open_runs if not claimed(spec)]
+        todo = [(claim, spec) for claim, spec in open_runs if not _claimed(args.queue, spec)]
         waiting = any(spec.lr is WAITING_LR for _, spec in planned)
         if todo or not waiting or len(todo) == len(open_runs):  # nothing runs elsewhere that could unblock them
             return todo

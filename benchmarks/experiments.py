@@ -56,6 +56,15 @@ BAYESIAN_PARTICLES = 4
 # assignment (every particle sees the same examples; at the sharded run's compute per step), and with the paper's
 # decomposed target prompt
 BAYESIAN_METHODS = ("bayesian", "bayesian_replicated", "bayesian_decomposed")
+# a transfer method -> the kind of source stage it starts from (`SourceSpec.kind`)
+SOURCE_KINDS = {
+    "spot": "prompt_tuning",
+    "source_average": "prompt_tuning",
+    "mpt": "mpt",
+    "bayesian": "bayesian",
+    "bayesian_decomposed": "bayesian",
+    "bayesian_replicated": "bayesian_replicated",
+}
 TRANSFER_METHODS = ("spot", "source_average", "mpt", *BAYESIAN_METHODS)
 # "compt_authors": ComPTConfig.authors_recipe, the authors' design, next to this package's defaults ("compt")
 COMPT_METHODS = ("compt", "compt_authors")
@@ -114,6 +123,11 @@ class RunSpec:
         if fields["source_init"] == "random":
             del fields["source_init"]
         return json.dumps(fields, sort_keys=True)
+
+    def source_stage(self) -> Optional[SourceSpec]:
+        """The source stage this run starts from, or None for a method that transfers nothing."""
+        kind = SOURCE_KINDS.get(self.method)
+        return self.source(kind) if kind and self.sources else None
 
     def source(self, kind: str) -> SourceSpec:
         batch_size = SourceSpec.batch_size
@@ -424,7 +438,7 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
 def _source_prompts(backbone: Backbone, spec: RunSpec) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    folder = ensure_source(backbone, spec.source("prompt_tuning"))
+    folder = ensure_source(backbone, spec.source_stage())
     return {task: load_file(folder / task / "adapter_model.safetensors")["prompt_embeddings"] for task in spec.sources}
 
 
@@ -485,7 +499,7 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
         weight.data.copy_(prompts[details["spot_source"]])
         return model, details
     if spec.method == "mpt":
-        folder = ensure_source(backbone, spec.source("mpt"))
+        folder = ensure_source(backbone, spec.source_stage())
         config = MultitaskPromptTuningConfig(
             **common,
             num_tasks=1,
@@ -494,9 +508,7 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
         )
         return get_peft_model(base, config), details
     if spec.method in BAYESIAN_METHODS:
-        folder = ensure_source(
-            backbone, spec.source("bayesian_replicated" if spec.method == "bayesian_replicated" else "bayesian")
-        )
+        folder = ensure_source(backbone, spec.source_stage())
         target_prompt = "decomposed" if spec.method == "bayesian_decomposed" else "plain"
         config = ppt.BayesianPromptConfig(**common, stage="target", posterior=str(folder), target_prompt=target_prompt)
         return get_peft_model(base, config), details

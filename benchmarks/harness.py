@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 
 def time_repeats(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
@@ -76,12 +76,14 @@ def build_once(folder: Path, build: Callable[[Path], None], marker: str = "done.
     processes that want the same folder (the shards of a suite all start with runs needing the same source stages)
     wait for the first one's build instead of repeating it.
     """
-    if (folder / marker).exists():
+    if is_built(folder, marker):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(folder.parent / f".{folder.name}.lock"):
-        if (folder / marker).exists():  # built by another process while this one waited for the lock
+    with FileLock(_lock_path(folder)):
+        if is_built(folder, marker):  # built by another process while this one waited for the lock
             return folder
+        for stale in folder.parent.glob(f".staging-{folder.name}-*"):  # left by a killed build: the lock is ours
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{folder.name}-", dir=folder.parent))
         try:
             build(staging)
@@ -91,6 +93,29 @@ def build_once(folder: Path, build: Callable[[Path], None], marker: str = "done.
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def is_built(folder: Path, marker: str = "done.json") -> bool:
+    """Whether `build_once` has finished building `folder`."""
+    return (folder / marker).exists()
+
+
+def being_built(folder: Path, marker: str = "done.json") -> bool:
+    """Whether another process is building `folder` with `build_once` now (it holds the lock and has not finished):
+    a run that needs the folder would only wait for it."""
+    if is_built(folder, marker) or not _lock_path(folder).exists():
+        return False
+    lock = FileLock(_lock_path(folder))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def _lock_path(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.lock"
 
 
 def measurement_parser(module: str, doc: str, output: str = "") -> argparse.ArgumentParser:

@@ -41,8 +41,6 @@ def _frame(records: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    # records from before `RunSpec.source_init` existed started their source stages from peft's random init
-    frame["source_init"] = frame["source_init"].fillna("random") if "source_init" in frame else "random"
     frame["task"] = frame["tasks"].map(lambda t: "+".join(t))
     frame["label"] = frame["method"].map(LABELS)
     return frame
@@ -250,7 +248,7 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None, tasks: Opt
 
     The repository's suites (`REPOSITORY_SUITES`) on their own tasks are rendered together into
     `benchmarks/RESULTS.md` unless `out` is given; anything else (another suite, or `tasks` replacing a suite's
-    targets) gets `records_dir/RESULTS.md` by default. The cost results in `records_dir`'s parent (`cost-*.json`,
+    targets) gets `records_dir/RESULTS.md` by default; its figures go to a `figures` folder beside it. The cost results in `records_dir`'s parent (`cost-*.json`,
     `svgd_scaling.json`) close the report."""
     if out is None and suite in REPOSITORY_SUITES and not tasks:
         out, figures = REPOSITORY_RESULTS, REPOSITORY_RESULTS.parent / "figures"
@@ -259,7 +257,7 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None, tasks: Opt
             lines += _suite_lines(name, records_dir.parent / name, figures, out)
     else:
         out = out or records_dir / "RESULTS.md"
-        figures = records_dir / "figures"
+        figures = out.parent / "figures"  # beside the report, which links to them by relative paths
         lines = [f"# Benchmark results: `{suite}` suite", "", *_suite_lines(suite, records_dir, figures, out, tasks)]
     figures.mkdir(parents=True, exist_ok=True)
     lines += _cost_section(records_dir.parent, figures, out)
@@ -281,9 +279,12 @@ def _suite_lines(suite: str, records_dir: Path, figures: Path, out: Path, tasks:
     planned = suite_runs(suite, tasks=tasks, records=records)
     failed = sum("error" in r for r in records)
     recorded = set(frame["key"]) if not frame.empty else set()
-    done = sum(spec.key() in recorded for _, spec in planned)
+    planned_keys = {spec.key() for _, spec in planned}
+    done = len(recorded & planned_keys)
     # records of runs the suite no longer plans (a design since changed) stay in the file, out of the tables
-    unplanned = len(recorded - {spec.key() for _, spec in planned})
+    unplanned = len(recorded - planned_keys)
+    if unplanned:
+        frame = frame[frame["key"].isin(planned_keys)].copy()
     dates = sorted(r["date"] for r in records)
     lines = [
         f"## The `{suite}` suite" + (" (SmolLM2-135M-Instruct, verbalised labels)" if causal else ""),

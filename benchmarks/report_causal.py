@@ -14,7 +14,7 @@ import pandas as pd
 
 from benchmarks.report import LABELS, bar_plot, routing_heatmap
 from benchmarks.selection import best_on_test, chosen_on_dev, describe, for_every_seed, paired, verdict
-from benchmarks.suites import CAUSAL_PROMPT_INIT, WAITING_LR
+from benchmarks.suites import WAITING_LR
 
 SHORT_LABEL = "{label}, {tokens} tokens"
 BAYESIAN = ("bayesian", "bayesian_replicated", "bayesian_decomposed")
@@ -202,7 +202,6 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
     for task in budget.transfer_targets:
         rows = _single(frame, task, tokens=budget.num_virtual_tokens)
         rows = rows[rows.sources.map(lambda sources: tuple(sources) in ((), tuple(budget.sources))).astype(bool)]
-        rows = rows[(rows.sources.map(len) == 0) | (rows.source_init == CAUSAL_PROMPT_INIT)]
         lines += _section(
             f"Claim 2 — Bayesian transfer from {' + '.join(budget.sources)}: target {task} (16-shot), {model}",
             _by_method(rows, transfer, budget),

@@ -1,5 +1,6 @@
 """The benchmark suite's machinery: run specs, resumable records, sharding, task data, and the quick suite end to end."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.__main__ import _shard, claim_run, main
-from benchmarks.harness import append_record, build_once, load_records
+from benchmarks.__main__ import _shard, _stage_claim_name, _wait_elsewhere, claim_run, main
+from benchmarks.experiments import RunSpec
+from benchmarks.harness import append_record, being_built, build_once, load_records
 from benchmarks.report import _commands, _versions, render
 from benchmarks.suites import SUITES, suite_runs
 from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split
@@ -77,6 +79,60 @@ def test_a_failed_build_leaves_nothing_and_is_retried(tmp_path):
         build_once(folder, lambda staging: None)
     assert build_once(folder, lambda staging: (staging / "done.json").write_text("{}")) == folder
     assert build_once(folder, interrupted) == folder  # built: not called again
+
+
+def test_a_build_killed_without_cleanup_leaves_no_staging_behind_the_next_build(tmp_path):
+    folder = tmp_path / "sources" / "sst2"
+    folder.parent.mkdir()
+    stale = folder.parent / ".staging-sst2-k1ll3d"  # SIGKILL runs no `finally`: this is what it leaves
+    (stale / "cola").mkdir(parents=True)
+    build_once(folder, lambda staging: (staging / "done.json").write_text("{}"))
+    assert sorted(path.name for path in folder.parent.iterdir()) == [".sst2.lock", "sst2"]
+
+
+def test_being_built_is_true_only_while_a_build_holds_the_lock(tmp_path):
+    folder, seen = tmp_path / "sources" / "sst2", []
+
+    def build(staging):
+        seen.append(being_built(folder))  # the lock is held through another file descriptor: as by another process
+        (staging / "done.json").write_text("{}")
+
+    assert not being_built(folder)  # nothing started
+    with pytest.raises(RuntimeError):
+        build_once(folder, lambda staging: None)
+    assert not being_built(folder)  # a failed build released the lock
+    build_once(folder, build)
+    assert seen == [True] and not being_built(folder)
+
+
+def test_a_worker_leaves_a_run_whose_source_stage_another_builds_for_one_that_can_start(tmp_path, monkeypatch):
+    """Both workers of a suite start with runs needing the same source stage: the second builds the next stage."""
+    monkeypatch.setenv("PEFT_PROMPT_TRANSFER_CACHE", str(tmp_path))
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    run = lambda method, **extra: ("transfer", RunSpec(method, "smollm2", ("mr",), 13, 0.01, 20, **extra))  # noqa: E731
+    spot, average, mpt = (run(method, sources=("sst2", "cola")) for method in ("spot", "source_average", "mpt"))
+    no_transfer = run("prompt_tuning")
+    assert spot[1].source_stage() == average[1].source_stage() != mpt[1].source_stage()
+    assert no_transfer[1].source_stage() is None
+    wait = lambda runs, queue=None: _wait_elsewhere(runs[0][1], runs[1:], queue)  # noqa: E731
+    decisions = []
+
+    def build(staging):  # the lock is held through another file descriptor: as by another process
+        decisions.append(wait([average, spot]))  # nothing else to do: wait for the stage
+        decisions.append(wait([average, spot, mpt]))
+        decisions.append(wait([average, no_transfer]))
+        claim_run(str(queue), no_transfer[1].key())
+        decisions.append(wait([average, no_transfer], str(queue)))  # another worker has it
+        (staging / "done.json").write_text("{}")
+
+    assert not wait([spot, mpt])  # nobody builds the stage: build it
+    # a worker that claimed a run of the stage has not yet taken the stage's lock (loading the model): its claim says so
+    (queue / _stage_claim_name(spot[1].source_stage())).touch()
+    assert wait([average, mpt], str(queue)) and not wait([average, spot], str(queue)) and not wait([average, mpt])
+    build_once(spot[1].source_stage().folder(), build)
+    assert decisions == [False, True, True, False]
+    assert not wait([average, mpt], str(queue))  # built: start
 
 
 def test_full_suite_covers_every_claim_method_and_seed():
@@ -261,28 +317,25 @@ def test_report_pairs_the_branch_variants_with_residual_and_prompt_tuning(tmp_pa
         "residual_no_layer_norm": (0.83, 0.81),
         "residual_embedding_rms": (0.84, 0.80),
     }
+    planned = {(spec.method, spec.seed, spec.lr): spec for _, spec in suite_runs("full") if spec.model == "smollm2"}
+    (tmp_path / "full").mkdir()
     for method, by_seed in scores.items():
         for seed, score in zip((13, 21), by_seed):
             for lr, offset in ((0.01, 0.0), (0.03, -0.1)):  # the best LR is 0.01 for every method
+                spec = planned[method, seed, lr]
                 append_record(
-                    tmp_path / "runs.jsonl",
+                    tmp_path / "full" / "runs.jsonl",
                     {
-                        "key": f"{method}{seed}{lr}",
+                        "key": spec.key(),
                         "claim": "residual",
-                        "method": method,
-                        "model": "smollm2",
-                        "tasks": ["sst2"],
-                        "seed": seed,
-                        "lr": lr,
-                        "init": "vocab",
-                        "num_virtual_tokens": 20,
+                        **json.loads(spec.key()),
                         "metric": score + offset,
                         "metrics": {"sst2": score + offset},
                         "date": "2026-11-23T00:00:00+00:00",
                         "versions": {},
                     },
                 )
-    report = render("quick", tmp_path).read_text()
+    report = render("full", tmp_path / "full", tmp_path / "RESULTS.md").read_text()
     variant = "{}, vocab init, 20 tokens"
     ablation, residual, prompt_tuning = (
         variant.format(label)
