@@ -34,6 +34,7 @@ def run_workers(args) -> int:
     ten times as long as MiniLM) never leaves the others idle, however the remaining runs are ordered.
     """
     import shutil
+    import signal
     import subprocess
     import tempfile
 
@@ -61,14 +62,22 @@ def run_workers(args) -> int:
         + (["--data-dir", args.data_dir] if args.data_dir else [])
         + _task_options(args)
     )
+    # `kill PID` of this process stops its workers too (they would go on, orphaned) and removes the queue
+    stop = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    workers = []
     try:
-        workers = [
-            subprocess.Popen([sys.executable, "-m", "benchmarks", *options, "--progress-position", str(k)])
-            for k in range(args.workers)
-        ]
+        for k in range(args.workers):
+            workers.append(
+                subprocess.Popen([sys.executable, "-m", "benchmarks", *options, "--progress-position", str(k)])
+            )
         failed = sum(worker.wait() != 0 for worker in workers)
     finally:
+        for worker in workers:
+            if worker.poll() is None:  # a record is synced as it is appended: a run in progress is all that is lost
+                worker.terminate()
+                worker.wait()
         shutil.rmtree(queue, ignore_errors=True)
+        signal.signal(signal.SIGTERM, stop)
     _report(args)
     return 1 if failed else 0
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -216,6 +217,9 @@ def test_workers_get_the_same_filters_and_the_users_command(monkeypatch, tmp_pat
         def wait(self):
             return 0
 
+        def poll(self):
+            return 0
+
     monkeypatch.setattr(subprocess, "Popen", FakeWorker)
     argv = [
         "full",
@@ -240,6 +244,43 @@ def test_workers_get_the_same_filters_and_the_users_command(monkeypatch, tmp_pat
         assert options[options.index("--invoked-as") + 1] == "python -m benchmarks " + " ".join(argv)
     queues = {command[command.index("--queue") + 1] for command in launched}
     assert len(queues) == 1 and not os.path.exists(queues.pop())  # one shared queue, removed afterwards
+
+
+def test_killing_the_suite_stops_its_workers_and_removes_their_queue(monkeypatch, tmp_path):
+    launched, terminated = [], []
+
+    class RunningWorker:
+        def __init__(self, command):
+            self.command, self.running = command, True
+            launched.append(self)
+
+        def wait(self):
+            if self.running:  # `kill PID` of the suite while its workers run
+                signal.raise_signal(signal.SIGTERM)
+            return -signal.SIGTERM
+
+        def poll(self):
+            return None if self.running else -signal.SIGTERM
+
+        def terminate(self):
+            self.running = False
+            terminated.append(self)
+
+    def unhandled(signum, frame):  # what the signal would meet if the suite did not handle it (not a kill of pytest)
+        raise AssertionError("the suite left SIGTERM to the handler it found")
+
+    monkeypatch.setattr(subprocess, "Popen", RunningWorker)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(["quick", "--workers", "2", "--results-dir", str(tmp_path), "--no-report"])
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert terminated == launched and len(launched) == 2  # no orphan goes on running the suite
+    queue = launched[0].command[launched[0].command.index("--queue") + 1]
+    assert not os.path.exists(queue)
 
 
 def test_workers_sharing_a_queue_each_take_the_next_unclaimed_run(tmp_path):
