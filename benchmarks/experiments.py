@@ -438,7 +438,7 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
 def _source_prompts(backbone: Backbone, spec: RunSpec) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    folder = ensure_source(backbone, spec.source_stage())
+    folder = ensure_source(backbone, spec.source("prompt_tuning"))
     return {task: load_file(folder / task / "adapter_model.safetensors")["prompt_embeddings"] for task in spec.sources}
 
 
