@@ -72,9 +72,9 @@ def build_once(folder: Path, build: Callable[[Path], None], marker: str = "done.
     """Return `folder`, first calling `build(staging)` to create it if it has no `marker` file yet.
 
     `build` writes into an empty staging folder, which becomes `folder` only once `build` has returned and the
-    marker is there: a killed build leaves nothing that looks finished. A lock file beside `folder` makes other
-    processes that want the same folder (the shards of a suite all start with runs needing the same source stages)
-    wait for the first one's build instead of repeating it.
+    marker is there: a killed build leaves nothing that looks finished, and the next build clears what it left. A
+    lock file beside `folder` makes other processes that want the same folder (the shards of a suite all start with
+    runs needing the same source stages) wait for the first one's build instead of repeating it.
     """
     if is_built(folder, marker):
         return folder
