@@ -248,8 +248,8 @@ def render(suite: str, records_dir: Path, out: Optional[Path] = None, tasks: Opt
 
     The repository's suites (`REPOSITORY_SUITES`) on their own tasks are rendered together into
     `benchmarks/RESULTS.md` unless `out` is given; anything else (another suite, or `tasks` replacing a suite's
-    targets) gets `records_dir/RESULTS.md` by default; its figures go to a `figures` folder beside it. The cost results in `records_dir`'s parent (`cost-*.json`,
-    `svgd_scaling.json`) close the report."""
+    targets) gets `records_dir/RESULTS.md` by default, its figures in a `figures` folder beside it. The cost results
+    in `records_dir`'s parent (`cost-*.json`, `svgd_scaling.json`) close the report."""
     if out is None and suite in REPOSITORY_SUITES and not tasks:
         out, figures = REPOSITORY_RESULTS, REPOSITORY_RESULTS.parent / "figures"
         lines = ["# Benchmark results", ""]
