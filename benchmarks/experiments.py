@@ -53,9 +53,10 @@ BAYESIAN_PARTICLES = 4
 
 # which methods need what
 # the Bayesian target runs: from the default (sharded) posterior with a plain prompt, from the authors' replicated
-# assignment (every particle sees the same examples; at the sharded run's compute per step), and with the paper's
-# decomposed target prompt
-BAYESIAN_METHODS = ("bayesian", "bayesian_replicated", "bayesian_decomposed")
+# assignment (every particle sees the same examples; at the sharded run's compute per step), with the paper's
+# decomposed target prompt, and starting from one particle drawn from the posterior (`target_init="particle:random"`,
+# the paper's "prompt sampled from the posterior") instead of the particles' mean
+BAYESIAN_METHODS = ("bayesian", "bayesian_replicated", "bayesian_decomposed", "bayesian_particle")
 # a transfer method -> the kind of source stage it starts from (`SourceSpec.kind`)
 SOURCE_KINDS = {
     "spot": "prompt_tuning",
@@ -63,6 +64,7 @@ SOURCE_KINDS = {
     "mpt": "mpt",
     "bayesian": "bayesian",
     "bayesian_decomposed": "bayesian",
+    "bayesian_particle": "bayesian",
     "bayesian_replicated": "bayesian_replicated",
 }
 TRANSFER_METHODS = ("spot", "source_average", "mpt", *BAYESIAN_METHODS)
@@ -510,7 +512,15 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
     if spec.method in BAYESIAN_METHODS:
         folder = ensure_source(backbone, spec.source_stage())
         target_prompt = "decomposed" if spec.method == "bayesian_decomposed" else "plain"
-        config = ppt.BayesianPromptConfig(**common, stage="target", posterior=str(folder), target_prompt=target_prompt)
+        # the particle is drawn with the run's seed, so each seed starts from its own posterior sample
+        start = (
+            {"target_init": "particle:random", "target_init_seed": spec.seed}
+            if spec.method == "bayesian_particle"
+            else {}
+        )
+        config = ppt.BayesianPromptConfig(
+            **common, stage="target", posterior=str(folder), target_prompt=target_prompt, **start
+        )
         return get_peft_model(base, config), details
     raise ValueError(f"unknown single-task method {spec.method!r}")
 

@@ -29,6 +29,7 @@ LABELS = {
     "bayesian": "Bayesian (ours)",
     "bayesian_replicated": "Bayesian, the authors' replicated particles",
     "bayesian_decomposed": "Bayesian, the paper's decomposed target prompt",
+    "bayesian_particle": "Bayesian, target from one posterior sample (a particle)",
     "zero_shot": "zero-shot (template and label words, no training)",
     "compt": "ComPT (ours)",
     "compt_authors": "ComPT, the authors' recipe",

@@ -12,12 +12,12 @@ from typing import Optional
 
 import pandas as pd
 
+from benchmarks.experiments import BAYESIAN_METHODS
 from benchmarks.report import LABELS, bar_plot, routing_heatmap
 from benchmarks.selection import best_on_test, chosen_on_dev, describe, for_every_seed, paired, verdict
 from benchmarks.suites import WAITING_LR
 
 SHORT_LABEL = "{label}, {tokens} tokens"
-BAYESIAN = ("bayesian", "bayesian_replicated", "bayesian_decomposed")
 PER_TASK = "one prompt per task (peft PROMPT_TUNING)"
 
 
@@ -192,12 +192,14 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
             verdicts,
         )
 
-    transfer = ("zero_shot", "prompt_tuning", "spot", "source_average", "mpt", *BAYESIAN)
+    transfer = ("zero_shot", "prompt_tuning", "spot", "source_average", "mpt", *BAYESIAN_METHODS)
     bay = LABELS["bayesian"]
     transfer_pairs = [(bay, LABELS[m]) for m in ("prompt_tuning", "spot", "source_average", "mpt")] + [
         (LABELS["bayesian_replicated"], bay),
         (LABELS["bayesian_decomposed"], bay),
         (LABELS["bayesian_decomposed"], LABELS["prompt_tuning"]),
+        (LABELS["bayesian_particle"], bay),
+        (LABELS["bayesian_particle"], LABELS["prompt_tuning"]),
     ]
     for task in budget.transfer_targets:
         rows = _single(frame, task, tokens=budget.num_virtual_tokens)

@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import pandas as pd
 
-from benchmarks.experiments import RunSpec
+from benchmarks.experiments import TRANSFER_METHODS, RunSpec
 from benchmarks.tasks import KSHOT_SEEDS
 
 
@@ -297,9 +297,9 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
 
     - residual: prompt tuning, residual (the paper's branch and the one scaled to the embeddings' RMS) and
       P-tuning on 16-shot tasks and on `full_data`, and prompt tuning vs residual with `short_virtual_tokens`;
-    - transfer: no transfer, SPoT, the average of the source prompts, peft's MPT and three Bayesian variants
-      (sharded or replicated particles, plain or decomposed target prompt) on 16-shot targets, every source stage
-      initialised as the target prompts are;
+    - transfer: no transfer, SPoT, the average of the source prompts, peft's MPT and four Bayesian variants
+      (sharded or replicated particles, plain or decomposed target prompt, starting from the particles' mean or
+      from one particle) on 16-shot targets, every source stage initialised as the target prompts are;
     - multitask: one shared prompt and ComPT in both designs trained on all tasks; one prompt per task is the
       single-task prompt tuning runs of the same tasks, seed, LRs and steps (listed here, run once).
     """
@@ -337,7 +337,7 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
                 base, tasks=(task,), sources=budget.sources, source_steps=budget.source_steps, source_init=base.init
             )
             runs += _causal_sweep(budget, chosen_lr, replace(base, tasks=(task,)))  # no transfer
-            for method in ("spot", "source_average", "mpt", "bayesian", "bayesian_replicated", "bayesian_decomposed"):
+            for method in TRANSFER_METHODS:
                 runs += _causal_sweep(budget, chosen_lr, replace(target, method=method))
     elif budget.multitask:
         runs += zero_shot(budget.multitask)

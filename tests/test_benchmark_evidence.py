@@ -100,7 +100,8 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
     for task in budget.multitask:
         assert sweeps[("prompt_tuning", (task,), "kshot", budget.num_virtual_tokens)] == set(budget.prompt_lrs)
     methods = {spec.method for _, spec in runs}
-    assert {"bayesian", "bayesian_replicated", "bayesian_decomposed", "compt", "compt_authors"} <= methods
+    assert {"bayesian", "bayesian_replicated", "bayesian_decomposed", "bayesian_particle"} <= methods
+    assert {"compt", "compt_authors"} <= methods
     assert {"residual", "residual_embedding_rms", "p_tuning", "spot", "source_average", "mpt"} <= methods
     # the full suite's keys did not change when RunSpec gained train_examples and source_init (its records stay
     # valid), nor did the folders of the source stages it cached
@@ -357,7 +358,8 @@ def test_the_report_counts_the_runs_the_suite_plans_and_keeps_records_of_an_old_
 @pytest.mark.slow
 def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
     """The SmolLM2 suite's code paths on a tiny budget with the real model: zero-shot runs, dev scoring, the
-    full-data run, both particle assignments and the decomposed target, ComPT in both designs; no numbers asserted."""
+    full-data run, both particle assignments, the decomposed target and the target from one particle, ComPT in both
+    designs; no numbers asserted."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PEFT_PROMPT_TRANSFER_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     smollm2_cache = Path.home() / ".cache" / "peft_prompt_transfer" / "smollm2-135m-instruct"
     if smollm2_cache.exists():  # reuse the converted model, not the source stages
