@@ -458,6 +458,17 @@ def _initial_loss(model, dataset, backbone: Backbone) -> float:
 # ---------------------------------------------------------------------------------------------------- a run ---
 
 
+def bayesian_target_options(spec: RunSpec) -> dict:
+    """The `BayesianPromptConfig` target-stage options that tell the Bayesian transfer methods apart."""
+    if spec.method not in BAYESIAN_METHODS:
+        raise ValueError(f"{spec.method!r} is not a Bayesian transfer method; expected one of {BAYESIAN_METHODS}")
+    options = {"target_prompt": "decomposed" if spec.method == "bayesian_decomposed" else "plain"}
+    if spec.method == "bayesian_particle":
+        # the particle is drawn with the run's seed, so each seed starts from its own posterior sample
+        options.update(target_init="particle:random", target_init_seed=spec.seed)
+    return options
+
+
 def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
     """The model for a single-task method, with any transfer initialisation applied. Returns (model, details)."""
     task = spec.tasks[0]
@@ -511,15 +522,8 @@ def build_single_task_model(backbone: Backbone, spec: RunSpec, train_set):
         return get_peft_model(base, config), details
     if spec.method in BAYESIAN_METHODS:
         folder = ensure_source(backbone, spec.source_stage())
-        target_prompt = "decomposed" if spec.method == "bayesian_decomposed" else "plain"
-        # the particle is drawn with the run's seed, so each seed starts from its own posterior sample
-        start = (
-            {"target_init": "particle:random", "target_init_seed": spec.seed}
-            if spec.method == "bayesian_particle"
-            else {}
-        )
         config = ppt.BayesianPromptConfig(
-            **common, stage="target", posterior=str(folder), target_prompt=target_prompt, **start
+            **common, stage="target", posterior=str(folder), **bayesian_target_options(spec)
         )
         return get_peft_model(base, config), details
     raise ValueError(f"unknown single-task method {spec.method!r}")

@@ -16,7 +16,8 @@ from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from scipy import stats
 from transformers import TrainingArguments
 
-from benchmarks.experiments import LabelWordTrainer, SourceSpec
+import peft_prompt_transfer as ppt
+from benchmarks.experiments import BAYESIAN_METHODS, LabelWordTrainer, SourceSpec, bayesian_target_options
 from benchmarks.harness import append_record, load_records
 from benchmarks.report import LABELS, _frame, render
 from benchmarks.report_causal import causal_sections, method_table
@@ -103,6 +104,18 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
     assert {"bayesian", "bayesian_replicated", "bayesian_decomposed", "bayesian_particle"} <= methods
     assert {"compt", "compt_authors"} <= methods
     assert {"residual", "residual_embedding_rms", "p_tuning", "spot", "source_average", "mpt"} <= methods
+    # each Bayesian transfer method is told apart by the target options it passes to BayesianPromptConfig
+    fields = set(ppt.BayesianPromptConfig.__dataclass_fields__)
+    for _, spec in runs:
+        if spec.method in BAYESIAN_METHODS:
+            options = bayesian_target_options(spec)
+            assert set(options) <= fields
+            expected = {"target_prompt": "decomposed" if spec.method == "bayesian_decomposed" else "plain"}
+            if spec.method == "bayesian_particle":
+                expected |= {"target_init": "particle:random", "target_init_seed": spec.seed}
+            assert options == expected
+    with pytest.raises(ValueError, match="'spot' is not a Bayesian transfer method"):
+        bayesian_target_options(next(spec for _, spec in runs if spec.method == "spot"))
     # the full suite's keys did not change when RunSpec gained train_examples and source_init (its records stay
     # valid), nor did the folders of the source stages it cached
     assert all("train_examples" not in spec.key() for _, spec in suite_runs("full"))
