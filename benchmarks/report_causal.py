@@ -194,12 +194,14 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
 
     transfer = ("zero_shot", "prompt_tuning", "spot", "source_average", "mpt", *BAYESIAN_METHODS)
     bay = LABELS["bayesian"]
-    transfer_pairs = [(bay, LABELS[m]) for m in ("prompt_tuning", "spot", "source_average", "mpt")] + [
+    # whether any transfer helps on the target at all, then the Bayesian method against each of them
+    transfer_pairs = [(LABELS[m], pt) for m in ("spot", "source_average", "mpt")]
+    transfer_pairs += [(bay, LABELS[m]) for m in ("prompt_tuning", "spot", "source_average", "mpt")] + [
         (LABELS["bayesian_replicated"], bay),
         (LABELS["bayesian_decomposed"], bay),
-        (LABELS["bayesian_decomposed"], LABELS["prompt_tuning"]),
+        (LABELS["bayesian_decomposed"], pt),
         (LABELS["bayesian_particle"], bay),
-        (LABELS["bayesian_particle"], LABELS["prompt_tuning"]),
+        (LABELS["bayesian_particle"], pt),
     ]
     for task in budget.transfer_targets:
         rows = _single(frame, task, tokens=budget.num_virtual_tokens)

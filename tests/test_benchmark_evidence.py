@@ -202,6 +202,10 @@ def test_causal_report_reports_test_at_the_dev_chosen_lr_with_zero_shot_and_verd
     # claim 3's one prompt per task: each task's single-task prompt tuning at its own dev-chosen LR
     assert "| one prompt per task (peft PROMPT_TUNING) | 70.0 ± 1.0 (n=3) |" in text
     assert text.count(f"| {LABELS['bayesian']} | 70.0 ± 1.0 (n=3) |") == len(budget.transfer_targets)
+    # claim 2 asks first whether any transfer helps the target, then sets the Bayesian method against each
+    for first, second in [("spot", "prompt_tuning"), ("bayesian", "spot"), ("bayesian_particle", "bayesian")]:
+        pair = f"- {LABELS[first]} − {LABELS[second]}: +0.0 [+0.0, +0.0] (0 of 3 seeds) points: **no difference shown**"
+        assert text.count(pair) == len(budget.transfer_targets)
     assert (tmp_path / "claim3-smollm2-compt-routing.png").stat().st_size > 1000
 
 
