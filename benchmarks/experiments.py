@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,7 @@ from peft import (
     get_peft_model,
 )
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 import peft_prompt_transfer as ppt
 from benchmarks.harness import build_once
@@ -53,10 +55,19 @@ BAYESIAN_PARTICLES = 4
 
 # which methods need what
 # the Bayesian target runs: from the default (sharded) posterior with a plain prompt, from the authors' replicated
-# assignment (every particle sees the same examples; at the sharded run's compute per step), with the paper's
-# decomposed target prompt, and starting from one particle drawn from the posterior (`target_init="particle:random"`,
-# the paper's "prompt sampled from the posterior") instead of the particles' mean
-BAYESIAN_METHODS = ("bayesian", "bayesian_replicated", "bayesian_decomposed", "bayesian_particle")
+# assignment (every particle sees the same examples) at the sharded stage's compute per step and at its examples per
+# step (M times the compute), from a sharded posterior with the likelihood scaled by M (each particle's mean loss
+# weighs as much as the whole batch's), with the paper's decomposed target prompt, and starting from one particle
+# drawn from the posterior (`target_init="particle:random"`, the paper's "prompt sampled from the posterior")
+# instead of the particles' mean
+BAYESIAN_METHODS = (
+    "bayesian",
+    "bayesian_replicated",
+    "bayesian_decomposed",
+    "bayesian_particle",
+    "bayesian_replicated_equal_data",
+    "bayesian_likelihood_scaled",
+)
 # a transfer method -> the kind of source stage it starts from (`SourceSpec.kind`)
 SOURCE_KINDS = {
     "spot": "prompt_tuning",
@@ -66,7 +77,12 @@ SOURCE_KINDS = {
     "bayesian_decomposed": "bayesian",
     "bayesian_particle": "bayesian",
     "bayesian_replicated": "bayesian_replicated",
+    "bayesian_replicated_equal_data": "bayesian_replicated_equal_data",
+    "bayesian_likelihood_scaled": "bayesian_likelihood_scaled",
 }
+# the posteriors the Bayesian methods start from, in the order of BAYESIAN_METHODS (the kind is also its method)
+POSTERIOR_KINDS = tuple(dict.fromkeys(SOURCE_KINDS[method] for method in BAYESIAN_METHODS))
+REPLICATED_KINDS = ("bayesian_replicated", "bayesian_replicated_equal_data")
 TRANSFER_METHODS = ("spot", "source_average", "mpt", *BAYESIAN_METHODS)
 # "compt_authors": ComPTConfig.authors_recipe, the authors' design, next to this package's defaults ("compt")
 COMPT_METHODS = ("compt", "compt_authors")
@@ -80,7 +96,7 @@ RESIDUAL_METHODS = ("residual", "residual_no_layer_norm", "residual_embedding_rm
 class SourceSpec:
     """A source stage: prompts trained once on full training sets, reused by every target run."""
 
-    kind: str  # "prompt_tuning" (one prompt per source task), "mpt", "bayesian" or "bayesian_replicated"
+    kind: str  # "prompt_tuning" (one prompt per source task), "mpt" or one of POSTERIOR_KINDS
     model: str
     sources: tuple[str, ...]
     num_virtual_tokens: int
@@ -133,7 +149,9 @@ class RunSpec:
 
     def source(self, kind: str) -> SourceSpec:
         batch_size = SourceSpec.batch_size
-        if kind == "bayesian_replicated":  # the same rows per step as the sharded stage: equal compute and steps
+        # the same rows per step as the sharded stage: equal compute and steps ("bayesian_replicated_equal_data"
+        # takes the sharded stage's examples per step instead, each seen by every particle)
+        if kind == "bayesian_replicated":
             batch_size //= BAYESIAN_PARTICLES
         return SourceSpec(
             kind,
@@ -312,20 +330,36 @@ class LabelWordTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def train(model, dataset, backbone: Backbone, optimizer, steps: int, batch_size: int, seed: int, collator=None) -> dict:
+def train(
+    model,
+    dataset,
+    backbone: Backbone,
+    optimizer,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    collator=None,
+    checkpoints: Optional[Path] = None,
+) -> dict:
     """Train with the stock Trainer (`LabelWordTrainer` for causal LMs; linear schedule, 6% warm-up); returns the
     loss curve and the time taken.
 
-    `collator` replaces the backbone's own (e.g. a [`ParticleReplicationCollator`] wrapping it)."""
-    with tempfile.TemporaryDirectory() as output_dir:
+    `collator` replaces the backbone's own (e.g. a [`ParticleReplicationCollator`] wrapping it). With `checkpoints`,
+    the Trainer keeps its last checkpoint there (every twentieth of the steps) and a training killed before the end
+    resumes from it, exactly, on the next call (a source stage can take longer than a sitting); the log then says
+    from which step, and its time is this call's only."""
+    with tempfile.TemporaryDirectory() as scratch:
+        saving = {"save_strategy": "no"}
+        if checkpoints is not None:
+            saving = {"save_strategy": "steps", "save_steps": max(1, steps // 20), "save_total_limit": 1}
         args = TrainingArguments(
-            output_dir=output_dir,
+            output_dir=str(checkpoints or scratch),
             max_steps=steps,
             per_device_train_batch_size=batch_size,
             warmup_steps=0.06,
             lr_scheduler_type="linear",
             logging_steps=max(1, steps // 10),
-            save_strategy="no",
+            **saving,
             report_to=[],
             disable_tqdm=True,
             use_cpu=True,
@@ -341,11 +375,15 @@ def train(model, dataset, backbone: Backbone, optimizer, steps: int, batch_size:
             optimizers=(optimizer, None),
         )
         trainer.remove_callback(PrinterCallback)  # the suite's own progress bar reports progress
+        resume = get_last_checkpoint(str(checkpoints)) if checkpoints is not None and checkpoints.is_dir() else None
         start = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"train_seconds": seconds, "losses": losses}
+    log = {"train_seconds": seconds, "losses": losses}
+    if resume:
+        log["resumed_from_step"] = int(Path(resume).name.rsplit("-", 1)[1])
+    return log
 
 
 def _prompt_config(backbone: Backbone, spec: RunSpec, **extra):
@@ -376,8 +414,10 @@ def _source_data(backbone: Backbone, source: SourceSpec, multitask: bool):
 
 
 def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
-    """Train a source stage once (kept in the cache folder; see `build_once`) and return its folder."""
+    """Train a source stage once (kept in the cache folder; see `build_once`) and return its folder. A build killed
+    mid-training resumes from its last checkpoint, kept beside the folder until the stage is built."""
     vocab_init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if source.init == "vocab" else {}
+    checkpoints = source.folder().with_name(f".checkpoints-{source.folder().name}")
 
     def train_source(staging: Path) -> None:
         log = {}
@@ -397,6 +437,7 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
                     source.steps,
                     source.batch_size,
                     source.seed,
+                    checkpoints=checkpoints / task,
                 )
                 model.save_pretrained(staging / task)
         else:
@@ -406,13 +447,14 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
             if source.kind == "mpt":
                 config = MultitaskPromptTuningConfig(**common, num_tasks=len(source.sources))
             else:
-                replicated = source.kind == "bayesian_replicated"
+                replicated = source.kind in REPLICATED_KINDS
                 config = ppt.BayesianPromptConfig(
                     **common,
                     **vocab_init,
                     num_particles=BAYESIAN_PARTICLES,
                     source_tasks=list(source.sources),
                     particle_assignment="replicated" if replicated else "sharded",
+                    likelihood_scale=BAYESIAN_PARTICLES if source.kind == "bayesian_likelihood_scaled" else 1.0,
                 )
                 if replicated:
                     collator = ppt.ParticleReplicationCollator(BAYESIAN_PARTICLES, backbone.collator())
@@ -430,11 +472,14 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
                 source.batch_size,
                 source.seed,
                 collator=collator,
+                checkpoints=checkpoints / "all",
             )
             model.save_pretrained(staging)
         (staging / "done.json").write_text(json.dumps({"spec": asdict(source), "log": log}, indent=1))
 
-    return build_once(source.folder(), train_source)
+    folder = build_once(source.folder(), train_source)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return folder
 
 
 def _source_prompts(backbone: Backbone, spec: RunSpec) -> dict[str, torch.Tensor]:

@@ -30,6 +30,8 @@ LABELS = {
     "bayesian_replicated": "Bayesian, the authors' replicated particles",
     "bayesian_decomposed": "Bayesian, the paper's decomposed target prompt",
     "bayesian_particle": "Bayesian, target from one posterior sample (a particle)",
+    "bayesian_replicated_equal_data": "Bayesian, replicated particles on the sharded stage's batches (M× compute)",
+    "bayesian_likelihood_scaled": "Bayesian, likelihood scaled by the number of particles",
     "zero_shot": "zero-shot (template and label words, no training)",
     "compt": "ComPT (ours)",
     "compt_authors": "ComPT, the authors' recipe",

@@ -202,6 +202,9 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
         (LABELS["bayesian_decomposed"], pt),
         (LABELS["bayesian_particle"], bay),
         (LABELS["bayesian_particle"], pt),
+        (LABELS["bayesian_replicated_equal_data"], bay),
+        (LABELS["bayesian_replicated_equal_data"], LABELS["bayesian_replicated"]),
+        (LABELS["bayesian_likelihood_scaled"], bay),
     ]
     for task in budget.transfer_targets:
         rows = _single(frame, task, tokens=budget.num_virtual_tokens)
@@ -354,7 +357,8 @@ def budget_line(budget) -> str:
         f"per task (the same subset for every method and seed); source stages {budget.source_steps} steps per source "
         f"of batch 16 at lr {experiments.SOURCE_LR[budget.model]:g} ({experiments.BAYESIAN_PARTICLES} SVGD "
         f"particles; the replicated stage takes 4 examples per step, each seen by every particle: the sharded "
-        f"stage's compute per step). The training loss is logged over each tenth of a run's steps; the tables "
+        f"stage's compute per step; the replicated stage at equal data takes the sharded stage's 16, M times its "
+        f"compute). The training loss is logged over each tenth of a run's steps; the tables "
         f"give the first and the last of those means, averaged over the seeds at the chosen LR."
     )
 

@@ -27,6 +27,7 @@ from peft import PeftModel, get_peft_model
 import peft_prompt_transfer as ppt
 from benchmarks.experiments import (
     BAYESIAN_PARTICLES,
+    POSTERIOR_KINDS,
     Backbone,
     RunSpec,
     _prompt_config,
@@ -52,13 +53,13 @@ def starting_points(backbone: Backbone, spec: RunSpec) -> Iterator[tuple[str, Pe
     model at a time, since each holds its own copy of the base model."""
     task = spec.tasks[0]
     train_set = backbone.encode(training_data(task, spec)[0], task, train=True)
-    for method in ("prompt_tuning", "source_average", "mpt", "bayesian", "bayesian_replicated"):
+    for method in ("prompt_tuning", "source_average", "mpt", *POSTERIOR_KINDS):
         yield method, build_single_task_model(backbone, replace(spec, method=method), train_set)[0]
     for source, prompt in _source_prompts(backbone, spec).items():  # SPoT's candidates, each alone
         model = get_peft_model(backbone.base_model(TASKS[task].num_labels, spec.seed), _prompt_config(backbone, spec))
         model.prompt_encoder["default"].embedding.weight.data.copy_(prompt)
         yield f"source prompt: {source}", model
-    for kind in ("bayesian", "bayesian_replicated"):
+    for kind in POSTERIOR_KINDS:
         folder = ensure_source(backbone, spec.source(kind))
         for k in range(BAYESIAN_PARTICLES):
             config = ppt.BayesianPromptConfig(
@@ -76,7 +77,7 @@ def posterior_geometry(backbone: Backbone, spec: RunSpec) -> dict:
     from safetensors.torch import load_file
 
     geometry = {}
-    for kind in ("bayesian", "bayesian_replicated"):
+    for kind in POSTERIOR_KINDS:
         particles = load_file(ensure_source(backbone, spec.source(kind)) / "adapter_model.safetensors")["particles"]
         geometry[kind] = {
             "spread": spread(particles),

@@ -17,7 +17,13 @@ from scipy import stats
 from transformers import TrainingArguments
 
 import peft_prompt_transfer as ppt
-from benchmarks.experiments import BAYESIAN_METHODS, LabelWordTrainer, SourceSpec, bayesian_target_options
+from benchmarks.experiments import (
+    BAYESIAN_METHODS,
+    POSTERIOR_KINDS,
+    LabelWordTrainer,
+    SourceSpec,
+    bayesian_target_options,
+)
 from benchmarks.harness import append_record, load_records
 from benchmarks.report import LABELS, _frame, render
 from benchmarks.report_causal import causal_sections, method_table
@@ -101,7 +107,23 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
     for task in budget.multitask:
         assert sweeps[("prompt_tuning", (task,), "kshot", budget.num_virtual_tokens)] == set(budget.prompt_lrs)
     methods = {spec.method for _, spec in runs}
-    assert {"bayesian", "bayesian_replicated", "bayesian_decomposed", "bayesian_particle"} <= methods
+    assert set(BAYESIAN_METHODS) == {
+        "bayesian",
+        "bayesian_replicated",
+        "bayesian_decomposed",
+        "bayesian_particle",
+        "bayesian_replicated_equal_data",
+        "bayesian_likelihood_scaled",
+    }
+    assert set(BAYESIAN_METHODS) <= methods
+    # the authors' replicated particles at the sharded stage's compute (a quarter of its examples per step) and at
+    # its data (all of its examples, each seen by every particle); the likelihood-scaled posterior is sharded
+    transferred = {spec.method: spec for _, spec in runs if spec.sources}
+    stages = {method: transferred[method].source_stage() for method in BAYESIAN_METHODS}
+    assert stages["bayesian_replicated"].batch_size * 4 == stages["bayesian"].batch_size
+    assert stages["bayesian_replicated_equal_data"].batch_size == stages["bayesian"].batch_size
+    assert stages["bayesian_decomposed"] == stages["bayesian_particle"] == stages["bayesian"]
+    assert len({stages[method].folder() for method in POSTERIOR_KINDS}) == len(POSTERIOR_KINDS) == 4
     assert {"compt", "compt_authors"} <= methods
     assert {"residual", "residual_embedding_rms", "p_tuning", "spot", "source_average", "mpt"} <= methods
     # each Bayesian transfer method is told apart by the target options it passes to BayesianPromptConfig
@@ -375,8 +397,8 @@ def test_the_report_counts_the_runs_the_suite_plans_and_keeps_records_of_an_old_
 @pytest.mark.slow
 def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
     """The SmolLM2 suite's code paths on a tiny budget with the real model: zero-shot runs, dev scoring, the
-    full-data run, both particle assignments, the decomposed target and the target from one particle, ComPT in both
-    designs; no numbers asserted."""
+    full-data run, every posterior (both particle assignments, equal data, the scaled likelihood), the decomposed
+    target and the target from one particle, ComPT in both designs; no numbers asserted."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PEFT_PROMPT_TRANSFER_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     smollm2_cache = Path.home() / ".cache" / "peft_prompt_transfer" / "smollm2-135m-instruct"
     if smollm2_cache.exists():  # reuse the converted model, not the source stages
@@ -397,6 +419,22 @@ def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
         if (folder / "done.json").exists()
     }
     assert sources["bayesian_replicated"]["spec"]["batch_size"] * 4 == sources["bayesian"]["spec"]["batch_size"]
+    # each posterior was trained as its kind says: its particles' assignment and likelihood scale, as saved
+    posteriors = {
+        json.loads((folder / "done.json").read_text())["spec"]["kind"]: json.loads(
+            (folder / "adapter_config.json").read_text()
+        )
+        for folder in (tmp_path / "cache" / "benchmark-sources").iterdir()
+        if (folder / "adapter_config.json").exists() and folder.name.startswith("bayesian")
+    }
+    assert {
+        kind: (config["particle_assignment"], config["likelihood_scale"]) for kind, config in posteriors.items()
+    } == {
+        "bayesian": ("sharded", 1.0),
+        "bayesian_replicated": ("replicated", 1.0),
+        "bayesian_replicated_equal_data": ("replicated", 1.0),
+        "bayesian_likelihood_scaled": ("sharded", 4.0),
+    }
     assert {source["spec"]["init"] for source in sources.values()} == {"vocab"}
     report = (results / "smollm2-quick" / "RESULTS.md").read_text()
     for heading in ("### Verdicts at a glance", "### Claim 1", "### Claim 2", "### Claim 3", "Done so far: seed 13"):
@@ -414,15 +452,15 @@ def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     inits = json.loads(output.read_text())
-    particles = [f"{kind} particle {k}" for kind in ("bayesian", "bayesian_replicated") for k in range(4)]
-    names = ["prompt_tuning", "source_average", "mpt", "bayesian", "bayesian_replicated"]
+    particles = [f"{kind} particle {k}" for kind in POSTERIOR_KINDS for k in range(4)]
+    names = ["prompt_tuning", "source_average", "mpt", *POSTERIOR_KINDS]
     assert list(inits["results"]) == names + ["source prompt: sst2", "source prompt: cola"] + particles
     vocabulary = inits["vocabulary_token_norm"]
     for name in ["prompt_tuning", "source prompt: sst2", "source prompt: cola"] + particles:
         # started from vocabulary tokens (4 of them: 0.76-1.34 times the mean token's norm in 99.8% of draws) and
         # moved little in 2 steps; peft's random init would be 7.5 times as long
         assert 0.5 * vocabulary < inits["results"][name]["token_norm"] < 2 * vocabulary, name
-    for kind in ("bayesian", "bayesian_replicated"):  # the target starts from the posterior mean
+    for kind in POSTERIOR_KINDS:  # the target starts from the posterior mean
         assert inits["results"][kind]["token_norm"] == pytest.approx(inits["posteriors"][kind]["mean_token_norm"])
         assert inits["posteriors"][kind]["spread"] > 0
     assert all(0 <= row["mr"]["metric"] <= 1 and row["mr"]["loss"] > 0 for row in inits["results"].values())

@@ -136,6 +136,55 @@ def test_a_worker_leaves_a_run_whose_source_stage_another_builds_for_one_that_ca
     assert not wait([average, mpt], str(queue))  # built: start
 
 
+def test_a_source_stage_killed_mid_training_resumes_from_its_checkpoint_and_ends_where_an_unkilled_one_does(
+    tmp_path, monkeypatch
+):
+    """A source stage can outlast a sitting: `train` with `checkpoints` picks up where a killed build stopped."""
+    import datasets
+    from peft import get_peft_model
+    from transformers import default_data_collator
+
+    import peft_prompt_transfer as ppt
+    from benchmarks import experiments
+    from tests.conftest import TINY_MODELS
+
+    ids = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = 5 + torch.arange(32) % 2  # one label word per row, as the suite's causal examples have
+    rows = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
+    dataset = datasets.Dataset.from_dict(rows)
+    backbone = experiments.Backbone("smollm2", tokenizer=None)
+    config = ppt.BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, num_particles=2, source_tasks=["a"])
+
+    def fit(checkpoints=None):
+        model = get_peft_model(TINY_MODELS["llama"].build(), config)  # the same particles every time (seeded)
+        optimizer = experiments.make_optimizer(model, 0.1, "bayesian")
+        log = experiments.train(model, dataset, backbone, optimizer, 8, 4, 0, default_data_collator, checkpoints)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, log
+
+    reference, reference_log = fit()
+    assert "resumed_from_step" not in reference_log
+    steps_taken, original_step = [], experiments.LabelWordTrainer.training_step
+
+    def killed_at_step_6(self, *args, **kwargs):
+        steps_taken.append(1)
+        if len(steps_taken) == 6:
+            raise RuntimeError("killed")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(experiments.LabelWordTrainer, "training_step", killed_at_step_6)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "checkpoints")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-5"]  # only the last one is kept
+    resumed, log = fit(tmp_path / "checkpoints")
+    assert len(steps_taken) == 6 + 3  # steps 6 to 8 only, not a fresh start
+    assert log["resumed_from_step"] == 5
+    assert len(log["losses"]) == len(reference_log["losses"]) and log["losses"][:5] == reference_log["losses"][:5]
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name])
+
+
 def test_full_suite_covers_every_claim_method_and_seed():
     runs = suite_runs("full")
     keys = [spec.key() for _, spec in runs]
