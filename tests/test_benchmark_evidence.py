@@ -107,15 +107,7 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
     for task in budget.multitask:
         assert sweeps[("prompt_tuning", (task,), "kshot", budget.num_virtual_tokens)] == set(budget.prompt_lrs)
     methods = {spec.method for _, spec in runs}
-    assert set(BAYESIAN_METHODS) == {
-        "bayesian",
-        "bayesian_replicated",
-        "bayesian_decomposed",
-        "bayesian_particle",
-        "bayesian_replicated_equal_data",
-        "bayesian_likelihood_scaled",
-    }
-    assert set(BAYESIAN_METHODS) <= methods
+    assert set(BAYESIAN_METHODS) <= methods  # each one's stage and options are asserted below
     # the authors' replicated particles at the sharded stage's compute (a quarter of its examples per step) and at
     # its data (all of its examples, each seen by every particle); the likelihood-scaled posterior is sharded
     transferred = {spec.method: spec for _, spec in runs if spec.sources}
