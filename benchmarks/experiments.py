@@ -349,9 +349,11 @@ def train(
     resumes from it, exactly, on the next call (a source stage can take longer than a sitting); the log then says
     from which step, and its time is this call's only."""
     with tempfile.TemporaryDirectory() as scratch:
-        saving = {"save_strategy": "no"}
-        if checkpoints is not None:
-            saving = {"save_strategy": "steps", "save_steps": max(1, steps // 20), "save_total_limit": 1}
+        saving = (
+            {"save_strategy": "no"}
+            if checkpoints is None
+            else {"save_strategy": "steps", "save_steps": max(1, steps // 20), "save_total_limit": 1}
+        )
         args = TrainingArguments(
             output_dir=str(checkpoints or scratch),
             max_steps=steps,
@@ -417,7 +419,8 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
     """Train a source stage once (kept in the cache folder; see `build_once`) and return its folder. A build killed
     mid-training resumes from its last checkpoint, kept beside the folder until the stage is built."""
     vocab_init = {"prompt_tuning_init": "SAMPLE_VOCAB"} if source.init == "vocab" else {}
-    checkpoints = source.folder().with_name(f".checkpoints-{source.folder().name}")
+    folder = source.folder()
+    checkpoints = folder.with_name(f".checkpoints-{folder.name}")
 
     def train_source(staging: Path) -> None:
         log = {}
@@ -477,7 +480,7 @@ def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
             model.save_pretrained(staging)
         (staging / "done.json").write_text(json.dumps({"spec": asdict(source), "log": log}, indent=1))
 
-    folder = build_once(source.folder(), train_source)
+    build_once(folder, train_source)
     shutil.rmtree(checkpoints, ignore_errors=True)
     return folder
 

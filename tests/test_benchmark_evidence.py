@@ -428,6 +428,8 @@ def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
         "bayesian_likelihood_scaled": ("sharded", 4.0),
     }
     assert {source["spec"]["init"] for source in sources.values()} == {"vocab"}
+    # a built stage leaves no checkpoints behind
+    assert not list((tmp_path / "cache" / "benchmark-sources").glob(".checkpoints-*"))
     report = (results / "smollm2-quick" / "RESULTS.md").read_text()
     for heading in ("### Verdicts at a glance", "### Claim 1", "### Claim 2", "### Claim 3", "Done so far: seed 13"):
         assert heading in report
