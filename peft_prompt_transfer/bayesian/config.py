@@ -106,14 +106,18 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         prior_scale (`float`): Source: the standard deviation of the Gaussian prior `N(0, prior_scale^2 I)` on every
             prompt entry. Default 10 (see above).
         likelihood_scale (`float`): Source: the factor (inverse temperature) multiplying the mean loss in the log
-            posterior. Default 1.0: the mean loss (see above).
+            posterior. Default 1.0: the mean loss (see above). On SmolLM2 (MR and SUBJ targets, five seeds)
+            `likelihood_scale=4` (the number of particles, as if each particle saw the whole batch) drew the
+            particles closer but scored no better on MR and 5.1 points worse on SUBJ (docs/evidence.md, claim 2 on
+            SmolLM2).
         particle_assignment (`str`): Source: `"sharded"` (default): example `b` of a batch is given to particle
             `b mod M` and one forward pass serves all particles, so a step costs about what prompt tuning costs.
             `"replicated"`: every particle sees every example; the batch must be expanded M times with
             [`ParticleReplicationCollator`] (or [`expand_for_particles`]) and a step costs about M forward passes.
             Replicated is SVGD as its authors wrote it (every particle's gradient on the same minibatch); sharded
-            departs from it for the cost: on SmolLM2 (MR and SUBJ targets, five seeds, equal compute per step) the
-            two showed no accuracy difference (docs/evidence.md, claim 2 on SmolLM2).
+            departs from it for the cost: on SmolLM2 (MR and SUBJ targets, five seeds) the two showed no accuracy
+            difference, whether replicated had the same compute per step or the same examples per step (M times the
+            compute) (docs/evidence.md, claim 2 on SmolLM2).
         source_tasks (`list[str]`, *optional*): Source: the names of the source tasks, in the order of the
             `task_ids` that [`combine_tasks`] assigns. Recorded in the posterior's config; `task_ids` passed to the
             model are checked against it (they do not change the prompt: the posterior is shared by all tasks).
@@ -159,7 +163,9 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
     likelihood_scale: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Source stage: inverse temperature multiplying the mean loss in the log posterior. Default 1."
+            "help": "Source stage: inverse temperature multiplying the mean loss in the log posterior. Default 1, "
+            "departing from the paper's exact posterior (the data size N, which collapses the particles); 4 scored "
+            "no better on SmolLM2 (docs/evidence.md)."
         },
     )
     particle_assignment: Optional[str] = field(
@@ -167,7 +173,8 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         metadata={
             "help": "Source stage: 'sharded' (example b -> particle b mod M, the default: one forward pass for all "
             "particles; departs from the SVGD authors, whose particles all see the whole batch) or 'replicated' "
-            "(the authors': every particle sees every example, M times the cost)."
+            "(the authors': every particle sees every example, M times the cost; no accuracy difference measured on "
+            "SmolLM2 at equal compute or equal data)."
         },
     )
     source_tasks: Optional[list[str]] = field(
