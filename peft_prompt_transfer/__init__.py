@@ -5,7 +5,7 @@ Importing this package registers its methods with peft (idempotently), so that p
 transformers Trainer, `generate`) works with them unchanged.
 """
 
-from . import _peft_integration
+from . import _compat, _patches
 from ._version import __version__
 from .bayesian import (
     BAYESIAN_PROMPT_TUNING,
@@ -31,10 +31,10 @@ from .export import export_prompt_tuning
 from .multitask import TaskIdsCollator, check_task_ids, combine_tasks
 from .residual import RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder
 
-_peft_integration.install()
-_peft_integration.register_method(RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder)
-_peft_integration.register_method(COMPT, ComPTConfig, ComPTEncoder)
-_peft_integration.register_method(BAYESIAN_PROMPT_TUNING, BayesianPromptConfig, BayesianPromptEncoder)
+_patches.install()
+_compat.register_method(RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder)
+_compat.register_method(COMPT, ComPTConfig, ComPTEncoder)
+_compat.register_method(BAYESIAN_PROMPT_TUNING, BayesianPromptConfig, BayesianPromptEncoder)
 
 __all__ = [
     "__version__",

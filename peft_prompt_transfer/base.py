@@ -13,7 +13,7 @@ from peft import PromptLearningConfig
 from peft.tuners.prompt_tuning import PromptEmbedding, PromptTuningInit
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ._peft_integration import IMPORT_LINE, PACKAGE_NAME, BasePromptEncoder
+from ._compat import IMPORT_LINE, PACKAGE_NAME, PROMPT_FEATURE, BasePromptEncoder, require_feature
 from ._version import __version__
 
 
@@ -149,6 +149,7 @@ class TransferPromptLearningConfig(PromptLearningConfig):
         return False
 
     def __post_init__(self):
+        require_feature(PROMPT_FEATURE)  # without its patches peft cannot build our encoders
         super().__post_init__()
         if (
             self.num_virtual_tokens is None
@@ -206,7 +207,7 @@ class TransferPromptEncoder(BasePromptEncoder):
     """
     Base class of this package's prompt encoders.
 
-    peft calls an encoder through `_peft_integration`:
+    peft calls an encoder through the patch layer (`_patches`):
 
     - `forward(batch_size, task_ids)` returns the prompts `[batch_size, num_virtual_tokens, token_dim]`
       that are prepended to the input embeddings;
@@ -256,7 +257,7 @@ class TransferPromptEncoder(BasePromptEncoder):
     def load_adapter_state(self, state_dict: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
-    # -- peft's BasePromptEncoder hooks (peft >= 0.21; `_peft_integration` calls them on older peft)
+    # -- peft's BasePromptEncoder hooks (peft >= 0.21; the patch layer calls them on older peft)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):

@@ -11,7 +11,8 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model_state_dict
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
-from ._peft_integration import PACKAGE_NAME, is_ours, loading_snippet, prompt_tuning_config_like
+from ._compat import PACKAGE_NAME, is_ours, prompt_tuning_config_like
+from .model_card import loading_snippet
 
 
 def export_prompt_tuning(

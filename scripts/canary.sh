@@ -8,7 +8,7 @@
 # It builds .venv-canary from scratch and writes its exact versions to .venv-canary/freeze.txt. If it passes:
 #   - versions inside the declared ranges: `bash scripts/lock.sh .venv-canary constraints/newest.txt` moves the lock;
 #   - a new peft or transformers past a range (test_supported_ranges_... fails, and importing the plugin warns):
-#     widen the range in pyproject.toml and SUPPORTED_VERSIONS in peft_prompt_transfer/_peft_integration.py, then lock.
+#     widen the range in pyproject.toml and SUPPORTED_VERSIONS in peft_prompt_transfer/_compat.py, then lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

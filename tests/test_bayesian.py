@@ -12,7 +12,7 @@ from conftest import TINY_MODELS, ListDataset, logits, make_batch, make_trainer,
 from peft import PeftConfig, PeftModel, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from peft_prompt_transfer import _peft_integration, combine_tasks, export_prompt_tuning
+from peft_prompt_transfer import _compat, combine_tasks, export_prompt_tuning
 from peft_prompt_transfer.bayesian import (
     BayesianPromptConfig,
     ParticleReplicationCollator,
@@ -55,7 +55,7 @@ def saved_posterior(tiny, directory, **overrides):
 
 def plain_prompt_config(tiny) -> PromptTuningConfig:
     """peft's PROMPT_TUNING with our prompt's shape (on the encoder only, as export_prompt_tuning writes it)."""
-    return _peft_integration.prompt_tuning_config_like(source_config(tiny))
+    return _compat.prompt_tuning_config_like(source_config(tiny))
 
 
 def pairwise_distances(particles: torch.Tensor) -> torch.Tensor:

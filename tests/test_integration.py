@@ -26,7 +26,8 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 
 import peft_prompt_transfer
-from peft_prompt_transfer import ResidualPromptConfig, ResidualPromptEncoder, _peft_integration
+from peft_prompt_transfer import ResidualPromptConfig, ResidualPromptEncoder, _compat, _patches
+from peft_prompt_transfer._patches.patching import PATCH_MARKER
 
 
 def test_peft_type_and_mappings_are_registered():
@@ -40,14 +41,21 @@ def test_peft_type_and_mappings_are_registered():
 
 def test_registration_is_idempotent():
     members_before = list(PeftType)
-    _peft_integration.install()
-    _peft_integration.register_method("RESIDUAL_PROMPT_TUNING", ResidualPromptConfig, ResidualPromptEncoder)
+    _patches.install()
+    _patches.install()
+    _compat.register_method("RESIDUAL_PROMPT_TUNING", ResidualPromptConfig, ResidualPromptEncoder)
     importlib.reload(peft_prompt_transfer)
     assert list(PeftType) == members_before
-    # every patch wraps peft's original exactly once
-    for name, original in _peft_integration.installed_patches().items():
-        assert original is not None, name
-        assert getattr(original, _peft_integration._PATCH_MARKER, None) is None, f"{name} is wrapped twice"
+    # every needed patch wraps peft's original exactly once; a patch that upstream no longer needs is not installed
+    assert _patches.disabled_groups() == {}
+    for group in _patches.GROUPS:
+        for patch in group.patches:
+            original = patch.original()
+            if not group.needed():
+                assert original is None, f"{patch.target} is patched although upstream does not need it"
+                continue
+            assert original is not None, patch.target
+            assert getattr(original, PATCH_MARKER, None) is None, f"{patch.target} is wrapped twice"
     # after the reload peft builds the current classes
     model = get_peft_model(
         TINY_MODELS["gpt2"].build(),
@@ -61,7 +69,7 @@ def test_a_different_method_under_our_name_is_refused():
         pass
 
     with pytest.raises(KeyError, match="different method registered as RESIDUAL_PROMPT_TUNING"):
-        _peft_integration.register_method("RESIDUAL_PROMPT_TUNING", Impostor, ResidualPromptEncoder)
+        _compat.register_method("RESIDUAL_PROMPT_TUNING", Impostor, ResidualPromptEncoder)
 
 
 PEFT_METHODS = {
@@ -86,14 +94,14 @@ def test_peft_methods_behave_as_without_the_plugin(method, name, tmp_path):
     inputs = batch if tiny.kind == "seq2seq" else {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         patched = model(**inputs, **kwargs).logits
-        originals = _peft_integration.installed_patches()
+        originals = _patches.installed_patches()
         if tiny.kind == "seq2seq":
-            unpatched = originals["PeftModelForSeq2SeqLM.forward"](model, **inputs, **kwargs).logits
+            unpatched = originals["peft.peft_model:PeftModelForSeq2SeqLM.forward"](model, **inputs, **kwargs).logits
         else:
             unpatched = patched
         if model.peft_config["default"].is_prompt_learning and method != "prefix":
             torch.testing.assert_close(
-                model.get_prompt(4, **kwargs), originals["PeftModel.get_prompt"](model, 4, **kwargs)
+                model.get_prompt(4, **kwargs), originals["peft.peft_model:PeftModel.get_prompt"](model, 4, **kwargs)
             )
     torch.testing.assert_close(patched, unpatched)
     # and a save/load round trip still works for them
@@ -208,17 +216,17 @@ def test_plugin_free_process_gets_peft_error_and_plugin_fixes_it(tmp_path):
 @pytest.mark.parametrize("library", ["peft", "transformers"])
 def test_supported_ranges_match_pyproject_and_the_installed_versions(library):
     pyproject = os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml")
-    low, high = _peft_integration.SUPPORTED_VERSIONS[library]
+    low, high = _compat.SUPPORTED_VERSIONS[library]
     assert f'"{library}>={low},<{str(high)[:-2]}"' in open(pyproject).read()
-    installed = _peft_integration.INSTALLED_VERSIONS[library]
+    installed = _compat.INSTALLED_VERSIONS[library]
     assert low <= installed < high, f"{library} {installed} is outside the supported range"
 
 
 def test_an_unsupported_version_warns_with_the_fix(monkeypatch):
-    monkeypatch.setitem(_peft_integration.INSTALLED_VERSIONS, "transformers", Version("5.99.0"))
+    monkeypatch.setitem(_compat.INSTALLED_VERSIONS, "transformers", Version("5.99.0"))
     with pytest.warns(UserWarning) as caught:
-        _peft_integration._check_versions()
-    low, high = _peft_integration.SUPPORTED_VERSIONS["transformers"]
+        _compat.check_versions()
+    low, high = _compat.SUPPORTED_VERSIONS["transformers"]
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "transformers 5.99.0 is installed" in message

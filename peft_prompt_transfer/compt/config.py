@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from peft.tuners.prompt_tuning import PromptTuningInit
 
-from .._peft_integration import peft_type_for
+from .._compat import peft_type_for
 from ..base import TransferPromptLearningConfig
 
 COMPT = "COMPT"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._peft_integration import peft_type_for
+from .._compat import peft_type_for
 from ..base import TransferPromptLearningConfig
 
 RESIDUAL_PROMPT_TUNING = "RESIDUAL_PROMPT_TUNING"

@@ -1,0 +1,113 @@
+"""Prompt set-up and forward: peft builds our encoders, asks them for the prompt, and puts it on seq2seq encoders."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft import PeftModelForSeq2SeqLM
+
+from .._compat import PROMPT_FEATURE, encoder_class, is_ours, prompt_tuning_config_like, require_feature
+from .patching import Patch, PatchGroup
+
+SEQ2SEQ_FORWARD_FEATURE = "the forward pass of seq2seq models"
+
+
+def _wrap_setup_prompt_encoder(original):
+    def _setup_prompt_encoder(self, adapter_name: str):
+        config = self.peft_config[adapter_name]
+        if not is_ours(config):
+            return original(self, adapter_name)
+        # peft's own code freezes the base model, finds the transformer backbone and the word
+        # embeddings (including under DeepSpeed ZeRO-3) and registers `prompt_tokens`.
+        # (inference_mode: the stand-in's embedding is thrown away, so skip its initialisation)
+        self.peft_config[adapter_name] = prompt_tuning_config_like(config, inference_mode=True)
+        try:
+            original(self, adapter_name)
+        finally:
+            self.peft_config[adapter_name] = config
+        encoder = encoder_class(config)(config, self.word_embeddings)
+        self.prompt_encoder[adapter_name] = encoder.to(self.device)
+
+    return _setup_prompt_encoder
+
+
+def _wrap_get_prompt(original):
+    def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None, max_cache_len=None):
+        if not is_ours(self.active_peft_config):
+            return original(self, batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
+        if isinstance(self, PeftModelForSeq2SeqLM):
+            # every forward of ours passes here: peft's unpatched seq2seq forward would use the prompt as a KV prefix
+            require_feature(SEQ2SEQ_FORWARD_FEATURE)
+        return self.prompt_encoder[self.active_adapter](batch_size, task_ids)
+
+    return get_prompt
+
+
+def prepend_prompt(model, inputs_embeds, attention_mask, task_ids):
+    """Prepend the active adapter's prompt to the encoder inputs (and extend the mask)."""
+    batch_size = inputs_embeds.shape[0]
+    num_virtual_tokens = model.active_peft_config.num_virtual_tokens
+    prompts = model.get_prompt(batch_size=batch_size, task_ids=task_ids).to(inputs_embeds.dtype)
+    inputs_embeds = torch.cat((prompts, inputs_embeds), dim=1)
+    if attention_mask is not None:
+        prefix = attention_mask.new_ones(batch_size, num_virtual_tokens)
+        attention_mask = torch.cat((prefix, attention_mask), dim=1)
+    return inputs_embeds, attention_mask
+
+
+def _wrap_seq2seq_forward(original):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, task_ids=None, **kwargs):
+        peft_config = self.active_peft_config
+        if not is_ours(peft_config):
+            return original(
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                task_ids=task_ids,
+                **kwargs,
+            )
+        from peft.utils.other import _get_batch_size  # private: imported where used, once `uses` found it
+
+        # Our prompts live on the encoder only (as peft's PROMPT_TUNING); the decoder arguments pass through.
+        _get_batch_size(input_ids, inputs_embeds)  # peft's check that one of the two is given
+        self._adjust_prompt_learning_kwargs(peft_config, kwargs=kwargs)
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        inputs_embeds, attention_mask = prepend_prompt(self, inputs_embeds, attention_mask, task_ids)
+        return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    return forward
+
+
+PROMPT = PatchGroup(
+    name=PROMPT_FEATURE,
+    kind="correctness",
+    patches=(
+        # peft builds encoders only for its own prompt types
+        Patch("peft.peft_model:PeftModel._setup_prompt_encoder", _wrap_setup_prompt_encoder, ("adapter_name",)),
+        # peft branches on its own prompt types; ours take `task_ids` and need no `prompt_tokens`
+        Patch("peft.peft_model:PeftModel.get_prompt", _wrap_get_prompt, ("batch_size", "task_ids", "max_cache_len")),
+    ),
+)
+
+SEQ2SEQ_FORWARD = PatchGroup(
+    name=SEQ2SEQ_FORWARD_FEATURE,
+    kind="correctness",
+    patches=(
+        # peft puts only PROMPT_TUNING / P_TUNING prompts on the encoder input
+        Patch(
+            "peft.peft_model:PeftModelForSeq2SeqLM.forward",
+            _wrap_seq2seq_forward,
+            ("input_ids", "attention_mask", "inputs_embeds", "task_ids"),
+            mirrors="peft 0.21.2's PeftModelForSeq2SeqLM.forward, prompt-tuning branch",
+        ),
+    ),
+    entry_points=("peft.peft_model:PeftModelForSeq2SeqLM.forward",),
+    requires=(PROMPT_FEATURE,),
+    uses=(
+        "peft.peft_model:PeftModel._adjust_prompt_learning_kwargs",
+        "peft.utils.other:_get_batch_size",
+    ),
+)
