@@ -171,6 +171,33 @@ def test_relaxed_bernoulli_samples_while_training_and_anneals_per_optimizer_step
     assert int(encoder.sampling_step) == 11  # evaluation does not anneal
 
 
+def test_another_models_optimizer_leaves_the_temperature_clock_alone():
+    """The step counter counts only optimizers that hold the encoder's parameters (or flattened copies of them)."""
+    model, encoder = _encoder(relaxed_bernoulli=True, bernoulli_temperature=2.0, bernoulli_anneal_rate=0.5)
+    model.train()
+    compt_optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    plain = torch.nn.Linear(4, 2)
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    encoder.task_prompts()  # a training forward of ComPT, then the plain model trains
+    plain(torch.randn(3, 4)).sum().backward()
+    plain_optimizer.step()
+    assert int(encoder.sampling_step) == 0 and encoder.temperature() == 2.0
+    compt_optimizer.step()
+    assert int(encoder.sampling_step) == 1
+    for _ in range(3):
+        encoder.task_prompts()
+        plain_optimizer.step()
+        compt_optimizer.step()
+        plain_optimizer.step()
+    assert int(encoder.sampling_step) == 4
+    # the fallback: an optimizer that steps flattened copies (DeepSpeed ZeRO's fp32 partitions are plain tensors)
+    flat_copy = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]).requires_grad_()
+    zero_like_optimizer = torch.optim.SGD([flat_copy], lr=0.0)
+    encoder.task_prompts()
+    zero_like_optimizer.step()
+    assert int(encoder.sampling_step) == 5
+
+
 @pytest.mark.parametrize(
     "steps, temperature", [(0, 5.0), (1, 4.98), (100, 3.0), (249, 0.02), (250, 0.001), (10_000, 0.001)]
 )

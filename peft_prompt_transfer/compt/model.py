@@ -39,13 +39,15 @@ def _relaxed_bernoulli_logits(logits: torch.Tensor, temperature: float) -> torch
 def _register_step_counter(encoder: ComPTEncoder) -> None:
     """Have `encoder.sampling_step` count the optimizer steps that follow its training forward passes.
 
-    A global torch optimizer step post-hook (registered once) advances the counter of every encoder that had a
-    training forward since its last counted step. So it counts optimizer steps, not forward passes (gradient
-    accumulation does not change it), in the Trainer and in a plain PyTorch loop alike, and a wrapper optimizer
-    that steps an inner one (accelerate's) counts once. It does not look for the encoder's parameters in the
-    optimizer, since DeepSpeed ZeRO and FSDP step flattened copies of them; so the first optimizer step after a
-    training forward counts, whichever optimizer takes it. The counter is saved with the adapter, so resuming
-    from a checkpoint continues the temperature schedule exactly.
+    A global torch optimizer step post-hook (registered once; number 13 in the patch table of `_patches`) advances
+    the counter of every encoder that had a training forward since its last counted step, when the optimizer that
+    steps holds the encoder's parameters. So it counts optimizer steps, not forward passes (gradient accumulation
+    does not change it), in the Trainer and in a plain PyTorch loop alike; a wrapper optimizer that steps an inner
+    one (accelerate's) counts once; and an optimizer of another model in the same process leaves it alone. FSDP2
+    steps the encoder's own (sharded) parameters, so it is found there too. The fallback: DeepSpeed ZeRO and FSDP1
+    step flattened copies of the parameters (ZeRO's plain fp32 partitions, FSDP1's `FlatParameter`), in which no
+    parameter of the encoder can be found, so an optimizer that steps only such copies counts as the encoder's. The
+    counter is saved with the adapter, so resuming from a checkpoint continues the temperature schedule exactly.
     """
     global _step_counter_handle
     if _step_counter_handle is None:
@@ -53,9 +55,24 @@ def _register_step_counter(encoder: ComPTEncoder) -> None:
     _step_counting_encoders.add(encoder)
 
 
+def _steps_flattened_copies(parameters: list[torch.Tensor]) -> bool:
+    """Whether an optimizer's parameters are flattened copies made by a distributed wrapper, not module parameters:
+    DeepSpeed ZeRO's fp32 partitions are plain tensors, FSDP1's are `FlatParameter`s."""
+    return bool(parameters) and all(
+        not isinstance(parameter, nn.Parameter) or type(parameter).__name__ == "FlatParameter"
+        for parameter in parameters
+    )
+
+
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    for encoder in list(_step_counting_encoders):
-        if encoder._forward_since_step:
+    waiting = [encoder for encoder in list(_step_counting_encoders) if encoder._forward_since_step]
+    if not waiting:
+        return
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    held = {id(parameter) for parameter in parameters}
+    flattened = _steps_flattened_copies(parameters)
+    for encoder in waiting:
+        if flattened or any(id(parameter) in held for parameter in encoder.parameters()):
             encoder._forward_since_step = False
             with torch.no_grad():
                 encoder.sampling_step += 1
