@@ -97,7 +97,9 @@ def _run(tmp_path: Path, script: str) -> subprocess.CompletedProcess:
     path = tmp_path / "script.py"
     path.write_text(textwrap.dedent(script))
     env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    return subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
 
 
 TINY_GPT2 = """
