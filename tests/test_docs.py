@@ -52,6 +52,22 @@ def test_docs_have_tested_examples():
     assert {"methods/residual.md", "methods/compt.md", "methods/bayesian.md", "guides/exporting.md"} <= set(PAGES)
 
 
+def _bash_lines(markdown: str) -> set[str]:
+    return {
+        line.strip() for block in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S) for line in block.splitlines()
+    }
+
+
+def test_readme_shows_the_fresh_machine_commands():
+    """The front page itself shows the set-up with the main job and the test command that CI runs, as the set-up
+    page does."""
+    readme = _bash_lines((ROOT / "README.md").read_text())
+    setup = {line for line in _bash_lines((ROOT / "docs" / "index.md").read_text()) if "benchmarks.demo" in line}
+    assert len(setup) == 1 and setup <= readme, setup
+    assert "bash scripts/test.sh" in readme
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(README_BLOCKS)))
 def test_readme_example_runs(index, tmp_path):

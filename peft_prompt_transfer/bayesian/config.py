@@ -108,8 +108,7 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         likelihood_scale (`float`): Source: the factor (inverse temperature) multiplying the mean loss in the log
             posterior. Default 1.0: the mean loss (see above). On SmolLM2 (MR and SUBJ targets, five seeds)
             `likelihood_scale=4` (the number of particles, as if each particle saw the whole batch) drew the
-            particles closer but scored no better on MR and 5.1 points worse on SUBJ (docs/evidence.md, claim 2 on
-            SmolLM2).
+            particles closer but scored no better on MR and worse on SUBJ (docs/evidence.md#smollm2-claim-2).
         particle_assignment (`str`): Source: `"sharded"` (default): example `b` of a batch is given to particle
             `b mod M` and one forward pass serves all particles, so a step costs about what prompt tuning costs.
             `"replicated"`: every particle sees every example; the batch must be expanded M times with
@@ -117,7 +116,7 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
             Replicated is SVGD as its authors wrote it (every particle's gradient on the same minibatch); sharded
             departs from it for the cost: on SmolLM2 (MR and SUBJ targets, five seeds) the two showed no accuracy
             difference, whether replicated had the same compute per step or the same examples per step (M times the
-            compute) (docs/evidence.md, claim 2 on SmolLM2).
+            compute) (docs/evidence.md#smollm2-claim-2).
         source_tasks (`list[str]`, *optional*): Source: the names of the source tasks, in the order of the
             `task_ids` that [`combine_tasks`] assigns. Recorded in the posterior's config; `task_ids` passed to the
             model are checked against it (they do not change the prompt: the posterior is shared by all tasks).
@@ -128,14 +127,14 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
             the paper's "prompts sampled from the posterior"), or `"sample"` (a draw from the Gaussian with the
             particles' mean and per-entry variance). The default departs from the paper so that the start does not
             depend on a draw: on SmolLM2 a target from one particle showed no accuracy difference from one from the
-            mean (docs/evidence.md, claim 2 on SmolLM2).
+            mean (docs/evidence.md#smollm2-claim-2).
         target_init_seed (`int`, *optional*): Target: the seed of the random draws of `"particle:random"` and
             `"sample"` (and of the decomposition's extra rank columns). None (default): torch's global random
             generator, so `torch.manual_seed` before `get_peft_model` makes them reproducible.
         target_prompt (`str`): Target: `"plain"` (default: one trainable prompt) or `"decomposed"` (the paper's
             MPT-style `S ⊙ (U V)`, see above). The default departs from the paper: it trains fewer parameters, and
-            on SmolLM2 the decomposed target showed no accuracy difference from the plain one (docs/evidence.md,
-            claim 2 on SmolLM2).
+            on SmolLM2 the decomposed target showed no accuracy difference from the plain one
+            (docs/evidence.md#smollm2-claim-2).
         decomposition_rank (`int`): Target, with `target_prompt="decomposed"`: the rank r of `U V`. Default 1 (the
             paper's). `U`'s first column and `V`'s first row start as ones; with r > 1 the other columns of `U`
             start from N(0, 0.02^2) (MPT's init) and the other rows of `V` at zero, so that `U V` is all ones at
@@ -164,8 +163,8 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         default=None,
         metadata={
             "help": "Source stage: inverse temperature multiplying the mean loss in the log posterior. Default 1, "
-            "departing from the paper's exact posterior (the data size N, which collapses the particles); 4 scored "
-            "no better on SmolLM2 (docs/evidence.md)."
+            "departing from the paper's exact posterior (the data size N, which collapses the particles); scaling by "
+            "the number of particles scored no better on SmolLM2 (docs/evidence.md#smollm2-claim-2)."
         },
     )
     particle_assignment: Optional[str] = field(

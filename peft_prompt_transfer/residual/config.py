@@ -38,8 +38,8 @@ class ResidualPromptConfig(TransferPromptLearningConfig):
             embeddings' RMS entry `sqrt(mean(W^2))`, a fixed buffer, so the branch starts as long as a vocabulary
             token (`rms * sqrt(token_dim)`) and keeps the LayerNorm's cap, and the optimizer moves the gain and bias
             in units of the embeddings' scale. Needs `layer_norm=True`. On SmolLM2 (five seeds, LRs chosen on
-            dev) it scored level with the paper's branch on four targets (+2.9 points [-1.4, +7.3] at best), so
-            the default stays `"unit"`.
+            dev) it scored level with the paper's branch on every target, so the default stays `"unit"`; the numbers
+            are in docs/evidence.md#smollm2-claim-1.
         dropout (`float`): Dropout after the activation, in [0, 1).
         shared_mlp (`bool`): One MLP for all prompt tokens (paper default) or one MLP per token.
         residual (`bool`): Add the skip connection. `False` gives the plain MLP reparameterisation baseline.
@@ -58,7 +58,7 @@ class ResidualPromptConfig(TransferPromptLearningConfig):
             "help": "Scale of the branch's LayerNorm output: 'unit' (the paper's, gain 1: the branch starts at norm "
             "sqrt(token_dim)) or 'embedding_rms' (times the word embeddings' RMS entry: the branch starts as long "
             "as a vocabulary token). Default: the paper's; on SmolLM2 the two scored level "
-            "(see docs/methods/residual.md)."
+            "(docs/evidence.md#smollm2-claim-1)."
         },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout after the activation, in [0, 1)."})
