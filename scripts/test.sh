@@ -10,6 +10,16 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# pytest on both cores (pytest-xdist; each worker runs torch on one thread, tests/conftest.py), then the torchrun
+# and accelerate tests alone: each launches two processes, which must not share the cores with a worker.
+# Exit status 5 (no test selected, e.g. with -m "not distributed") is not a failure of the second run.
+run_tests() {
+  local python=$1
+  shift
+  "$python" -m pytest -n 2 --ignore=tests/test_distributed.py "$@"
+  "$python" -m pytest tests/test_distributed.py "$@" || [ $? -eq 5 ]
+}
+
 versions() { "$1/bin/python" -c 'import peft, torch, transformers; print("peft", peft.__version__, "transformers", transformers.__version__, "torch", torch.__version__)'; }
 
 # torch is pinned to the release whose CPU wheel lies on these machines (any other pulls gigabytes)
@@ -21,9 +31,9 @@ echo "== newest supported (constraints/newest.txt): $(versions .venv)"
 # lint and format (ruff, configured in pyproject.toml) before the tests: a failure here costs seconds, not minutes
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest "$@"
+run_tests .venv/bin/python "$@"
 # the tutorial notebooks in notebooks/ (real MiniLM and data, tiny training budgets), executed with nbmake
-.venv/bin/python -m pytest --nbmake notebooks
+.venv/bin/python -m pytest -n 2 --nbmake notebooks
 # the documentation site (docs/, mkdocs.yml), warnings as errors: broken links, docstrings griffe cannot read
 .venv/bin/python -m mkdocs build --strict --site-dir .site
 # the sdist and wheel as a package index gets them; the wheel installed in a clean venv, used from outside the repo
@@ -34,4 +44,4 @@ bash scripts/check_package.sh
 [ -x .venv-peft-oldest/bin/python ] || "$PYTHON" -m venv .venv-peft-oldest
 .venv-peft-oldest/bin/pip install -q -c constraints/oldest.txt torch==2.13.0 -e ".[test]"
 echo "== oldest supported (constraints/oldest.txt): $(versions .venv-peft-oldest)"
-.venv-peft-oldest/bin/python -m pytest -m "not slow" "$@"
+run_tests .venv-peft-oldest/bin/python -m "not slow" "$@"
