@@ -86,17 +86,15 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
     training examples N (10^3 to 10^5): the data term would then be that many times the repulsion, and the
     particles would become independent MAP runs that collapse within each mode. With the mean loss
     (`likelihood_scale=1`, the default: the posterior at temperature N) the two terms start out of the same order
-    for embedding-like prompts; measured on all-MiniLM-L6-v2 with SST-2 + CoLA, prompts of 10-50 tokens and 4-16
-    particles initialised from the vocabulary: data 0.04-0.06, repulsion 0.02-0.08. Because `dist` grows like the
-    square root of the prompt's size `num_virtual_tokens * token_dim` while the mean-loss gradient does not, the
-    data term can still dwarf the repulsion for long prompts on wide models: lower `likelihood_scale` there
-    (roughly in proportion to `sqrt(3840 / (num_virtual_tokens * token_dim))` keeps the measured balance), and
-    raise it if the data is not being fitted. The prior's default scale, 10, is an L2 penalty of
-    `0.01/2 * ||P||^2` on the mean loss (a common weight-decay strength). It matters with Adam, which scales every
-    coordinate's step to the learning rate and so turns the small repulsive gradient in directions the data does
-    not constrain into full-size steps: in the run above the particles' norms stayed at about 12 (plain prompt
-    tuning's prompt reached 15 in the same 150 steps) and their distances at 1.6 times their norms, while with
-    `prior_scale=100` the norms passed 60 and kept growing.
+    for embedding-like prompts, as measured on all-MiniLM-L6-v2. Because `dist` grows like the square root of the
+    prompt's size `num_virtual_tokens * token_dim` while the mean-loss gradient does not, the data term can still
+    dwarf the repulsion for long prompts on wide models: lower `likelihood_scale` there (roughly in proportion to
+    `sqrt(3840 / (num_virtual_tokens * token_dim))` keeps the measured balance), and raise it if the data is not
+    being fitted. The prior's default scale, 10, is an L2 penalty of `0.01/2 * ||P||^2` on the mean loss (a common
+    weight-decay strength). It matters with Adam, which scales every coordinate's step to the learning rate and so
+    turns the small repulsive gradient in directions the data does not constrain into full-size steps: with the
+    default the particles' norms stay near a plain prompt's, while with a ten times wider prior they keep growing.
+    The measurements are in docs/evidence.md#svgd-scales.
 
     Args:
         stage (`str`): `"source"` or `"target"`.
