@@ -47,6 +47,8 @@ _OUR_ENCODERS: dict[str, type] = {}
 _DISABLED_FEATURES: dict[str, str] = {}
 # the correctness feature without which none of our adapters can be built: our configs refuse while it is off
 PROMPT_FEATURE = "prompt set-up and forward"
+# the convenience feature behind `shared_prefix`: a config that asks for it with "on" refuses while it is off
+SHARED_PREFIX_FEATURE = "the shared-prefix forward of causal LMs"
 
 
 def supported_install_command() -> str:

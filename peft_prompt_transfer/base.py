@@ -13,7 +13,14 @@ from peft import PromptLearningConfig
 from peft.tuners.prompt_tuning import PromptEmbedding, PromptTuningInit
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ._compat import IMPORT_LINE, PACKAGE_NAME, PROMPT_FEATURE, BasePromptEncoder, require_feature
+from ._compat import (
+    IMPORT_LINE,
+    PACKAGE_NAME,
+    PROMPT_FEATURE,
+    SHARED_PREFIX_FEATURE,
+    BasePromptEncoder,
+    require_feature,
+)
 from ._version import __version__
 
 
@@ -91,6 +98,9 @@ def load_module_state(module: torch.nn.Module, state_dict: dict[str, torch.Tenso
         own[name].copy_(value)
 
 
+SHARED_PREFIX_MODES = ("auto", "on", "off")
+
+
 def _plugin_record() -> dict:
     return {"package": PACKAGE_NAME, "version": __version__, "import": IMPORT_LINE}
 
@@ -114,6 +124,10 @@ class TransferPromptLearningConfig(PromptLearningConfig):
         peft_plugin (`dict`): Which package provides this method and how to load it. Filled in automatically.
         base_vocab_size (`int`, *optional*): The vocabulary size of the base model the adapter was made for. Filled
             in automatically; loading onto a model with another vocabulary warns.
+        shared_prefix (`str`): How a causal LM's forward runs the prompt: `"auto"` (default) runs each distinct
+            prompt of a batch through the model once and gives its keys and values to the rows wherever that gives
+            the concatenated path's outputs, and concatenates elsewhere; `"on"` always shares, or raises an error
+            that says why it cannot; `"off"` always concatenates, as peft's `PROMPT_TUNING` does.
     """
 
     prompt_tuning_init: Union[PromptTuningInit, str] = field(
@@ -141,6 +155,21 @@ class TransferPromptLearningConfig(PromptLearningConfig):
 
     base_vocab_size: Optional[int] = field(
         default=None, metadata={"help": "Vocabulary size of the base model the adapter was made for (filled in)."}
+    )
+    shared_prefix: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "How a causal LM's forward runs the prompt. 'auto' (default): each distinct prompt of a batch runs "
+                "through the model once and its keys and values are shared by the rows (the same outputs as "
+                "peft's concatenation, at a fraction of the cost), wherever that is exact: a decoder-only base "
+                "model whose cache holds only keys and values, no dropout active in training mode, no gradient "
+                "checkpointing in training, no rope scaling that depends on the total length, no "
+                "output_attentions; elsewhere it concatenates, as peft does. 'on': share, or raise an error that "
+                "says why it cannot. 'off': always concatenate. It decides only how a forward runs: an adapter "
+                "saved with any value loads anywhere. See docs/guides/shared-prefix.md."
+            )
+        },
     )
 
     @property
@@ -179,6 +208,17 @@ class TransferPromptLearningConfig(PromptLearningConfig):
                 raise ValueError("prompt_tuning_init='TEXT' needs a non-empty prompt_tuning_init_text.")
         elif self.tokenizer_kwargs:
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'; remove it or use TEXT.")
+        if self.shared_prefix not in SHARED_PREFIX_MODES:
+            raise ValueError(f"shared_prefix must be one of {list(SHARED_PREFIX_MODES)}, got {self.shared_prefix!r}.")
+        task_type = getattr(self.task_type, "value", self.task_type)
+        if self.shared_prefix == "on":
+            if task_type != "CAUSAL_LM":
+                raise ValueError(
+                    f"shared_prefix='on' needs task_type='CAUSAL_LM' (a decoder-only language model), got "
+                    f"{task_type!r}: only a causal LM's prompt keys and values are independent of the input. Use "
+                    "'auto' or 'off'."
+                )
+            require_feature(SHARED_PREFIX_FEATURE)
 
 
 def initial_prompt(
@@ -211,6 +251,10 @@ class TransferPromptEncoder(BasePromptEncoder):
 
     - `forward(batch_size, task_ids)` returns the prompts `[batch_size, num_virtual_tokens, token_dim]`
       that are prepended to the input embeddings;
+    - `distinct_prompts(batch_size, task_ids)` returns the same prompts without repeats: the distinct prompts
+      `[num_distinct, num_virtual_tokens, token_dim]` and each row's index into them `[batch_size]`, so that
+      `prompts.index_select(0, rows)` has `forward`'s values and passes the same gradients to the encoder (the
+      shared-prefix path runs each distinct prompt through the model once);
     - `adapter_state_dict()` returns what `save_pretrained` writes: always `prompt_embeddings`
       (the prompt inference uses, shaped like `self.embedding.weight`), plus whatever the method
       needs to resume training exactly;
@@ -246,6 +290,11 @@ class TransferPromptEncoder(BasePromptEncoder):
         self.config = config
 
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def distinct_prompts(
+        self, batch_size: int, task_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def inference_prompt(self, task: Optional[Union[int, str]] = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ only while upstream still needs it (its gate), and is disabled as its kind says 
 | 1 | `PeftModel._setup_prompt_encoder` | `prompt.py` | prompt set-up and forward (correctness) | peft builds encoders only for its own prompt types: for ours it runs its code on a stand-in `PromptTuningConfig` (freezing the base model, finding the word embeddings and the backbone), then swaps in our encoder |
 | 2 | `PeftModel.get_prompt` | `prompt.py` | prompt set-up and forward | peft branches on its own prompt types; ours ask their encoder, which takes `task_ids` and needs no `prompt_tokens` |
 | 3 | `PeftModelForSeq2SeqLM.forward` | `prompt.py` | the forward pass of seq2seq models (correctness) | peft puts only `PROMPT_TUNING` / `P_TUNING` prompts on the encoder input; ours take the same path, with `task_ids` (mirrors peft 0.21.2) |
+| 3b | `PeftModelForCausalLM.forward` | `prompt.py`, `shared_prefix.py` | the shared-prefix forward of causal LMs (convenience: without it, peft's concatenation) | with `shared_prefix` "auto" or "on", each distinct prompt of the batch runs through the decoder once and its keys and values are gathered to the rows (`shared_prefix.py` says when it applies); otherwise peft's own forward (mirrors peft 0.21.2) |
 | 4 | `PeftModelForCausalLM.prepare_inputs_for_generation` | `generation.py` | cached generation on causal LMs (correctness; only while transformers passes `cache` and peft's function does not read it) | transformers 5.24 passes the KV cache as `cache` and no `cache_position`; peft <= 0.21.2 looks for `past_key_values`, finds none and prepends the prompt at every decoding step. peft's code gets the inputs in the form it knows, and its result is handed back in transformers' form |
 | 5 | `PeftModelForSeq2SeqLM.generate` | `generation.py` | generation on seq2seq models (correctness) | as 3, for `generate` (mirrors peft 0.21.2) |
 | 6 | `PeftModel.get_prompt_embedding_to_save` | `persistence.py` | saving and loading (correctness) | peft feeds token indices to the encoder; ours return the prompt inference uses (under FSDP2 without gathering the shards) |
@@ -46,13 +47,14 @@ from .._compat import check_versions
 from .generation import CAUSAL_GENERATION, SEQ2SEQ_GENERATION
 from .patching import PatchGroup, install_groups
 from .persistence import ATOMIC_SAVE, CLEAR_LOAD_ERRORS, HUB_CARDS, PERSISTENCE, STATE_DICT_HOOKS, TRAINABLE_LOADS
-from .prompt import PROMPT, SEQ2SEQ_FORWARD
+from .prompt import PROMPT, SEQ2SEQ_FORWARD, SHARED_PREFIX
 from .trainer import TRAINER_TASK_IDS
 
 # in dependency order: a group after the groups it requires
 GROUPS: tuple[PatchGroup, ...] = (
     PROMPT,
     SEQ2SEQ_FORWARD,
+    SHARED_PREFIX,
     CAUSAL_GENERATION,
     SEQ2SEQ_GENERATION,
     PERSISTENCE,

@@ -219,10 +219,9 @@ def install_groups(groups: Sequence[PatchGroup]) -> None:
         disabled.add(group.name)
         why = "; ".join(problems)
         if group.kind == "convenience":
-            warnings.warn(
-                f"{PACKAGE_NAME}: {group.name} is off ({why}, in {_upstream_versions()}). {group.lost}",
-                stacklevel=4,
-            )
+            message = f"{PACKAGE_NAME}: {group.name} is off ({why}, in {_upstream_versions()}). {group.lost}"
+            disable_feature(group.name, message)  # for options that ask for it explicitly
+            warnings.warn(message, stacklevel=4)
             continue
         message = (
             f"{PACKAGE_NAME} cannot run {group.name} for its adapters on this installation: {why} "

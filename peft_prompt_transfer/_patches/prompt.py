@@ -7,8 +7,16 @@ from typing import Optional
 import torch
 from peft import PeftModelForSeq2SeqLM
 
-from .._compat import PROMPT_FEATURE, encoder_class, is_ours, prompt_tuning_config_like, require_feature
+from .._compat import (
+    PROMPT_FEATURE,
+    SHARED_PREFIX_FEATURE,
+    encoder_class,
+    is_ours,
+    prompt_tuning_config_like,
+    require_feature,
+)
 from .patching import Patch, PatchGroup
+from .shared_prefix import shared_prefix_forward, why_not_shared
 
 SEQ2SEQ_FORWARD_FEATURE = "the forward pass of seq2seq models"
 
@@ -81,6 +89,53 @@ def _wrap_seq2seq_forward(original):
     return forward
 
 
+def _wrap_causal_forward(original):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
+        config = self.active_peft_config
+        concatenate = not is_ours(config) or config.shared_prefix == "off"
+        if not concatenate:
+            from peft.utils.other import _get_batch_size  # private: imported where used, once `uses` found it
+
+            _get_batch_size(input_ids, inputs_embeds)  # peft's check that one of the two is given
+            reason = why_not_shared(self, output_attentions, kwargs)
+            if reason is not None and config.shared_prefix == "on":
+                raise ValueError(
+                    f"shared_prefix='on', but this forward cannot share the prompt's keys and values: {reason}. "
+                    "Remove the cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
+                )
+            concatenate = reason is not None
+        if concatenate:
+            return original(
+                self,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                task_ids=task_ids,
+                **kwargs,
+            )
+        self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)  # peft drops position_ids, with its warning
+        return shared_prefix_forward(
+            self, input_ids, attention_mask, inputs_embeds, labels, output_hidden_states, return_dict, task_ids, kwargs
+        )
+
+    return forward
+
+
 PROMPT = PatchGroup(
     name=PROMPT_FEATURE,
     kind="correctness",
@@ -109,5 +164,28 @@ SEQ2SEQ_FORWARD = PatchGroup(
     uses=(
         "peft.peft_model:PeftModel._adjust_prompt_learning_kwargs",
         "peft.utils.other:_get_batch_size",
+    ),
+)
+
+SHARED_PREFIX = PatchGroup(
+    name=SHARED_PREFIX_FEATURE,
+    kind="convenience",
+    patches=(
+        Patch(
+            "peft.peft_model:PeftModelForCausalLM.forward",
+            _wrap_causal_forward,
+            ("input_ids", "attention_mask", "inputs_embeds", "labels", "task_ids"),
+            mirrors="peft 0.21.2's PeftModelForCausalLM.forward, prompt-tuning branch",
+        ),
+    ),
+    requires=(PROMPT_FEATURE,),
+    uses=(
+        "peft.peft_model:PeftModel._adjust_prompt_learning_kwargs",
+        "peft.utils.other:_get_batch_size",
+        "transformers:DynamicCache.batch_select_indices",
+    ),
+    lost=(
+        "causal LMs run the prompt in front of every row, as peft does: the same outputs at peft's cost; "
+        "shared_prefix='on' is refused."
     ),
 )

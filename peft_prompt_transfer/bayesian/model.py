@@ -164,16 +164,41 @@ class BayesianPromptEncoder(TransferPromptEncoder):
     # -- forward ----------------------------------------------------------------------------------
 
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        prompts, rows = self._prompts_and_rows(batch_size, task_ids)
+        if rows is None:
+            return prompts.expand(batch_size, -1, -1)
+        scale = self._particle_gradient_scale(rows, prompts)
+        prompts = prompts.index_select(0, rows)
+        if scale is not None:
+            prompts = _ScaleGradient.apply(prompts, scale[rows].view(-1, 1, 1))
+        return prompts
+
+    def distinct_prompts(
+        self, batch_size: int, task_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts, rows = self._prompts_and_rows(batch_size, task_ids)
+        if rows is None:
+            return prompts, torch.zeros(batch_size, dtype=torch.long, device=prompts.device)
+        scale = self._particle_gradient_scale(rows, prompts)
+        prompts = prompts[: min(batch_size, prompts.shape[0])]  # particles with at least one row
+        if scale is not None:  # per particle: the same factor on each of its rows' gradients
+            prompts = _ScaleGradient.apply(prompts, scale[: prompts.shape[0]].view(-1, 1, 1))
+        return prompts, rows
+
+    def _prompts_and_rows(
+        self, batch_size: int, task_ids: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The prompts of this forward, and each row's particle (None: the one prompt serves every row)."""
         self._check_task_ids(task_ids, batch_size)
         weight = self.embedding.weight
         training = self.training and weight.requires_grad
         if training:
             self._register_step_transform()  # again: a deep copy of this encoder has a fresh parameter
         if self.config.stage == "target":
-            return self._target_prompt().unsqueeze(0).expand(batch_size, -1, -1)
+            return self._target_prompt().unsqueeze(0), None
         num_particles = weight.shape[0]
         if not (self.training or self._one_particle_per_row):  # inference: the posterior mean for every row
-            return weight.mean(dim=0).unsqueeze(0).expand(batch_size, -1, -1)
+            return weight.mean(dim=0).unsqueeze(0), None
         if training and self.config.particle_assignment == "replicated" and batch_size % num_particles:
             raise ValueError(
                 f"particle_assignment='replicated' needs each example repeated num_particles={num_particles} "
@@ -181,15 +206,20 @@ class BayesianPromptEncoder(TransferPromptEncoder):
                 f"data_collator=ParticleReplicationCollator({num_particles}, your_collator) to the Trainer (or "
                 "expand_for_particles(batch, num_particles) in your own loop)."
             )
-        rows = assign_particles(batch_size, num_particles, weight.device)
-        prompts = weight.index_select(0, rows)
-        if batch_size % num_particles and torch.is_grad_enabled() and weight.requires_grad:
-            # Particle j has n_j of the B rows; scaling its rows' gradient by B / (M n_j) makes M * dLoss/dP_j the
-            # gradient of its own mean loss, as svgd_gradient assumes, instead of weighting it by n_j.
-            counts = torch.bincount(rows, minlength=num_particles).to(prompts.dtype)
-            scale = (batch_size / (num_particles * counts))[rows].view(-1, 1, 1)
-            prompts = _ScaleGradient.apply(prompts, scale)
-        return prompts
+        return weight, assign_particles(batch_size, num_particles, weight.device)
+
+    @staticmethod
+    def _particle_gradient_scale(rows: torch.Tensor, particles: torch.Tensor) -> Optional[torch.Tensor]:
+        """Each particle's gradient factor when the batch does not split evenly (None when it does, or no gradient).
+
+        Particle j has n_j of the B rows; scaling its rows' gradient by B / (M n_j) makes M * dLoss/dP_j the gradient
+        of its own mean loss, as svgd_gradient assumes, instead of weighting it by n_j.
+        """
+        batch_size, num_particles = rows.shape[0], particles.shape[0]
+        if not batch_size % num_particles or not (torch.is_grad_enabled() and particles.requires_grad):
+            return None
+        counts = torch.bincount(rows, minlength=num_particles).to(particles.dtype)
+        return batch_size / (num_particles * counts)
 
     def _target_prompt(self) -> torch.Tensor:
         """The target stage's prompt: `embedding.weight`, or `S ⊙ (U V)` when decomposed."""

@@ -305,11 +305,22 @@ class ComPTEncoder(TransferPromptEncoder):
         return shared + private
 
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        task_ids = self._batch_task_ids(batch_size, task_ids)
+        # index_select, not fancy indexing: its backward is deterministic on CPU (same gradients every run)
+        return self.task_prompts().index_select(0, task_ids)
+
+    def distinct_prompts(
+        self, batch_size: int, task_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tasks, rows = torch.unique(self._batch_task_ids(batch_size, task_ids), return_inverse=True)
+        return self.task_prompts().index_select(0, tasks), rows
+
+    def _batch_task_ids(self, batch_size: int, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """The batch's task ids, checked, on the encoder's device (the active task's for calls without them)."""
         if task_ids is None and self.active_task is not None:
             task_ids = torch.full((batch_size,), self.active_task, dtype=torch.long)
         task_ids = check_task_ids(task_ids, batch_size, self.config.num_tasks, "COMPT")
-        # index_select, not fancy indexing: its backward is deterministic on CPU (same gradients every run)
-        return self.task_prompts().index_select(0, task_ids.to(self.embedding.weight.device))
+        return task_ids.to(self.embedding.weight.device)
 
     @torch.no_grad()
     def inference_prompt(self, task: Optional[Union[int, str]] = None) -> torch.Tensor:

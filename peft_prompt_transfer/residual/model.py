@@ -155,13 +155,22 @@ class ResidualPromptEncoder(TransferPromptEncoder):
         return self.reparameterization(self.embedding.weight)
 
     def forward(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # computed once per batch and broadcast, not once per example
+        return self._single_prompt(task_ids).unsqueeze(0).expand(batch_size, -1, -1)
+
+    def distinct_prompts(
+        self, batch_size: int, task_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt = self._single_prompt(task_ids).unsqueeze(0)
+        return prompt, torch.zeros(batch_size, dtype=torch.long, device=prompt.device)
+
+    def _single_prompt(self, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
         if task_ids is not None:
             raise ValueError(
                 "RESIDUAL_PROMPT_TUNING has a single prompt and takes no task_ids; remove the `task_ids` "
                 "argument/column (task_ids are for multi-task methods such as ComPT)."
             )
-        # computed once per batch and broadcast, not once per example
-        return self._prompt().unsqueeze(0).expand(batch_size, -1, -1)
+        return self._prompt()
 
     @torch.no_grad()
     def inference_prompt(self, task: Optional[Union[int, str]] = None) -> torch.Tensor:

@@ -1,0 +1,209 @@
+"""The shared-prefix path: a decoder-only model runs each distinct prompt once per batch, not once per row.
+
+In a decoder-only model the prompt comes first and attention is causal, so the prompt's keys and values at every
+layer do not depend on the input. peft's `PROMPT_TUNING` concatenates the prompt in front of every row, so a batch of
+B rows pushes the same P positions through the frozen model B times, forward and backward. Here the U distinct
+prompts of the batch (one for residual and a Bayesian target, one per task present for ComPT, one per particle for
+a Bayesian source in training) go through the model once, with the cache on; their per-layer keys and values are
+gathered to the rows, and the rows run with that cache and the attention mask extended by P ones. Gradients flow
+back through the gathered keys and values to the prompts. The work that grows with tokens falls from B·(P+L)
+positions to U·P + B·L.
+
+It gives peft's outputs: the logits have peft's shape, prompt positions included (computed U times, gathered to the
+rows), and the loss is the model's own loss function on the same logits and labels as the concatenated path's,
+including the first input token, which the last prompt position predicts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# rope scaling whose frequencies depend on the whole sequence's length: a prefix run alone would see other positions
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def cache_keyword(model: nn.Module) -> Optional[str]:
+    """The name under which `model.forward` takes a KV cache (`cache` from transformers 5.24, `past_key_values`
+    before), or None if it takes none."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _active_dropout(model: nn.Module) -> Optional[str]:
+    """A dropout that is active in `model` (training mode), named, or None: a `nn.Dropout` with p > 0, or a module's
+    float attribute named like a dropout rate (attention layers pass `self.attention_dropout` to the kernel)."""
+    if not model.training:
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return f"{name} (p={module.p})"
+        for attribute, value in vars(module).items():
+            if "dropout" in attribute and isinstance(value, float) and value > 0:
+                return f"{name}.{attribute}={value}"
+    return None
+
+
+def _rope_type(config: Any) -> Optional[str]:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and "rope_type" not in rope and rope:  # per layer type (Gemma 3, ...)
+        types = {value.get("rope_type") for value in rope.values() if isinstance(value, dict)}
+        return next((kind for kind in types if kind in _LENGTH_DEPENDENT_ROPE), None)
+    return rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+
+
+def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwargs: dict[str, Any]) -> Optional[str]:
+    """Why this forward of a causal LM cannot take the shared-prefix path, or None if it can.
+
+    The rule reads the model and its config: an encoder-decoder, a forward without a KV cache, a cache whose layers
+    are not plain or sliding-window key/value layers (recurrent state), rope scaling that depends on the total
+    length, dropout active in training mode (rows would share the dropout masks of the prompt positions), gradient
+    checkpointing in training (transformers' checkpointed layers drop the cache argument), `output_attentions`, and
+    a cache passed by the caller.
+    """
+    base = peft_model.base_model
+    config = base.config
+    if getattr(config, "is_encoder_decoder", False):
+        return "the base model is an encoder-decoder"
+    keyword = cache_keyword(base)
+    if keyword is None:
+        return f"{type(base).__name__}.forward takes no KV cache"
+    if kwargs.get(keyword) is not None or kwargs.get("past_key_values") is not None:
+        return "a KV cache was passed to forward"
+    if output_attentions or getattr(config, "output_attentions", False):
+        return "output_attentions=True (the rows' attention maps would lack the prompt positions)"
+    rope = _rope_type(config.get_text_config())
+    if rope in _LENGTH_DEPENDENT_ROPE:
+        return f"its rope scaling ({rope!r}) depends on the total sequence length"
+    layers = DynamicCache(config=config).layers
+    odd_layers = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, DynamicLayer)})
+    if odd_layers:
+        return f"its cache has layers that are not key/value layers ({', '.join(odd_layers)})"
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.25's name
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    if base.training and torch.is_grad_enabled() and checkpointing:
+        return "gradient checkpointing is on (transformers' checkpointed layers drop the cache argument in training)"
+    dropout = _active_dropout(base)
+    if dropout is not None:
+        return f"dropout is active in training mode ({dropout}), so rows would share the prompt positions' masks"
+    return None
+
+
+def _kept_positions(logits_to_keep: Union[int, torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
+    """The positions (in `[0, length)`) whose logits transformers keeps for `logits_to_keep`."""
+    if isinstance(logits_to_keep, int):
+        return torch.arange(length - logits_to_keep if logits_to_keep else 0, length, device=device)
+    return torch.as_tensor(logits_to_keep, device=device).remainder(length)
+
+
+def _run(base: nn.Module, keyword: str, cache: DynamicCache, positions: torch.Tensor, length: int, **inputs):
+    """`base(**inputs)` with `cache`, keeping the logits of `positions` (all of them as transformers' default)."""
+    keep: Union[int, torch.Tensor] = 0 if positions.numel() == length else positions
+    if positions.numel() == 0:
+        keep = 1  # nothing is needed: the cheapest the model can do
+    return base(**inputs, **{keyword: cache}, logits_to_keep=keep)
+
+
+def shared_prefix_forward(
+    peft_model: nn.Module,
+    input_ids: Optional[torch.Tensor],
+    attention_mask: Optional[torch.Tensor],
+    inputs_embeds: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    output_hidden_states: Optional[bool],
+    return_dict: Optional[bool],
+    task_ids: Optional[torch.Tensor],
+    kwargs: dict[str, Any],
+):
+    """peft's causal-LM prompt-learning forward, computed with each distinct prompt run once (see the module)."""
+    base = peft_model.base_model
+    keyword = cache_keyword(base)
+    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+    if inputs_embeds is None:
+        inputs_embeds = peft_model.word_embeddings(input_ids)
+    batch_size, length = inputs_embeds.shape[:2]
+    prompts, rows = encoder.distinct_prompts(batch_size, task_ids)
+    prompts = prompts.to(inputs_embeds.dtype)
+    num_virtual_tokens = prompts.shape[1]
+    total = num_virtual_tokens + length
+    device = inputs_embeds.device
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    logits_to_keep = kwargs.pop("logits_to_keep", 0)
+    if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+        raise ValueError(
+            "labels together with logits_to_keep are not supported by the shared-prefix path (the loss needs every "
+            "position's logits). Pass one of them, or set shared_prefix='off'."
+        )
+    kept = _kept_positions(logits_to_keep, total, device)
+    order = torch.argsort(kept, stable=True)
+    kept_sorted = kept[order]
+    prompt_positions = kept_sorted[kept_sorted < num_virtual_tokens]
+    row_positions = kept_sorted[kept_sorted >= num_virtual_tokens] - num_virtual_tokens
+    rows = rows.to(device)
+
+    cache = DynamicCache(config=base.config)
+    prefix = _run(
+        base,
+        keyword,
+        cache,
+        prompt_positions,
+        num_virtual_tokens,
+        inputs_embeds=prompts,
+        use_cache=True,
+        output_hidden_states=output_hidden_states,
+        return_dict=True,
+    )
+    cache.batch_select_indices(rows)  # the prompts' keys and values, gathered to the rows (differentiably)
+    if attention_mask is not None:
+        prefix_mask = attention_mask.new_ones(batch_size, num_virtual_tokens)
+        attention_mask = torch.cat((prefix_mask, attention_mask), dim=1)
+    outputs = _run(
+        base,
+        keyword,
+        cache,
+        row_positions,
+        length,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        output_hidden_states=output_hidden_states,
+        return_dict=True,
+        **kwargs,
+    )
+    prompt_logits = prefix.logits.index_select(0, rows)
+    if row_positions.numel() == 0:
+        logits = prompt_logits
+    elif prompt_positions.numel() == 0:
+        logits = outputs.logits
+    else:
+        logits = torch.cat((prompt_logits, outputs.logits), dim=1)
+
+    loss = None
+    if labels is not None:
+        # the last prompt position predicts the first input token, as in the concatenated path
+        ignored = labels.new_full((batch_size, 1), -100)
+        loss = base.loss_function(
+            logits=logits[:, num_virtual_tokens - 1 :].contiguous(),
+            labels=torch.cat((ignored, labels.to(device)), dim=1),
+            vocab_size=base.config.get_text_config().vocab_size,
+            num_items_in_batch=num_items_in_batch,
+        )
+    if kept.numel() and not torch.equal(order, torch.arange(order.numel(), device=device)):
+        logits = logits[:, torch.argsort(order)]  # back to the caller's order of logits_to_keep
+    hidden_states = None
+    if output_hidden_states:
+        hidden_states = tuple(
+            torch.cat((prompt_layer.index_select(0, rows), row_layer), dim=1)
+            for prompt_layer, row_layer in zip(prefix.hidden_states, outputs.hidden_states)
+        )
+    # the output names the cache as the forward does (`cache` from transformers 5.24)
+    result = CausalLMOutputWithPast(
+        loss=loss, logits=logits, hidden_states=hidden_states, **{keyword: getattr(outputs, keyword, None)}
+    )
+    return result if return_dict is not False else result.to_tuple()
