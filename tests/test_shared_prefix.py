@@ -1,0 +1,255 @@
+"""The shared-prefix path gives the concatenated path's outputs, for every method on every decoder architecture the
+suite builds, and falls back (or, with "on", refuses) where it cannot be exact.
+
+Tolerances (fp32): loss and logits within 1e-5 relative, gradients within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import GENERATIVE_MODELS, TINY_MODELS, ListDataset, make_trainer
+from peft import get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GPTNeoXConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen3Config,
+)
+
+from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualPromptConfig
+
+VOCAB, HIDDEN, VIRTUAL_TOKENS = 64, 32, 5
+_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=2 * HIDDEN,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    initializer_range=0.2,
+)
+# the decoder families of the suite's models, and the attention variants the path must survive: Mistral's sliding
+# window (shorter than prompt + input), Gemma 2's alternating sliding and global layers with logit soft-capping
+DECODERS = {
+    "gpt2": lambda: TINY_MODELS["gpt2"].make_config(HIDDEN),
+    "llama": lambda: TINY_MODELS["llama"].make_config(HIDDEN),
+    "qwen2": lambda: GENERATIVE_MODELS["qwen2"].make_config(HIDDEN),
+    "opt": lambda: GENERATIVE_MODELS["opt"].make_config(HIDDEN),
+    "mistral": lambda: MistralConfig(**_DECODER, sliding_window=6),
+    "qwen3": lambda: Qwen3Config(**_DECODER, head_dim=8),
+    "phi3": lambda: Phi3Config(**_DECODER),
+    "gemma2": lambda: Gemma2Config(**_DECODER, head_dim=8, sliding_window=6),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        **{k: v for k, v in _DECODER.items() if k != "num_key_value_heads"}, hidden_dropout=0.0, attention_dropout=0.0
+    ),
+}
+METHODS = {
+    "residual": (lambda **kw: ResidualPromptConfig(bottleneck_size=8, **kw), {}),
+    "compt": (
+        lambda **kw: ComPTConfig(num_tasks=3, num_source_prompts=2, **kw),
+        {"task_ids": torch.tensor([2, 0, 2, 2])},  # two tasks present, in an order that is not sorted
+    ),
+    # 3 particles for 4 rows: the uneven split's per-particle gradient scale
+    "bayesian_source": (lambda **kw: BayesianPromptConfig(num_particles=3, **kw), {}),
+}
+
+
+def _base(arch: str, dropout_free: bool = True):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(DECODERS[arch]())
+    if dropout_free:
+        for module in base.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    return base
+
+
+def _model(arch: str, method: str, shared_prefix: str, **config_kwargs):
+    make_config, _ = METHODS[method]
+    config = make_config(
+        task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS, shared_prefix=shared_prefix, **config_kwargs
+    )
+    base = _base(arch)
+    torch.manual_seed(1)
+    return get_peft_model(base, config)
+
+
+def _batch(padding: str, seed: int = 2) -> dict:
+    input_ids = torch.randint(3, VOCAB, (4, 7), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(input_ids)
+    if padding == "left":
+        mask[0, :3], mask[1, :1] = 0, 0
+    else:
+        mask[0, -3:], mask[1, -1:] = 0, 0
+    labels = input_ids.masked_fill(mask == 0, -100)  # rows without padding on the left label their first token
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _run(model, batch: dict, **kwargs):
+    output = model(**batch, **kwargs)
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output, grads
+
+
+def _calls(model) -> list[int]:
+    """Record the batch size of every call of the base model (the shared path calls it twice: U prompts, B rows)."""
+    sizes = []
+    model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    return sizes
+
+
+def _assert_same(shared, concatenated):
+    (out, grads), (ref, ref_grads) = shared, concatenated
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
+    assert out.logits.shape == ref.logits.shape  # peft's shape, prompt positions included
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5 * ref.logits.abs().max().item())
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-4 * ref_grads[name].abs().max().item())
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("arch", sorted(DECODERS))
+def test_shared_prefix_gives_the_concatenated_loss_logits_and_gradients(arch, method, padding):
+    _, extra = METHODS[method]
+    batch = _batch(padding)
+    results = {}
+    for mode in ("on", "off"):
+        model = _model(arch, method, mode).train()
+        calls = _calls(model)
+        results[mode] = _run(model, batch, **extra)
+        distinct = {"residual": 1, "compt": 2, "bayesian_source": 3}[method]
+        assert calls == ([distinct, 4] if mode == "on" else [4]), calls
+    _assert_same(results["on"], results["off"])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_auto_shares_in_eval_and_in_training_without_dropout(method):
+    _, extra = METHODS[method]
+    model = _model("llama", method, "auto")
+    calls = _calls(model)
+    with torch.no_grad():
+        model.eval()(**_batch("left"), **extra)
+        model.train()(**_batch("left"), **extra)
+    assert len(calls) == 4  # two calls per forward: shared both times
+
+
+def test_bayesian_source_in_eval_shares_the_posterior_mean():
+    model = _model("llama", "bayesian_source", "on").eval()
+    calls = _calls(model)
+    batch = _batch("left")
+    with torch.no_grad():
+        shared = model(**batch)
+    reference = _model("llama", "bayesian_source", "off").eval()
+    with torch.no_grad():
+        concatenated = reference(**batch)
+    assert calls == [1, 4]
+    torch.testing.assert_close(shared.logits, concatenated.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.loss, concatenated.loss, rtol=1e-5, atol=0)
+
+
+def test_num_items_in_batch_counts_as_in_the_concatenated_path():
+    batch = _batch("left")
+    results = {}
+    for mode in ("on", "off"):
+        model = _model("llama", "residual", mode).train()
+        results[mode] = _run(model, batch, num_items_in_batch=torch.tensor(40))
+    _assert_same(results["on"], results["off"])
+
+
+@pytest.mark.parametrize("logits_to_keep", [1, 3, 9, torch.tensor([-1, -7, 2, 4]), torch.tensor([0, 11])])
+def test_logits_to_keep_keeps_the_same_logits(logits_to_keep):
+    batch = {k: v for k, v in _batch("left").items() if k != "labels"}
+    outputs = {}
+    for mode in ("on", "off"):
+        model = _model("llama", "compt", mode).eval()
+        with torch.no_grad():
+            outputs[mode] = model(**batch, task_ids=torch.tensor([0, 1, 0, 2]), logits_to_keep=logits_to_keep).logits
+    assert outputs["on"].shape == outputs["off"].shape
+    torch.testing.assert_close(outputs["on"], outputs["off"], rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_states_and_return_dict_false_match():
+    batch = _batch("right")
+    outputs = {}
+    for mode in ("on", "off"):
+        model = _model("qwen3", "residual", mode).eval()
+        with torch.no_grad():
+            outputs[mode] = model(**batch, output_hidden_states=True, return_dict=False)
+    (loss, logits, *_, hidden), (ref_loss, ref_logits, *_, ref_hidden) = outputs["on"], outputs["off"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert len(hidden) == len(ref_hidden)
+    for layer, ref_layer in zip(hidden, ref_hidden):
+        torch.testing.assert_close(layer, ref_layer, rtol=1e-5, atol=1e-5)
+
+
+def test_the_trainer_with_gradient_accumulation_trains_the_same(tmp_path):
+    """The Trainer passes num_items_in_batch under gradient accumulation; both paths count it alike."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, VOCAB, (8, 6), generator=generator)
+    data = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+    data["labels"][:, :2] = -100  # uneven label counts per micro-batch
+    data["labels"][0, 2:4] = -100
+    params = {}
+    for mode in ("on", "off"):
+        model = _model("llama", "residual", mode)
+        trainer = make_trainer(model, tmp_path / mode, ListDataset(data), gradient_accumulation_steps=2, max_steps=3)
+        trainer.train()
+        params[mode] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, value in params["on"].items():
+        torch.testing.assert_close(value, params["off"][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "setup, reason",
+    [
+        ("dropout", "dropout is active in training mode"),
+        ("checkpointing", "gradient checkpointing is on"),
+        ("attentions", "output_attentions=True"),
+    ],
+)
+def test_auto_falls_back_and_on_refuses_where_sharing_is_not_exact(setup, reason):
+    batch = _batch("left")
+    for mode in ("auto", "on"):
+        config = ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS, shared_prefix=mode)
+        base = _base("gpt2", dropout_free=setup != "dropout")
+        if setup == "checkpointing":
+            base.gradient_checkpointing_enable()
+        model = get_peft_model(base, config).train()
+        calls = _calls(model)
+        kwargs = {"output_attentions": True} if setup == "attentions" else {}
+        if mode == "on":
+            with pytest.raises(ValueError, match=f"shared_prefix='on', but .*{reason}"):
+                model(**batch, **kwargs)
+        else:
+            assert model(**batch, **kwargs).loss.isfinite()
+            assert calls == [4]  # concatenated: one call with every row
+
+
+def test_shared_prefix_on_is_refused_for_other_task_types():
+    with pytest.raises(ValueError, match="shared_prefix='on' needs task_type='CAUSAL_LM'"):
+        ResidualPromptConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, shared_prefix="on")
+    with pytest.raises(ValueError, match=r"shared_prefix must be one of \['auto', 'on', 'off'\], got 'yes'"):
+        ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, shared_prefix="yes")
+
+
+def test_an_adapter_saved_with_on_loads_and_runs_anywhere(tmp_path):
+    from peft import PeftModel
+
+    model = _model("llama", "residual", "on").eval()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_base("llama"), tmp_path).eval()
+    assert loaded.peft_config["default"].shared_prefix == "on"
+    batch = _batch("left")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
