@@ -63,6 +63,7 @@ def test_every_patch_is_in_the_table_of_the_patch_layer():
                 assert re.match(r"peft \d+\.\d+\.\d+'s ", patch.mirrors), patch.mirrors
                 mirrored.add(patch.target.split(":")[1])
     assert mirrored == {
+        "PeftModelForCausalLM.forward",
         "PeftModelForSeq2SeqLM.forward",
         "PeftModelForSeq2SeqLM.generate",
         "PeftModel.from_pretrained",

@@ -39,7 +39,7 @@ def _relaxed_bernoulli_logits(logits: torch.Tensor, temperature: float) -> torch
 def _register_step_counter(encoder: ComPTEncoder) -> None:
     """Have `encoder.sampling_step` count the optimizer steps that follow its training forward passes.
 
-    A global torch optimizer step post-hook (registered once; number 13 in the patch table of `_patches`) advances
+    A global torch optimizer step post-hook (registered once; number 14 in the patch table of `_patches`) advances
     the counter of every encoder that had a training forward since its last counted step, when the optimizer that
     steps holds the encoder's parameters. So it counts optimizer steps, not forward passes (gradient accumulation
     does not change it), in the Trainer and in a plain PyTorch loop alike; a wrapper optimizer that steps an inner
