@@ -27,7 +27,7 @@ from .compt import (
     plot_routing_weights,
     set_active_task,
 )
-from .export import export_prompt_tuning
+from .export import export_kv_prefix, export_prompt_tuning
 from .multitask import TaskIdsCollator, check_task_ids, combine_tasks
 from .residual import RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder
 
@@ -57,5 +57,6 @@ __all__ = [
     "TaskIdsCollator",
     "check_task_ids",
     "combine_tasks",
+    "export_kv_prefix",
     "export_prompt_tuning",
 ]

@@ -15,8 +15,9 @@ Base classes, configs and encoders import this module and never the patch layer.
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import peft
 import torch
@@ -151,3 +152,10 @@ def prompt_tuning_config_like(config: Any, **overrides: Any) -> PromptTuningConf
     )
     fields.update(overrides)
     return PromptTuningConfig(**fields)
+
+
+def cache_keyword(model: torch.nn.Module) -> Optional[str]:
+    """The name under which `model.forward` takes a KV cache (`cache` from transformers 5.24, `past_key_values`
+    before), or None if it takes none."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)

@@ -16,7 +16,6 @@ including the first input token, which the last prompt position predicts.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Optional, Union
 
 import torch
@@ -25,15 +24,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .._compat import cache_keyword
+
 # rope scaling whose frequencies depend on the whole sequence's length: a prefix run alone would see other positions
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
-
-
-def cache_keyword(model: nn.Module) -> Optional[str]:
-    """The name under which `model.forward` takes a KV cache (`cache` from transformers 5.24, `past_key_values`
-    before), or None if it takes none."""
-    parameters = inspect.signature(model.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def _active_dropout(model: nn.Module) -> Optional[str]:

@@ -1,0 +1,157 @@
+"""`export_kv_prefix`: the prompt's keys and values as a stock peft PREFIX_TUNING adapter, loaded in a fresh
+interpreter that never imports the plugin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import GENERATIVE_MODELS, TINY_MODELS, greedy_reference
+from peft import PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Gemma2Config
+
+import peft_prompt_transfer as ppt
+
+ARCHITECTURES = {"gpt2": TINY_MODELS["gpt2"], "llama": TINY_MODELS["llama"], "qwen2": GENERATIVE_MODELS["qwen2"]}
+METHODS = {
+    "residual": (lambda: ppt.ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8), {}),
+    "compt": (
+        lambda: ppt.ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, task_names=["a", "b"]),
+        {"task": "b"},
+    ),
+    "bayesian": (lambda: ppt.BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=3), {}),
+}
+NEW_TOKENS = 6
+
+WITHOUT_PLUGIN = """
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+assert "peft_prompt_transfer" not in sys.modules
+results = {}
+for case in json.load(open("cases.json")):
+    base = AutoModelForCausalLM.from_pretrained(case["base"]).eval()
+    model = PeftModel.from_pretrained(base, case["adapter"]).eval()
+    assert model.peft_config["default"].peft_type == "PREFIX_TUNING"
+    expected = torch.load(case["expected"])
+    input_ids, mask = expected["input_ids"], expected["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+        # greedy decoding with stock peft's forward passes (eos excluded, as generate(min_new_tokens=...) does)
+        out = input_ids
+        for _ in range(NEW_TOKENS):
+            step = model(input_ids=out, attention_mask=mask).logits[:, -1]
+            step[:, model.config.eos_token_id] = float("-inf")
+            out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        assert torch.equal(out[:, -NEW_TOKENS:], expected["tokens"]), case["name"]
+        generated = model.generate(input_ids=input_ids, attention_mask=expected["attention_mask"],
+                                   max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    results[case["name"]] = torch.equal(generated[:, -NEW_TOKENS:], expected["tokens"])
+# peft's own PREFIX_TUNING on the same kind of model: does its generate give its own forward's greedy tokens?
+from peft import PrefixTuningConfig, get_peft_model
+torch.manual_seed(0)
+own = get_peft_model(AutoModelForCausalLM.from_pretrained(case["base"]).eval(),
+                     PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+input_ids, mask = expected["input_ids"], expected["attention_mask"]
+with torch.no_grad():
+    out = input_ids
+    for _ in range(NEW_TOKENS):
+        step = own(input_ids=out, attention_mask=mask).logits[:, -1]
+        step[:, own.config.eos_token_id] = float("-inf")
+        out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    generated = own.generate(input_ids=input_ids, attention_mask=expected["attention_mask"],
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+print("PEFT_OWN", json.dumps(torch.equal(generated[:, -NEW_TOKENS:], out[:, -NEW_TOKENS:])))
+print("RESULTS", json.dumps(results))
+""".replace("NEW_TOKENS", str(NEW_TOKENS))
+
+
+def test_the_export_serves_the_plugins_logits_and_tokens_in_stock_peft(tmp_path):
+    cases = []
+    for arch, tiny in ARCHITECTURES.items():
+        for method, (make_config, export_kwargs) in METHODS.items():
+            name = f"{arch}-{method}"
+            base = tiny.saved(tmp_path)  # a folder the export's base_model_name_or_path names
+            torch.manual_seed(0)
+            model = get_peft_model(base, make_config()).eval()
+            if method == "compt":
+                ppt.set_active_task(model, "b")
+            config = ppt.export_kv_prefix(model, tmp_path / name, **export_kwargs)
+            assert config.peft_type == "PREFIX_TUNING" and config.num_virtual_tokens == 4
+            saved = json.loads((tmp_path / name / "adapter_config.json").read_text())
+            assert saved["peft_type"] == "PREFIX_TUNING" and "peft_plugin" not in saved
+            input_ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+            attention_mask = torch.ones_like(input_ids)
+            attention_mask[0, :2] = 0  # left padding
+            with torch.no_grad():
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 4:]  # input positions
+            tokens = greedy_reference(model, {"input_ids": input_ids, "attention_mask": attention_mask}, NEW_TOKENS)
+            torch.save(
+                {"input_ids": input_ids, "attention_mask": attention_mask, "logits": logits, "tokens": tokens},
+                tmp_path / f"{name}.pt",
+            )
+            base_path = os.path.join(str(tmp_path), f"base-{tiny.name}-32")
+            cases.append({"name": name, "base": base_path, "adapter": str(tmp_path / name), "expected": f"{name}.pt"})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(WITHOUT_PLUGIN)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the logits and the greedy tokens of stock peft's forward passes matched the plugin's for every case
+    generated_same = json.loads(result.stdout.split("RESULTS", 1)[1])
+    peft_own_consistent = json.loads(result.stdout.split("PEFT_OWN", 1)[1].split("RESULTS")[0])
+    # stock peft's prefix `generate` does not reproduce its own forward passes, for its own PREFIX_TUNING too (on
+    # peft 0.20.0 / transformers 5.17 and peft 0.21.2 / transformers 5.25): the export inherits that, no more
+    assert not peft_own_consistent and not all(generated_same.values()), (peft_own_consistent, generated_same)
+
+
+def test_export_kv_prefix_refuses_what_a_prefix_cannot_hold(tmp_path):
+    t5 = get_peft_model(
+        TINY_MODELS["t5"].build(), ppt.ResidualPromptConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4)
+    )
+    with pytest.raises(ValueError, match="decoder-only causal LM .* Use export_prompt_tuning"):
+        ppt.export_kv_prefix(t5, tmp_path / "t5")
+    bert = get_peft_model(
+        TINY_MODELS["bert"].build(), ppt.ResidualPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=4)
+    )
+    with pytest.raises(ValueError, match="task_type='SEQ_CLS'"):
+        ppt.export_kv_prefix(bert, tmp_path / "bert")
+    # Gemma 2's sliding layers keep only the window's last keys: shorter than the global layers' for a long prompt
+    torch.manual_seed(0)
+    gemma = AutoModelForCausalLM.from_config(
+        Gemma2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=3,
+        )
+    )
+    model = get_peft_model(gemma, ppt.ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=6))
+    with pytest.raises(ValueError, match="keys and values of different shapes"):
+        ppt.export_kv_prefix(model, tmp_path / "gemma")
+    assert not (tmp_path / "gemma").exists()
+    theirs = get_peft_model(
+        TINY_MODELS["llama"].build(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
+    with pytest.raises(ValueError, match="exports this package's methods"):
+        ppt.export_kv_prefix(theirs, tmp_path / "peft")
