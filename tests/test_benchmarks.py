@@ -538,3 +538,38 @@ def test_quick_suite_runs_resumes_and_renders(tmp_path):
         assert heading in report
     figures = tmp_path / "results" / "quick" / "figures"
     assert (figures / "claim3-minilm-routing.png").stat().st_size > 1000
+
+
+def test_every_registered_method_can_be_built_and_is_compared_with_registered_methods():
+    from benchmarks.core.methods import BAYESIAN_METHODS, METHODS
+    from benchmarks.core.specs import POSTERIORS
+    from benchmarks.suites.budgets import CLAIMS
+
+    for method in METHODS.values():
+        assert method.build or method.joint_config, method.name
+        assert set(method.compared_with) <= set(METHODS) - {method.name}, method.name
+        assert method.claim in (None, *CLAIMS), method.name
+    # every posterior a Bayesian method starts from is a source stage that `ensure_source` knows how to train
+    assert {METHODS[name].source_kind for name in BAYESIAN_METHODS} == set(POSTERIORS)
+
+
+@pytest.mark.parametrize(
+    "argv, module, forwarded",
+    [
+        (["cost", "--model", "smollm2"], "benchmarks.cost.ratios", ["--model", "smollm2"]),
+        (["cost", "svgd-scaling", "--repeats", "1"], "benchmarks.cost.svgd_scaling", ["--repeats", "1"]),
+        (["study", "prompt-steps", "--lr", "0.1"], "benchmarks.studies.prompt_steps", ["--lr", "0.1"]),
+        (["study", "transfer-inits"], "benchmarks.studies.transfer_inits", []),
+    ],
+)
+def test_the_entry_point_hands_cost_and_study_options_to_the_measurement(monkeypatch, argv, module, forwarded):
+    import importlib
+
+    calls = []
+    monkeypatch.setattr(importlib.import_module(module), "main", calls.append)
+    assert main(argv) == 0 and calls == [forwarded]
+
+
+def test_an_unknown_study_is_refused_with_the_names_there_are(capsys):
+    assert main(["study", "nope"]) == 2
+    assert "transfer-inits" in capsys.readouterr().err
