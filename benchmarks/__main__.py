@@ -1,12 +1,13 @@
 """The benchmarks' one entry point: run a suite, render its report, measure cost, or run a one-off study.
 
-    python -m benchmarks quick                # a few minutes: every method and claim on a tiny budget (CI smoke test)
-    python -m benchmarks full --workers 2     # about 7 h on 2 CPU cores: benchmarks/RESULTS.md
+    python -m benchmarks quick                   # a few minutes: every method and claim on a tiny budget (CI smoke test)
+    python -m benchmarks full --workers 2        # about 7 h on 2 CPU cores: benchmarks/RESULTS.md
     python -m benchmarks full --claims transfer --models minilm --data kshot
-    python -m benchmarks report full          # re-render RESULTS.md and the plots from the records
-    python -m benchmarks cost [...]           # step time, memory and inference ratios to PROMPT_TUNING
-    python -m benchmarks cost svgd-scaling [...]   # SVGD source-stage step time vs the number of particles
-    python -m benchmarks study NAME [...]     # a one-off measurement behind the docs (NAME: see STUDIES)
+    python -m benchmarks report full             # re-render RESULTS.md and the plots from the records
+    python -m benchmarks cost [...]              # step time, memory and inference ratios to PROMPT_TUNING
+    python -m benchmarks cost svgd-scaling [...] # SVGD source-stage step time vs the number of particles
+    python -m benchmarks study NAME [...]        # a one-off measurement behind the docs: prompt-steps,
+                                                 # svgd-assignment or transfer-inits
 
 Each finished run appends one JSON record to `<results-dir>/<suite>/runs.jsonl` (method, model, tasks, seed,
 hyperparameters, metrics, times, package versions). A killed suite continues where it stopped: runs that already

@@ -32,7 +32,8 @@ from benchmarks.core.runner import build_model, evaluation_set, training_data
 from benchmarks.core.sources import ensure_source, particle_spread, source_prompts
 from benchmarks.core.specs import BAYESIAN_PARTICLES, POSTERIOR_KINDS, RunSpec
 from benchmarks.core.tasks import TASKS
-from benchmarks.suites.plans import SUITES, CausalBudget, causal_runs
+from benchmarks.suites.budgets import SUITES, CausalBudget
+from benchmarks.suites.plans import causal_runs
 
 
 def _prompt(model) -> torch.Tensor:
