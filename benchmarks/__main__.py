@@ -72,7 +72,7 @@ def _add_task_options(command: argparse.ArgumentParser) -> None:
         default=None,
         metavar="JSON",
         help="add the tasks these JSON files describe (your data: LM-BFF k-shot folders or GLUE-style train/dev "
-        "files, a template and label words; see benchmarks.tasks.register_tasks), to use with --tasks",
+        "files, a template and label words; see benchmarks.core.tasks.register_tasks), to use with --tasks",
     )
     command.add_argument(
         "--tasks",

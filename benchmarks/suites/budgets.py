@@ -41,7 +41,7 @@ class CausalBudget:
     (`python -m benchmarks study prompt-steps`). Every run records its dev-set score, on which each method's LR is chosen.
 
     The first `sweep_seeds` seeds run every LR; the LR with the best dev score pooled over them (see
-    `benchmarks.selection.choose_lr`) is then the only one the later seeds run, which cuts a 5-seed suite with
+    `benchmarks.core.selection.choose_lr`) is then the only one the later seeds run, which cuts a 5-seed suite with
     3-value sweeps by 40% and still pairs every comparison over all seeds. 0: every seed runs every LR.
     """
 

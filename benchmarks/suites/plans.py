@@ -164,12 +164,14 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
     nothing, and the test sets are the same for every seed). A seed after the sweeping seeds runs each method at
     the LR `chosen_lr` gives (`WAITING_LR` while it gives None, or without `chosen_lr`).
 
-    - residual: prompt tuning, residual (the paper's branch and the one scaled to the embeddings' RMS) and
-      P-tuning on 16-shot tasks and on `full_data`, and prompt tuning vs residual with `short_virtual_tokens`;
+    Each claim runs prompt tuning and the claim's methods in the registry (`claim_methods`):
+
+    - residual: residual (the paper's branch and the one scaled to the embeddings' RMS) and P-tuning on 16-shot
+      tasks and on `full_data`, and prompt tuning vs residual with `short_virtual_tokens`;
     - transfer: no transfer, SPoT, the average of the source prompts, peft's MPT and the Bayesian variants
-      (`benchmarks.core.methods.BAYESIAN_METHODS`: sharded or replicated particles, at equal compute or equal data, the
-      likelihood scaled by M, plain or decomposed target prompt, starting from the particles' mean or from one
-      particle) on 16-shot targets, every source stage initialised as the target prompts are;
+      (`BAYESIAN_METHODS`: sharded or replicated particles, at equal compute or equal data, the likelihood scaled
+      by M, plain or decomposed target prompt, starting from the particles' mean or from one particle) on 16-shot
+      targets, every source stage initialised as the target prompts are;
     - multitask: one shared prompt and ComPT in both designs trained on all tasks; one prompt per task is the
       single-task prompt tuning runs of the same tasks, seed, LRs and steps (listed here, run once).
     """
