@@ -250,6 +250,33 @@ class Method:
     record_details: Optional[Callable[[torch.nn.Module], dict]] = None  # details to record after training
 
 
+def bayesian_method(
+    name: str,
+    label: str,
+    compared_with: tuple[str, ...],
+    source_kind: str = "bayesian",
+    optimizer: OptimizerFactory = prompt_and_head_optimizer,
+    **target_options,
+) -> Method:
+    """A Bayesian transfer method: a target prompt (`BayesianTarget(**target_options)`) started from the posterior
+    `source_kind` (one of `POSTERIORS`), compared in claim 2."""
+    return Method(
+        name,
+        label,
+        build=BayesianTarget(**target_options),
+        optimizer=optimizer,
+        claim="transfer",
+        compared_with=compared_with,
+        source_kind=source_kind,
+    )
+
+
+# both ComPT designs train at the same learning rates and record their routing: the comparison is of the design
+compt_method = partial(
+    Method, optimizer=compt_optimizer, claim="multitask", task_ids=True, record_details=routing_weights
+)
+
+
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
@@ -320,74 +347,41 @@ METHODS: dict[str, Method] = {
             task_ids=True,
             inference_params=mpt_parameters,
         ),
-        Method(
-            "bayesian",
-            "Bayesian (ours)",
-            build=BayesianTarget(),
-            claim="transfer",
-            compared_with=("prompt_tuning", "spot", "source_average", "mpt"),
-            source_kind="bayesian",
-        ),
-        Method(
+        bayesian_method("bayesian", "Bayesian (ours)", ("prompt_tuning", "spot", "source_average", "mpt")),
+        bayesian_method(
             "bayesian_replicated",
             "Bayesian, the authors' replicated particles",
-            build=BayesianTarget(),
-            claim="transfer",
-            compared_with=("bayesian",),
+            ("bayesian",),
             source_kind="bayesian_replicated",
         ),
-        Method(
+        bayesian_method(
             "bayesian_decomposed",
             "Bayesian, the paper's decomposed target prompt",
-            build=BayesianTarget(target_prompt="decomposed"),
+            ("bayesian", "prompt_tuning"),
             optimizer=decomposed_optimizer,
-            claim="transfer",
-            compared_with=("bayesian", "prompt_tuning"),
-            source_kind="bayesian",
+            target_prompt="decomposed",
         ),
-        Method(
-            "bayesian_particle",  # the paper's "prompt sampled from the posterior"
+        bayesian_method(  # the paper's "prompt sampled from the posterior"
+            "bayesian_particle",
             "Bayesian, target from one posterior sample (a particle)",
-            build=BayesianTarget(from_particle=True),
-            claim="transfer",
-            compared_with=("bayesian", "prompt_tuning"),
-            source_kind="bayesian",
+            ("bayesian", "prompt_tuning"),
+            from_particle=True,
         ),
-        Method(
+        bayesian_method(
             "bayesian_replicated_equal_data",
             "Bayesian, replicated particles on the sharded stage's batches (M× compute)",
-            build=BayesianTarget(),
-            claim="transfer",
-            compared_with=("bayesian", "bayesian_replicated"),
+            ("bayesian", "bayesian_replicated"),
             source_kind="bayesian_replicated_equal_data",
         ),
-        Method(
+        bayesian_method(
             "bayesian_likelihood_scaled",
             "Bayesian, likelihood scaled by the number of particles",
-            build=BayesianTarget(),
-            claim="transfer",
-            compared_with=("bayesian",),
+            ("bayesian",),
             source_kind="bayesian_likelihood_scaled",
         ),
         Method("shared_prompt", "one shared prompt", joint_config=shared_prompt_config, claim="multitask"),
-        Method(
-            "compt",
-            "ComPT (ours)",
-            joint_config=compt_config,
-            optimizer=compt_optimizer,
-            claim="multitask",
-            task_ids=True,
-            record_details=routing_weights,
-        ),
-        Method(
-            "compt_authors",
-            "ComPT, the authors' recipe",
-            joint_config=compt_authors_config,
-            optimizer=compt_optimizer,
-            claim="multitask",
-            task_ids=True,
-            record_details=routing_weights,
-        ),
+        compt_method("compt", "ComPT (ours)", joint_config=compt_config),
+        compt_method("compt_authors", "ComPT, the authors' recipe", joint_config=compt_authors_config),
     )
 }
 
