@@ -28,6 +28,7 @@ def _best_lr(group: pd.DataFrame) -> float:
 
 
 def variant(row) -> str:
+    """A MiniLM claim-1 row's name: method, initialisation and prompt length."""
     return f"{LABELS[row['method']]}, {row['init']} init, {row['num_virtual_tokens']} tokens"
 
 

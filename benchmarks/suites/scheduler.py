@@ -8,6 +8,7 @@ worker whose next run needs a source stage that another process is building take
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
@@ -20,6 +21,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import datasets
 import torch
@@ -30,11 +32,12 @@ from benchmarks.core import runner
 from benchmarks.core.backbone import Backbone
 from benchmarks.core.harness import append_record, being_built, is_built, load_records, versions
 from benchmarks.core.methods import source_stage
+from benchmarks.core.specs import RunSpec, SourceSpec
 from benchmarks.suites.plans import WAITING_LR, suite_runs
 
 
-def run_workers(args) -> int:
-    """Run the suite in `args.workers` processes (the threads divided) that share one run queue, then return 1 if any failed.
+def run_workers(args: argparse.Namespace) -> int:
+    """Run the suite in `args.workers` processes (the threads divided) that share one run queue; 1 if one failed.
 
     Each worker takes the next run no worker has claimed yet, so a worker that drew the slow runs (SmolLM2 takes
     ten times as long as MiniLM) never leaves the others idle, however the remaining runs are ordered.
@@ -98,19 +101,20 @@ def claim_name(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()
 
 
-def invoked_as(args) -> str:
+def invoked_as(args: argparse.Namespace) -> str:
     """The command line a record is attributed to: the user's, not a worker's internal one."""
     return args.invoked_as or "python -m benchmarks " + " ".join(args.argv)
 
 
-def task_options(args) -> list[str]:
+def task_options(args: argparse.Namespace) -> list[str]:
     """The task options a worker needs to see the same runs as the user's command."""
     return (["--task-file", *args.task_file] if args.task_file else []) + (
         ["--tasks", *args.tasks] if args.tasks else []
     )
 
 
-def run_suite(args) -> int:
+def run_suite(args: argparse.Namespace) -> int:
+    """Run the runs of this process's share of the suite that have no record; 1 if a run failed."""
     if args.data_dir:
         os.environ["PEFT_PROMPT_TRANSFER_DATA"] = args.data_dir
     torch.set_num_threads(args.threads)
@@ -162,17 +166,17 @@ def run_suite(args) -> int:
     return 1 if failures else 0
 
 
-def claimed(queue: str | None, spec) -> bool:
+def claimed(queue: Optional[str], spec: RunSpec) -> bool:
     """Whether a worker of `queue` has claimed the run `spec`."""
     return bool(queue) and os.path.exists(os.path.join(queue, claim_name(spec.key())))
 
 
-def stage_claim_name(stage) -> str:
+def stage_claim_name(stage: SourceSpec) -> str:
     """The queue file that says a worker of the queue builds `stage`."""
     return f"stage-{stage.folder().name}"
 
 
-def wait_elsewhere(spec, later: list, queue: str | None) -> bool:
+def wait_elsewhere(spec: RunSpec, later: list[tuple[str, RunSpec]], queue: Optional[str]) -> bool:
     """Whether to leave `spec` for a later round: the source stage it needs is not built, another process builds it
     (or a worker of this queue has claimed a run that will), and one of the `later` runs that no worker has claimed
     can start now. The workers of a suite all start with runs that need the same stage; the second one builds the
@@ -189,7 +193,9 @@ def wait_elsewhere(spec, later: list, queue: str | None) -> bool:
     return blocked(spec) and any(not claimed(queue, run) and not blocked(run) for _, run in later)
 
 
-def runs_to_do(args, records_path: Path, attempted: set, announce: bool) -> list:
+def runs_to_do(
+    args: argparse.Namespace, records_path: Path, attempted: set[str], announce: bool
+) -> list[tuple[str, RunSpec]]:
     """The runs of this worker's share that have no record, that this process has not attempted and (with a queue)
     no worker has claimed, planned from the records so far. When only runs that wait for the sweeping seeds' learning
     rates are left while other workers still run sweeping runs, it waits for those rather than leave the later seeds
