@@ -23,8 +23,8 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 import peft_prompt_transfer
-from benchmarks.models import load_classifier
-from benchmarks.tasks import load_split, metric
+from benchmarks.core.models import load_classifier
+from benchmarks.core.tasks import load_split, metric
 
 
 def tokenize(dataset, tokenizer, max_length):

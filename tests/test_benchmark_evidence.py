@@ -17,19 +17,18 @@ from scipy import stats
 from transformers import TrainingArguments
 
 import peft_prompt_transfer as ppt
-from benchmarks.experiments import (
-    BAYESIAN_METHODS,
-    POSTERIOR_KINDS,
-    LabelWordTrainer,
-    SourceSpec,
-    bayesian_target_options,
-)
-from benchmarks.harness import append_record, load_records
-from benchmarks.report import LABELS, _frame, render
-from benchmarks.report_causal import causal_sections, method_table
-from benchmarks.selection import best_on_test, choose_lr, chosen_on_dev, for_every_seed, paired, verdict
-from benchmarks.suites import MLP_PROMPT_METHODS, SUITES, WAITING_LR, causal_runs, lr_chooser, suite_runs, with_tasks
-from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split, register_tasks
+from benchmarks.core.harness import append_record, load_records
+from benchmarks.core.methods import BAYESIAN_METHODS, LABELS, MLP_PROMPT_METHODS, bayesian_target_options, source_stage
+from benchmarks.core.selection import best_on_test, choose_lr, chosen_on_dev, for_every_seed, paired, verdict
+from benchmarks.core.specs import POSTERIOR_KINDS, SourceSpec
+from benchmarks.core.tasks import KSHOT_SEEDS, TASKS, load_split, register_tasks
+from benchmarks.core.training import LabelWordTrainer
+from benchmarks.report.causal import causal_sections, method_table
+from benchmarks.report.common import records_frame
+from benchmarks.report.page import render
+from benchmarks.suites.budgets import SUITES, with_tasks
+from benchmarks.suites.plans import WAITING_LR, causal_runs, lr_chooser, suite_runs
+from benchmarks.suites.scheduler import runs_to_do
 from tests.conftest import TINY_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +110,7 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
     # the authors' replicated particles at the sharded stage's compute (a quarter of its examples per step) and at
     # its data (all of its examples, each seen by every particle); the likelihood-scaled posterior is sharded
     transferred = {spec.method: spec for _, spec in runs if spec.sources}
-    stages = {method: transferred[method].source_stage() for method in BAYESIAN_METHODS}
+    stages = {method: source_stage(transferred[method]) for method in BAYESIAN_METHODS}
     assert stages["bayesian_replicated"].batch_size * 4 == stages["bayesian"].batch_size
     assert stages["bayesian_replicated_equal_data"].batch_size == stages["bayesian"].batch_size
     assert stages["bayesian_decomposed"] == stages["bayesian_particle"] == stages["bayesian"]
@@ -199,7 +198,7 @@ def test_causal_report_reports_test_at_the_dev_chosen_lr_with_zero_shot_and_verd
     # a sweeping seed whose sweep is not complete yet (a report rendered mid-suite) is left out: one LR is no choice
     partial = next(r for r in records if r["method"] == "prompt_tuning" and r["tasks"] == ["sst2"] and r["lr"] == 0.01)
     records.append({**partial, "key": "partial", "seed": 87, "metric": 0.99})
-    frame = _frame(records)
+    frame = records_frame(records)
     budget = replace(budget, seeds=(13, 21, 87, 42), sweep_seeds=sweep_seeds and 3)  # 87 sweeps but has not finished
     lines, verdicts = causal_sections(frame, budget, tmp_path, lambda name: Path(name))
     text = "\n".join(lines)
@@ -310,7 +309,9 @@ def test_a_task_file_adds_a_task_every_split_of_which_reads(tmp_path, restore_ta
 
 
 def test_a_full_data_run_that_does_not_fit_the_training_set_says_so(tmp_path, restore_tasks):
-    from benchmarks.experiments import Backbone, RunSpec, run, training_data
+    from benchmarks.core.backbone import Backbone
+    from benchmarks.core.runner import run, training_data
+    from benchmarks.core.specs import RunSpec
 
     register_tasks(str(_fake_task(tmp_path)))
     spec = RunSpec("prompt_tuning", "smollm2", ("reviews",), 13, 1e-2, 4, data="full", train_examples=800)
@@ -440,7 +441,17 @@ def test_smollm2_quick_suite_runs_every_claim_and_renders_verdicts(tmp_path):
 
     # every claim-2 starting point, scored untrained from the source stages just built
     output = tmp_path / "transfer_inits.json"
-    command = [sys.executable, "-m", "benchmarks.transfer_inits", "--suite", "smollm2-quick", "--tasks", "mr"]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "study",
+        "transfer-inits",
+        "--suite",
+        "smollm2-quick",
+        "--tasks",
+        "mr",
+    ]
     done = subprocess.run(
         command + ["--output", str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
@@ -498,19 +509,20 @@ def test_the_label_word_loss_equals_the_models_own_loss_and_gradients(tmp_path, 
 def two_stage_suite(monkeypatch):
     """A one-claim causal suite whose first seed sweeps two LRs and whose second runs the one dev chose, with runs
     that record at once (dev prefers the higher LR of each sweep)."""
-    from benchmarks import experiments
+    from benchmarks.core import runner
+    from benchmarks.core.backbone import Backbone
 
     budget = replace(
         SUITES["smollm2-quick"], seeds=(13, 21), sweep_seeds=1, prompt_lrs=(1e-2, 3e-2), mlp_prompt_lrs=(3e-3, 1e-2)
     )
     monkeypatch.setitem(SUITES, "two-stage", budget)
-    monkeypatch.setattr(experiments.Backbone, "load", classmethod(lambda cls, name: None))
+    monkeypatch.setattr(Backbone, "load", classmethod(lambda cls, name: None))
 
     def run(spec, backbone):
         dev = 0.9 if spec.lr == _higher_lr(spec.method) else 0.8
         return {"metrics": {}, "metric": 0.5, "dev_metric": dev, "dev_loss": 0.1}
 
-    monkeypatch.setattr(experiments, "run", run)
+    monkeypatch.setattr(runner, "run", run)
     return budget
 
 
@@ -543,8 +555,6 @@ def test_a_worker_waits_for_the_sweeping_runs_other_workers_hold_before_it_stops
     import argparse
     import hashlib
 
-    import benchmarks.__main__ as cli
-
     records_path = tmp_path / "runs.jsonl"
     planned = suite_runs("two-stage", claims=("residual",))
     sweeping = [spec for _, spec in planned if spec.seed == 13]
@@ -576,7 +586,7 @@ def test_a_worker_waits_for_the_sweeping_runs_other_workers_hold_before_it_stops
         shard=(0, 1),
         queue=str(queue),
     )
-    todo = cli._runs_to_do(args, records_path, set(), announce=False)
+    todo = runs_to_do(args, records_path, set(), announce=False)
     assert len(waits) == 1 and todo and {spec.seed for _, spec in todo} == {21}
     assert all(spec.lr is not WAITING_LR for _, spec in todo)
     # had the held runs failed (recorded with an error), the worker would stop instead of waiting for nothing
@@ -584,4 +594,4 @@ def test_a_worker_waits_for_the_sweeping_runs_other_workers_hold_before_it_stops
     for spec in sweeping:
         _record(failed, spec, error=spec in held)
     waits.clear()
-    assert cli._runs_to_do(args, failed, set(), announce=False) == [] and waits == []
+    assert runs_to_do(args, failed, set(), announce=False) == [] and waits == []

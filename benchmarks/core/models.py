@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from benchmarks.harness import build_once
+from benchmarks.core.harness import build_once
 
 CACHE_ENV = "PEFT_PROMPT_TRANSFER_CACHE"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -118,11 +118,11 @@ def _lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.lock"
 
 
-def measurement_parser(module: str, doc: str, output: str = "") -> argparse.ArgumentParser:
-    """The command line of a measurement (`python -m benchmarks.<module>`) with its docstring as the help; with
+def measurement_parser(command: str, doc: str, output: str = "") -> argparse.ArgumentParser:
+    """The command line of a measurement (`python -m benchmarks <command>`) with its docstring as the help; with
     `output`, an `--output` option for its JSON report, defaulting to that file name."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m benchmarks.{module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"python -m benchmarks {command}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     if output:
         parser.add_argument("--output", default=output, help="Where to write the JSON report.")

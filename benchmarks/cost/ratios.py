@@ -17,7 +17,7 @@ stage, whose step includes the SVGD gradient transform).
 `--model minilm` times sequence classification (all-MiniLM-L6-v2), `--model smollm2` a causal LM (SmolLM2-135M,
 language-modelling loss over the whole sequence).
 
-    python -m benchmarks.cost [--model minilm|smollm2] [--batch-size 16] [--seq-len 64] [--num-virtual-tokens 20]
+    python -m benchmarks cost [--model minilm|smollm2] [--batch-size 16] [--seq-len 64] [--num-virtual-tokens 20]
                               [--rounds 30] [--output benchmarks/results/cost-minilm.json]
 """
 
@@ -82,7 +82,7 @@ def _device(args):
 
 
 def _load_base(args):
-    from benchmarks.models import load_causal_lm, load_classifier
+    from benchmarks.core.models import load_causal_lm, load_classifier
 
     if _task_type(args) == "CAUSAL_LM":
         return load_causal_lm(args.model)[1]
@@ -259,7 +259,7 @@ def main(argv=None) -> list[dict]:
     memory = {}
     for method in args.methods:
         result = subprocess.run(
-            [sys.executable, "-m", "benchmarks.cost", *forwarded, "--memory-worker", method],
+            [sys.executable, "-m", "benchmarks.cost.ratios", *forwarded, "--memory-worker", method],
             capture_output=True,
             text=True,
             env=dict(os.environ, HF_HUB_OFFLINE="1"),
@@ -268,7 +268,7 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
         memory[method] = json.loads(result.stdout.strip().splitlines()[-1])
     times = measure_times(args)
-    from benchmarks.harness import versions
+    from benchmarks.core.harness import versions
 
     package_versions = versions()
     reference_step, reference_inference = times["step"]["PROMPT_TUNING"], times["inference"]["PROMPT_TUNING/reloaded"]
@@ -317,7 +317,7 @@ def main(argv=None) -> list[dict]:
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
-            json.dump({"command": "python -m benchmarks.cost " + " ".join(forwarded), "records": records}, f, indent=2)
+            json.dump({"command": "python -m benchmarks cost " + " ".join(forwarded), "records": records}, f, indent=2)
     return records
 
 

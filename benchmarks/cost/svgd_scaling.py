@@ -7,7 +7,7 @@ next to plain peft PROMPT_TUNING on the same randomly initialised GPT-2 (hidden 
 length. Each setting runs warm-up steps, then timed repeats; the table shows the median step time and its ratio
 to PROMPT_TUNING.
 
-    python -m benchmarks.svgd_scaling --output svgd_scaling.json
+    python -m benchmarks cost svgd-scaling --output svgd_scaling.json
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from peft import PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import peft_prompt_transfer  # noqa: F401  (registers the methods)
-from benchmarks.harness import time_repeats
+from benchmarks.core.harness import time_repeats
+from benchmarks.cost.tables import svgd_scaling_table
 from peft_prompt_transfer.bayesian import (
     BAYESIAN_PROMPT_TUNING,
     BayesianPromptConfig,
@@ -117,26 +118,6 @@ def run(args) -> dict:
     }
 
 
-def table(report: dict) -> str:
-    results = report["results"]
-    baseline = results[0]
-    lines = [
-        f"PROMPT_TUNING: {baseline['median_s'] * 1e3:.1f} ms per step (median), "
-        f"batch {report['settings']['batch_size']} x {report['settings']['seq_len']} tokens",
-        "",
-        "| M | sharded: ms | sharded / PT | replicated: ms | replicated / PT |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    by_key = {(r["mode"], r["num_particles"]): r for r in results[1:]}
-    for particles in report["settings"]["particles"]:
-        sharded, replicated = by_key[("sharded", particles)], by_key[("replicated", particles)]
-        lines.append(
-            f"| {particles} | {sharded['median_s'] * 1e3:.1f} | {sharded['ratio_to_prompt_tuning']:.2f} | "
-            f"{replicated['median_s'] * 1e3:.1f} | {replicated['ratio_to_prompt_tuning']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="svgd_scaling.json", help="Where to write the JSON report.")
@@ -160,7 +141,7 @@ def main(argv=None) -> dict:
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
     print()
-    print(table(report))
+    print(svgd_scaling_table(report))
     print(f"\nWrote {args.output}")
     return report
 

@@ -8,7 +8,7 @@ its cosine similarity with the vocabulary embeddings it was initialised from, an
 prompt in each of the first AdamW steps on one fixed random linear objective (the same for every method), ending
 with the cosine similarity between the prompt after those steps and the step-0 prompt.
 
-    python -m benchmarks.prompt_steps --model smollm2 --lr 0.01
+    python -m benchmarks study prompt-steps --model smollm2 --lr 0.01
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 
 import peft_prompt_transfer as ppt
-from benchmarks.experiments import RESIDUAL_BOTTLENECK
-from benchmarks.harness import measurement_parser
+from benchmarks.core.harness import measurement_parser
+from benchmarks.core.specs import RESIDUAL_BOTTLENECK
 
 
 def prompt_configs(task_type: str, num_virtual_tokens: int = 20, bottleneck_size: int = RESIDUAL_BOTTLENECK) -> dict:
@@ -65,9 +65,9 @@ def first_steps(model: PeftModel, lr: float, steps: int = 5, seed: int = 0) -> d
 
 
 def main(argv=None) -> None:
-    from benchmarks.models import load_causal_lm, load_classifier
+    from benchmarks.core.models import load_causal_lm, load_classifier
 
-    parser = measurement_parser("prompt_steps", __doc__)
+    parser = measurement_parser("study prompt-steps", __doc__)
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="smollm2")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--steps", type=int, default=5)

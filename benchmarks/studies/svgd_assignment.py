@@ -16,32 +16,24 @@ all for the same number of steps, and reports for each posterior: the particles'
 over mean norm), the source dev accuracy of the posterior mean (the prompt a target starts from) with the source
 head, and the k-shot accuracy of target runs started from that mean on a held-out task.
 
-    python -m benchmarks.svgd_assignment --output benchmarks/results/svgd_assignment.json
+    python -m benchmarks study svgd-assignment --output benchmarks/results/svgd_assignment.json
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import tempfile
 from pathlib import Path
 
-import torch
 from peft import get_peft_model
 
 import peft_prompt_transfer as ppt
-from benchmarks.experiments import (
-    BAYESIAN_PARTICLES,
-    Backbone,
-    SourceSpec,
-    _num_labels,
-    _offsets,
-    _source_data,
-    make_optimizer,
-    train,
-)
-from benchmarks.harness import measurement_parser, versions, write_report
-from benchmarks.tasks import TASKS, load_split
+from benchmarks.core.backbone import Backbone
+from benchmarks.core.harness import measurement_parser, versions, write_report
+from benchmarks.core.sources import label_offsets, num_labels, particle_spread, source_data
+from benchmarks.core.specs import BAYESIAN_PARTICLES, SourceSpec
+from benchmarks.core.tasks import TASKS, load_split
+from benchmarks.core.training import prompt_and_head_optimizer, train
 
 # (name, particle_assignment, source batch size, likelihood_scale)
 SETTINGS = (
@@ -50,13 +42,6 @@ SETTINGS = (
     ("replicated, equal compute", "replicated", 4, 1.0),
     ("sharded, likelihood_scale=M", "sharded", 16, float(BAYESIAN_PARTICLES)),
 )
-
-
-def spread(particles: torch.Tensor) -> float:
-    """Mean pairwise distance between the particles over their mean norm."""
-    flat = particles.flatten(1)
-    distances = [(a - b).norm().item() for a, b in itertools.combinations(flat, 2)]
-    return sum(distances) / len(distances) / flat.norm(dim=1).mean().item()
 
 
 def source_stage(backbone: Backbone, args, assignment: str, batch_size: int, likelihood_scale: float, folder: Path):
@@ -71,7 +56,7 @@ def source_stage(backbone: Backbone, args, assignment: str, batch_size: int, lik
         lr=args.source_lr,
         seed=args.seed,
     )
-    data = ppt.combine_tasks(_source_data(backbone, source, multitask=True), sampling="equal", seed=args.seed)
+    data = ppt.combine_tasks(source_data(backbone, source, multitask=True), sampling="equal", seed=args.seed)
     config = ppt.BayesianPromptConfig(
         task_type="SEQ_CLS",
         num_virtual_tokens=args.num_virtual_tokens,
@@ -81,7 +66,7 @@ def source_stage(backbone: Backbone, args, assignment: str, batch_size: int, lik
         likelihood_scale=likelihood_scale,
         prompt_tuning_init="SAMPLE_VOCAB",
     )
-    model = get_peft_model(backbone.base_model(_num_labels(args.sources), args.seed), config)
+    model = get_peft_model(backbone.base_model(num_labels(args.sources), args.seed), config)
     collator = (
         ppt.ParticleReplicationCollator(BAYESIAN_PARTICLES, backbone.collator()) if assignment == "replicated" else None
     )
@@ -89,7 +74,7 @@ def source_stage(backbone: Backbone, args, assignment: str, batch_size: int, lik
         model,
         data,
         backbone,
-        make_optimizer(model, args.source_lr, "bayesian"),
+        prompt_and_head_optimizer(model, args.source_lr),
         args.source_steps * len(args.sources),
         batch_size,
         args.seed,
@@ -97,11 +82,11 @@ def source_stage(backbone: Backbone, args, assignment: str, batch_size: int, lik
     )
     model.save_pretrained(folder)
     source_accuracy = {}
-    for task, offset in zip(args.sources, _offsets(args.sources)):
+    for task, offset in zip(args.sources, label_offsets(args.sources)):
         dev = load_split(task, "dev").shuffle(seed=0).select(range(args.max_eval))
         source_accuracy[task] = backbone.evaluate(model, dev, task, label_offset=offset)["metric"]
     return {
-        "spread": spread(model.prompt_encoder["default"].particles.detach()),
+        "spread": particle_spread(model.prompt_encoder["default"].particles.detach()),
         "source_dev": source_accuracy,
         "source_seconds": log["train_seconds"],
         "rows_per_step": batch_size * (BAYESIAN_PARTICLES if assignment == "replicated" else 1),
@@ -116,7 +101,7 @@ def target_stage(backbone: Backbone, args, folder: Path, seed: int) -> float:
         task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens, stage="target", posterior=str(folder)
     )
     model = get_peft_model(backbone.base_model(TASKS[task].num_labels, seed), config)
-    train(model, train_set, backbone, make_optimizer(model, args.target_lr, "bayesian"), args.target_steps, 8, seed)
+    train(model, train_set, backbone, prompt_and_head_optimizer(model, args.target_lr), args.target_steps, 8, seed)
     test = load_split(task, "kshot-test", seed=seed).shuffle(seed=0).select(range(args.max_eval))
     return backbone.evaluate(model, test, task)["metric"]
 
@@ -139,7 +124,7 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = measurement_parser("svgd_assignment", __doc__, output="svgd_assignment.json")
+    parser = measurement_parser("study svgd-assignment", __doc__, output="svgd_assignment.json")
     parser.add_argument("--sources", nargs="+", default=["sst2", "cola"])
     parser.add_argument("--target", default="mr")
     parser.add_argument("--source-steps", type=int, default=50, help="Steps per source task.")

@@ -9,7 +9,7 @@ suite's test subsets of the targets and of the source SST-2: accuracy, and the m
 For the posteriors it also scores every particle alone, and gives the particles' spread (mean pairwise distance
 over mean norm) and the mean norm of a prompt token, next to the vocabulary's.
 
-    python -m benchmarks.transfer_inits --output benchmarks/results/transfer_inits.json
+    python -m benchmarks study transfer-inits --output benchmarks/results/transfer_inits.json
 
 The source stages come from the cache when the suite has run (`python -m benchmarks smollm2 --claims transfer`);
 otherwise they are trained first, as the suite would.
@@ -25,22 +25,15 @@ import torch
 from peft import PeftModel, get_peft_model
 
 import peft_prompt_transfer as ppt
-from benchmarks.experiments import (
-    BAYESIAN_PARTICLES,
-    POSTERIOR_KINDS,
-    Backbone,
-    RunSpec,
-    _prompt_config,
-    _source_prompts,
-    _test_set,
-    build_single_task_model,
-    ensure_source,
-    training_data,
-)
-from benchmarks.harness import measurement_parser, versions, write_report
-from benchmarks.suites import SUITES, CausalBudget, causal_runs
-from benchmarks.svgd_assignment import spread
-from benchmarks.tasks import TASKS
+from benchmarks.core.backbone import Backbone
+from benchmarks.core.harness import measurement_parser, versions, write_report
+from benchmarks.core.methods import prompt_tuning_config
+from benchmarks.core.runner import build_model, evaluation_set, training_data
+from benchmarks.core.sources import ensure_source, particle_spread, source_prompts
+from benchmarks.core.specs import BAYESIAN_PARTICLES, POSTERIOR_KINDS, RunSpec
+from benchmarks.core.tasks import TASKS
+from benchmarks.suites.budgets import SUITES, CausalBudget
+from benchmarks.suites.plans import causal_runs
 
 
 def _prompt(model) -> torch.Tensor:
@@ -54,9 +47,11 @@ def starting_points(backbone: Backbone, spec: RunSpec) -> Iterator[tuple[str, Pe
     task = spec.tasks[0]
     train_set = backbone.encode(training_data(task, spec)[0], task, train=True)
     for method in ("prompt_tuning", "source_average", "mpt", *POSTERIOR_KINDS):
-        yield method, build_single_task_model(backbone, replace(spec, method=method), train_set)[0]
-    for source, prompt in _source_prompts(backbone, spec).items():  # SPoT's candidates, each alone
-        model = get_peft_model(backbone.base_model(TASKS[task].num_labels, spec.seed), _prompt_config(backbone, spec))
+        yield method, build_model(backbone, replace(spec, method=method), train_set)[0]
+    for source, prompt in source_prompts(backbone, spec).items():  # SPoT's candidates, each alone
+        model = get_peft_model(
+            backbone.base_model(TASKS[task].num_labels, spec.seed), prompt_tuning_config(backbone, spec)
+        )
         model.prompt_encoder["default"].embedding.weight.data.copy_(prompt)
         yield f"source prompt: {source}", model
     for kind in POSTERIOR_KINDS:
@@ -80,7 +75,7 @@ def posterior_geometry(backbone: Backbone, spec: RunSpec) -> dict:
     for kind in POSTERIOR_KINDS:
         particles = load_file(ensure_source(backbone, spec.source(kind)) / "adapter_model.safetensors")["particles"]
         geometry[kind] = {
-            "spread": spread(particles),
+            "spread": particle_spread(particles),
             "particle_token_norm": particles.norm(dim=-1).mean().item(),
             "mean_token_norm": particles.mean(0).norm(dim=-1).mean().item(),
         }
@@ -101,7 +96,7 @@ def table(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = measurement_parser("transfer_inits", __doc__, output="transfer_inits.json")
+    parser = measurement_parser("study transfer-inits", __doc__, output="transfer_inits.json")
     parser.add_argument(
         "--tasks", nargs="+", default=["mr", "subj", "sst2"], help="Tasks to score every starting prompt on."
     )
@@ -122,7 +117,7 @@ def main(argv=None) -> dict:
     for name, model in starting_points(backbone, spec):
         row = {"token_norm": _prompt(model).norm(dim=-1).mean().item()}
         for task in args.tasks:
-            test = _test_set(task, replace(spec, tasks=(task,)))
+            test = evaluation_set(task, replace(spec, tasks=(task,)))
             row[task] = backbone.evaluate(model, test, task, task_id=0 if name == "mpt" else None)  # MPT needs one
         results[name] = row
         print(json.dumps({name: row}), flush=True)

@@ -1,7 +1,9 @@
 """The report of a causal-LM suite (`smollm2`): each claim's tables at learning rates chosen on dev data, a
 zero-shot row in every table, paired differences with 95% intervals over seeds, and a verdict per claim.
 
-See `benchmarks.selection` for the selection rule and the intervals; `benchmarks.suites.causal_runs` for the runs.
+See `benchmarks.core.selection` for the selection rule and the intervals; `benchmarks.suites.plans.causal_runs` for
+the runs. A claim's table holds the methods of that claim in the method registry, and each method's verdicts are
+against the methods its entry is `compared_with`.
 """
 
 from __future__ import annotations
@@ -12,20 +14,14 @@ from typing import Optional
 
 import pandas as pd
 
-from benchmarks.experiments import BAYESIAN_METHODS
-from benchmarks.report import LABELS, bar_plot, routing_heatmap
-from benchmarks.selection import best_on_test, chosen_on_dev, describe, for_every_seed, paired, verdict
-from benchmarks.suites import WAITING_LR
+from benchmarks.core.methods import LABELS, METHODS, claim_methods
+from benchmarks.core.selection import best_on_test, chosen_on_dev, describe, for_every_seed, paired, verdict
+from benchmarks.core.specs import BAYESIAN_PARTICLES, FULL_DATA_DEV_EXAMPLES, SOURCE_LR
+from benchmarks.report.common import bar_plot, mean_std, routing_heatmap
+from benchmarks.suites.plans import WAITING_LR
 
 SHORT_LABEL = "{label}, {tokens} tokens"
 PER_TASK = "one prompt per task (peft PROMPT_TUNING)"
-
-
-def _fmt(values: pd.Series) -> str:
-    if values.empty:
-        return "-"
-    std = values.std() if len(values) > 1 else 0.0
-    return f"{100 * values.mean():.1f} ± {100 * std:.1f} (n={len(values)})"
 
 
 def _lrs(chosen: pd.DataFrame) -> str:
@@ -72,9 +68,9 @@ def method_table(methods: dict[str, pd.DataFrame], zero_shot: Optional[str] = No
             if label == zero_shot or base is None
             else describe(paired(chosen["metric"], for_every_seed(base, chosen.index)))
         )
-        optimistic = "-" if chosen.lr.eq(0).all() else _fmt(best_on_test(runs)["metric"])
+        optimistic = "-" if chosen.lr.eq(0).all() else mean_std(best_on_test(runs)["metric"])
         lines.append(
-            f"| {label} | {_fmt(chosen['metric'])} | {_lrs(chosen)} | {versus} | {_training_loss(chosen)} "
+            f"| {label} | {mean_std(chosen['metric'])} | {_lrs(chosen)} | {versus} | {_training_loss(chosen)} "
             f"| {optimistic} |"
         )
     return lines
@@ -136,13 +132,17 @@ def _section(
     return lines + ["", f"![{heading}]({rel(figure.name)})", ""]
 
 
+def _pairs(methods: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The (method, other) label pairs a claim's verdicts compare: each method against its entry's `compared_with`."""
+    return [(LABELS[m], LABELS[other]) for m in methods for other in METHODS[m].compared_with]
+
+
 def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[list[str], list[str]]:
     """The claim sections of a causal-LM suite and the verdict lines that summarise them."""
     model, lines, verdicts = budget.model, [], {}
     frame = frame[frame.model == model]
-    pt, res, rms, ptun = (LABELS[m] for m in ("prompt_tuning", "residual", "residual_embedding_rms", "p_tuning"))
-    claim1 = ("zero_shot", "prompt_tuning", "residual", "residual_embedding_rms", "p_tuning")
-    claim1_pairs = [(res, pt), (rms, pt), (rms, res), (ptun, pt)]
+    claim1 = ("zero_shot", "prompt_tuning", *claim_methods("residual"))
+    claim1_pairs = _pairs(claim1)
     for task in budget.residual_tasks:
         rows = _single(frame, task, tokens=budget.num_virtual_tokens)
         heading = f"Claim 1 — residual vs prompt tuning: {task} (16-shot), {model}"
@@ -192,20 +192,9 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
             verdicts,
         )
 
-    transfer = ("zero_shot", "prompt_tuning", "spot", "source_average", "mpt", *BAYESIAN_METHODS)
-    bay = LABELS["bayesian"]
-    # whether any transfer helps on the target at all, then the Bayesian method against each of them
-    transfer_pairs = [(LABELS[m], pt) for m in ("spot", "source_average", "mpt")]
-    transfer_pairs += [(bay, LABELS[m]) for m in ("prompt_tuning", "spot", "source_average", "mpt")] + [
-        (LABELS["bayesian_replicated"], bay),
-        (LABELS["bayesian_decomposed"], bay),
-        (LABELS["bayesian_decomposed"], pt),
-        (LABELS["bayesian_particle"], bay),
-        (LABELS["bayesian_particle"], pt),
-        (LABELS["bayesian_replicated_equal_data"], bay),
-        (LABELS["bayesian_replicated_equal_data"], LABELS["bayesian_replicated"]),
-        (LABELS["bayesian_likelihood_scaled"], bay),
-    ]
+    transfer = ("zero_shot", "prompt_tuning", *claim_methods("transfer"))
+    # whether any transfer helps on the target at all, then the Bayesian methods against each other and the rest
+    transfer_pairs = _pairs(transfer)
     for task in budget.transfer_targets:
         rows = _single(frame, task, tokens=budget.num_virtual_tokens)
         rows = rows[rows.sources.map(lambda sources: tuple(sources) in ((), tuple(budget.sources))).astype(bool)]
@@ -279,7 +268,7 @@ def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts
     separate = per_task_prompts(frame, budget)
     if not separate.empty:
         methods[PER_TASK] = separate
-    methods.update(_by_method(joint, ("shared_prompt", "compt", "compt_authors"), budget))
+    methods.update(_by_method(joint, claim_methods("multitask"), budget))
     if set(methods) <= {LABELS["zero_shot"]}:  # nothing trained yet
         return []
     compt, authors = LABELS["compt"], LABELS["compt_authors"]
@@ -298,7 +287,9 @@ def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts
     lines.append("|---|" + "---:|" * len(tasks))
     for label, runs in methods.items():
         chosen = chosen_on_dev(runs)
-        lines.append(f"| {label} | " + " | ".join(_fmt(chosen["metrics"].map(lambda m: m[t])) for t in tasks) + " |")
+        lines.append(
+            f"| {label} | " + " | ".join(mean_std(chosen["metrics"].map(lambda m: m[t])) for t in tasks) + " |"
+        )
     lines.append("")
     for method in ("compt", "compt_authors"):
         runs = joint[joint.method == method]
@@ -339,14 +330,12 @@ def progress(planned: list, frame: pd.DataFrame) -> str:
 
 
 def budget_line(budget) -> str:
-    from benchmarks import experiments
-
     full = ""
     if budget.full_data:
         task, examples, steps = budget.full_data
         full = (
             f"{task} from {examples} examples of its training set in {steps} steps, "
-            f"{experiments.FULL_DATA_DEV_EXAMPLES} more held out as its dev set; "
+            f"{FULL_DATA_DEV_EXAMPLES} more held out as its dev set; "
         )
     return (
         f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))} ({_sweeping(budget)}); "
@@ -355,7 +344,7 @@ def budget_line(budget) -> str:
         f"per task (16-shot: 32 examples for two classes, so 10 epochs); {full}prompt "
         f"LRs {budget.prompt_lrs}, MLP-made prompts {budget.mlp_prompt_lrs}; up to {budget.max_eval} test examples "
         f"per task (the same subset for every method and seed); source stages {budget.source_steps} steps per source "
-        f"of batch 16 at lr {experiments.SOURCE_LR[budget.model]:g} ({experiments.BAYESIAN_PARTICLES} SVGD "
+        f"of batch 16 at lr {SOURCE_LR[budget.model]:g} ({BAYESIAN_PARTICLES} SVGD "
         f"particles; the replicated stage takes 4 examples per step, each seen by every particle: the sharded "
         f"stage's compute per step; the replicated stage at equal data takes the sharded stage's 16, M times its "
         f"compute). The training loss is logged over each tenth of a run's steps; the tables "

@@ -23,7 +23,7 @@ from typing import Optional
 import datasets
 
 DATA_ENV = "PEFT_PROMPT_TRANSFER_DATA"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 KSHOT_SEEDS = (13, 21, 42, 87, 100)
 
 
