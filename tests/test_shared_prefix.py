@@ -253,3 +253,13 @@ def test_an_adapter_saved_with_on_loads_and_runs_anywhere(tmp_path):
     batch = _batch("left")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_concatenates_where_sharing_saves_too_little():
+    """One row (the shared path would run every position anyway) or a short prompt before long rows."""
+    single = {k: v[:1] for k, v in _batch("right").items()}
+    for mode, expected in (("auto", [1]), ("on", [1, 1])):
+        model = _model("llama", "residual", mode).train()
+        calls = _calls(model)
+        model(**single)
+        assert calls == expected, (mode, calls)

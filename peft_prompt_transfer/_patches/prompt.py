@@ -16,7 +16,7 @@ from .._compat import (
     require_feature,
 )
 from .patching import Patch, PatchGroup
-from .shared_prefix import shared_prefix_forward, why_not_shared
+from .shared_prefix import MAX_SHARED_FRACTION, shared_fraction, shared_prefix_forward, why_not_shared
 
 SEQ2SEQ_FORWARD_FEATURE = "the forward pass of seq2seq models"
 
@@ -114,7 +114,9 @@ def _wrap_causal_forward(original):
                     f"shared_prefix='on', but this forward cannot share the prompt's keys and values: {reason}. "
                     "Remove the cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
                 )
-            concatenate = reason is not None
+            batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            fraction = shared_fraction(config.num_virtual_tokens, batch_size, length)
+            concatenate = reason is not None or (config.shared_prefix == "auto" and fraction > MAX_SHARED_FRACTION)
         if concatenate:
             return original(
                 self,
