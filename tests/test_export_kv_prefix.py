@@ -30,10 +30,27 @@ NEW_TOKENS = 6
 
 WITHOUT_PLUGIN = """
 import json, sys, torch
-from peft import PeftModel
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 assert "peft_prompt_transfer" not in sys.modules
+
+
+@torch.no_grad()
+def decode(model, input_ids, mask):
+    \"\"\"Greedy tokens of model's forward passes (eos excluded, as generate(min_new_tokens=...) does), and of
+    its generate.\"\"\"
+    out, step_mask = input_ids, mask
+    for _ in range(NEW_TOKENS):
+        step = model(input_ids=out, attention_mask=step_mask).logits[:, -1]
+        step[:, model.config.eos_token_id] = float("-inf")
+        out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
+        step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
+    generated = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                               min_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[:, -NEW_TOKENS:], generated[:, -NEW_TOKENS:]
+
+
 results = {}
 for case in json.load(open("cases.json")):
     base = AutoModelForCausalLM.from_pretrained(case["base"]).eval()
@@ -43,34 +60,16 @@ for case in json.load(open("cases.json")):
     input_ids, mask = expected["input_ids"], expected["attention_mask"]
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=mask).logits
-        torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
-        # greedy decoding with stock peft's forward passes (eos excluded, as generate(min_new_tokens=...) does)
-        out = input_ids
-        for _ in range(NEW_TOKENS):
-            step = model(input_ids=out, attention_mask=mask).logits[:, -1]
-            step[:, model.config.eos_token_id] = float("-inf")
-            out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        assert torch.equal(out[:, -NEW_TOKENS:], expected["tokens"]), case["name"]
-        generated = model.generate(input_ids=input_ids, attention_mask=expected["attention_mask"],
-                                   max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    results[case["name"]] = torch.equal(generated[:, -NEW_TOKENS:], expected["tokens"])
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    by_forward, generated = decode(model, input_ids, mask)
+    assert torch.equal(by_forward, expected["tokens"]), case["name"]
+    results[case["name"]] = torch.equal(generated, expected["tokens"])
 # peft's own PREFIX_TUNING on the same kind of model: does its generate give its own forward's greedy tokens?
-from peft import PrefixTuningConfig, get_peft_model
 torch.manual_seed(0)
 own = get_peft_model(AutoModelForCausalLM.from_pretrained(case["base"]).eval(),
                      PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-input_ids, mask = expected["input_ids"], expected["attention_mask"]
-with torch.no_grad():
-    out = input_ids
-    for _ in range(NEW_TOKENS):
-        step = own(input_ids=out, attention_mask=mask).logits[:, -1]
-        step[:, own.config.eos_token_id] = float("-inf")
-        out = torch.cat([out, step.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    generated = own.generate(input_ids=input_ids, attention_mask=expected["attention_mask"],
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-print("PEFT_OWN", json.dumps(torch.equal(generated[:, -NEW_TOKENS:], out[:, -NEW_TOKENS:])))
+by_forward, generated = decode(own, input_ids, mask)
+print("PEFT_OWN", json.dumps(torch.equal(generated, by_forward)))
 print("RESULTS", json.dumps(results))
 """.replace("NEW_TOKENS", str(NEW_TOKENS))
 
