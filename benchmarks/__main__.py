@@ -6,6 +6,7 @@
     python -m benchmarks report full             # re-render RESULTS.md and the plots from the records
     python -m benchmarks cost [...]              # step time, memory and inference ratios to PROMPT_TUNING
     python -m benchmarks cost svgd-scaling [...] # SVGD source-stage step time vs the number of particles
+    python -m benchmarks cost shared-prefix [...] # the shared prefix's step time against concatenation, on a grid
     python -m benchmarks study NAME [...]        # a one-off measurement behind the docs: prompt-steps,
                                                  # svgd-assignment or transfer-inits
 
@@ -26,7 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # the measurements `cost` and `study` run: name -> module with a `main(argv)`; each keeps its own options
-COST = {"ratios": "benchmarks.cost.ratios", "svgd-scaling": "benchmarks.cost.svgd_scaling"}
+COST = {
+    "ratios": "benchmarks.cost.ratios",
+    "svgd-scaling": "benchmarks.cost.svgd_scaling",
+    "shared-prefix": "benchmarks.cost.shared_prefix",
+}
 STUDIES = {
     "prompt-steps": "benchmarks.studies.prompt_steps",
     "svgd-assignment": "benchmarks.studies.svgd_assignment",

@@ -35,16 +35,22 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 import peft_prompt_transfer  # noqa: E402
 from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualPromptConfig  # noqa: E402
 
+# shared_prefix="on": the batches are too small for "auto" to share, and the shared path must survive DDP and FSDP2
 CONFIGS = {
-    "residual": lambda: ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8),
+    "residual": lambda: ResidualPromptConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, bottleneck_size=8, shared_prefix="on"
+    ),
     "compt": lambda: ComPTConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=4,
         task_names=["a", "b", "c"],
         num_source_prompts=2,
         normalization="sparsemax",
+        shared_prefix="on",
     ),
-    "bayesian": lambda: BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2),
+    "bayesian": lambda: BayesianPromptConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, num_particles=2, shared_prefix="on"
+    ),
 }
 
 

@@ -135,7 +135,9 @@ def test_shared_prefix_gives_the_concatenated_loss_logits_and_gradients(arch, me
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_auto_shares_in_eval_and_in_training_without_dropout(method):
     _, extra = METHODS[method]
-    model = _model("llama", method, "auto")
+    make_config, _ = METHODS[method]
+    config = make_config(task_type="CAUSAL_LM", num_virtual_tokens=32)  # 3 * 32 positions saved: worth sharing
+    model = get_peft_model(_base("llama"), config)
     calls = _calls(model)
     with torch.no_grad():
         model.eval()(**_batch("left"), **extra)
@@ -255,11 +257,16 @@ def test_an_adapter_saved_with_on_loads_and_runs_anywhere(tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_concatenates_where_sharing_saves_too_little():
-    """One row (the shared path would run every position anyway) or a short prompt before long rows."""
-    single = {k: v[:1] for k, v in _batch("right").items()}
-    for mode, expected in (("auto", [1]), ("on", [1, 1])):
-        model = _model("llama", "residual", mode).train()
+@pytest.mark.parametrize(
+    "num_virtual_tokens, rows, length",
+    [(32, 1, 7), (5, 4, 7), (10, 32, 128)],  # one row; 15 positions saved; 0.93 of the positions run
+)
+def test_auto_concatenates_where_sharing_saves_too_little(num_virtual_tokens, rows, length):
+    input_ids = torch.randint(3, VOCAB, (rows, length), generator=torch.Generator().manual_seed(0))
+    for mode, expected in (("auto", [rows]), ("on", [1, rows])):
+        config = ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, shared_prefix=mode)
+        model = get_peft_model(_base("llama"), config).eval()
         calls = _calls(model)
-        model(**single)
+        with torch.no_grad():
+            model(input_ids=input_ids)
         assert calls == expected, (mode, calls)

@@ -45,7 +45,8 @@ NUM_TASKS = 2
 CAUSAL_MODELS = ("smollm2",)
 
 
-def _peft_config(method: str, args):
+def peft_config(method: str, args):
+    """The config of `method` for the benchmark's model, prompt length and bottleneck."""
     from peft import MultitaskPromptTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
     import peft_prompt_transfer as ppt
@@ -113,13 +114,17 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def _training(method: str, args, device):
-    """A method's model on its own copy of the base model, and a closure running one training step."""
+def training(method: str, args, config=None):
+    """A method's model on its own copy of the base model, and a closure running one training step.
+
+    `config` replaces the method's default config (`peft_config(method, args)`).
+    """
     import torch
     from peft import get_peft_model
 
+    device = _device(args)
     torch.manual_seed(0)
-    model = get_peft_model(_load_base(args), _peft_config(method, args)).to(device).train()
+    model = get_peft_model(_load_base(args), config or peft_config(method, args)).to(device).train()
     batch = _inputs(method, args, model.config.vocab_size, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
@@ -138,7 +143,7 @@ def measure_memory(method: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = _device(args)
-    model, train_step = _training(method, args, device)
+    model, train_step = training(method, args)
     rss_before = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -196,7 +201,7 @@ def measure_times(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         steps, folders = {}, {}
         for method in args.methods:
-            model, steps[method] = _training(method, args, device)
+            model, steps[method] = training(method, args)
             folders[(method, "reloaded")] = os.path.join(tmp, method)
             model.save_pretrained(folders[(method, "reloaded")])
             if method in OURS:

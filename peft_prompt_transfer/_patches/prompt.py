@@ -16,7 +16,7 @@ from .._compat import (
     require_feature,
 )
 from .patching import Patch, PatchGroup
-from .shared_prefix import MAX_SHARED_FRACTION, shared_fraction, shared_prefix_forward, why_not_shared
+from .shared_prefix import shared_prefix_forward, why_not_shared, worth_sharing
 
 SEQ2SEQ_FORWARD_FEATURE = "the forward pass of seq2seq models"
 
@@ -115,8 +115,8 @@ def _wrap_causal_forward(original):
                     "Remove the cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
                 )
             batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            fraction = shared_fraction(config.num_virtual_tokens, batch_size, length)
-            concatenate = reason is not None or (config.shared_prefix == "auto" and fraction > MAX_SHARED_FRACTION)
+            worth_it = worth_sharing(config.num_virtual_tokens, batch_size, length)
+            concatenate = reason is not None or (config.shared_prefix == "auto" and not worth_it)
         if concatenate:
             return original(
                 self,

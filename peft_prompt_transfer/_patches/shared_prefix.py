@@ -90,15 +90,20 @@ def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwa
     return None
 
 
-# "auto" concatenates when sharing would still run more than this fraction of the concatenated path's positions: the
-# extra call and the copies then eat the saving (SmolLM2, P=10, L=128, B=32, a fraction of 0.93: 1.05 times the
-# concatenated step's time; docs/guides/shared-prefix.md)
+# "auto" concatenates where sharing saves too little to pay for its second call and its copies. Measured on SmolLM2
+# (2 CPU threads, `python -m benchmarks cost shared-prefix`, docs/guides/shared-prefix.md): saving (B-1)·P = 4
+# positions took 1.55 times the concatenated step, 30 took 1.05, 70 took 0.98, 140 took 0.82-0.90 and 700 took 0.55;
+# running 0.93 of the positions (P=10, L=128, B=32) took 1.05.
+MIN_SAVED_POSITIONS = 64
 MAX_SHARED_FRACTION = 0.9
 
 
-def shared_fraction(num_virtual_tokens: int, batch_size: int, length: int) -> float:
-    """The positions the shared path runs, `P + B·L` for one distinct prompt, over the concatenated path's `B·(P+L)`."""
-    return (num_virtual_tokens + batch_size * length) / (batch_size * (num_virtual_tokens + length))
+def worth_sharing(num_virtual_tokens: int, batch_size: int, length: int) -> bool:
+    """Whether sharing one prompt saves enough positions, `(B-1)·P`, and a large enough fraction of them (it runs
+    `P + B·L` of the concatenated path's `B·(P+L)`), to be faster than concatenating."""
+    saved = (batch_size - 1) * num_virtual_tokens
+    fraction = (num_virtual_tokens + batch_size * length) / (batch_size * (num_virtual_tokens + length))
+    return saved >= MIN_SAVED_POSITIONS and fraction <= MAX_SHARED_FRACTION
 
 
 def _kept_positions(logits_to_keep: Union[int, torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
