@@ -558,6 +558,7 @@ def test_every_registered_method_can_be_built_and_is_compared_with_registered_me
     [
         (["cost", "--model", "smollm2"], "benchmarks.cost.ratios", ["--model", "smollm2"]),
         (["cost", "svgd-scaling", "--repeats", "1"], "benchmarks.cost.svgd_scaling", ["--repeats", "1"]),
+        (["cost", "shared-prefix", "--cells", "4,8,2"], "benchmarks.cost.shared_prefix", ["--cells", "4,8,2"]),
         (["study", "prompt-steps", "--lr", "0.1"], "benchmarks.studies.prompt_steps", ["--lr", "0.1"]),
         (["study", "transfer-inits"], "benchmarks.studies.transfer_inits", []),
     ],
@@ -568,6 +569,21 @@ def test_the_entry_point_hands_cost_and_study_options_to_the_measurement(monkeyp
     calls = []
     monkeypatch.setattr(importlib.import_module(module), "main", calls.append)
     assert main(argv) == 0 and calls == [forwarded]
+
+
+def test_the_shared_prefix_grid_parses_cells_and_states_the_token_bound():
+    import argparse
+
+    from benchmarks.cost.shared_prefix import DEFAULT_CELLS, distinct_prompts, parse_cell, token_bound
+
+    assert len(DEFAULT_CELLS) == 18 and parse_cell("100,64,8") == (100, 64, 8)
+    for bad in ("100,64", "a,b,c", "0,64,8"):
+        with pytest.raises(argparse.ArgumentTypeError, match="three positive integers"):
+            parse_cell(bad)
+    # one prompt: (P + B L) / (B (P + L)); at the papers' prompt length about 0.46
+    assert token_bound(1, 100, 64, 8) == pytest.approx((100 + 512) / (8 * 164))
+    assert [distinct_prompts(m, 8) for m in ("RESIDUAL_PROMPT_TUNING", "COMPT", "BAYESIAN_PROMPT_TUNING")] == [1, 2, 4]
+    assert distinct_prompts("BAYESIAN_PROMPT_TUNING", 2) == 2
 
 
 def test_an_unknown_study_is_refused_with_the_names_there_are(capsys):
