@@ -163,6 +163,35 @@ print("trained and saved")
     assert "trained and saved" in result.stdout
 
 
+def test_a_reshaped_causal_forward_turns_the_shared_prefix_off_with_a_warning(tmp_path):
+    result = _run(
+        tmp_path,
+        TINY_GPT2
+        + """
+import warnings
+import peft
+
+def forward(self, input_ids=None, attention_mask=None, **kwargs):  # a release whose forward lost task_ids
+    return peft.PeftModel.forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+peft.PeftModelForCausalLM.forward = forward
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import peft_prompt_transfer
+messages = [str(w.message) for w in caught]
+assert any("shared-prefix forward of causal LMs is off" in m and "no longer takes" in m for m in messages), messages
+from peft_prompt_transfer import ResidualPromptConfig
+ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)  # "auto": concatenates, as peft does
+try:
+    ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, shared_prefix="on")
+except RuntimeError as err:
+    print("REFUSED:", err)
+""",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED:" in result.stdout and "shared_prefix='on' is refused" in result.stdout
+
+
 CORRECTNESS_CASES = {
     # target removed -> the user action that must refuse, and the text of the refusal
     "prompt set-up": (
