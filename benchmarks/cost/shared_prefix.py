@@ -12,7 +12,7 @@ Cells already in `--output` are kept and skipped, so an interrupted grid resumes
 the command that measured it.
 
     python -m benchmarks cost shared-prefix [--cells 100,64,8 20,64,8 ...] [--methods RESIDUAL_PROMPT_TUNING ...]
-                                            [--rounds 10] [--threads 2] [--output benchmarks/results/cost-shared-prefix.json]
+                                            [--rounds 10] [--threads 2] [--output benchmarks/results/shared_prefix.json]
 """
 
 from __future__ import annotations
