@@ -75,7 +75,7 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
             "",
             "SmolLM2-135M, one training step (forward, backward, AdamW step) of each method with its prompt shared and "
             "concatenated, next to peft PROMPT_TUNING with the same prompt length: the median over interleaved rounds "
-            "of the paired ratio, with its 95% bootstrap interval; \"positions\" is the token bound (U·P + B·L) / "
+            'of the paired ratio, with its 95% bootstrap interval; "positions" is the token bound (U·P + B·L) / '
             "(B·(P+L)). Commands:",
             "",
             *sorted({f"- `{r['command']}`" for r in shared["records"]}),
