@@ -165,7 +165,7 @@ class TransferPromptLearningConfig(PromptLearningConfig):
                 "peft's concatenation, at a fraction of the cost), wherever that is exact: a decoder-only base "
                 "model whose cache holds only keys and values, no dropout active in training mode, no gradient "
                 "checkpointing in training, no rope scaling that depends on the total length, no "
-                "output_attentions, and a saving worth the second call (at least 64 positions, (B-1)*P, and P + B*L at "
+                "output_attentions, and a saving worth the second call (at least 128 positions, (B-1)*P, and P + B*L at "
                 "most 0.9 of B*(P+L), by measurement); elsewhere it concatenates, as peft does. 'on': share, or raise an error that "
                 "says why it cannot. 'off': always concatenate. It decides only how a forward runs: an adapter "
                 "saved with any value loads anywhere. See docs/guides/shared-prefix.md."

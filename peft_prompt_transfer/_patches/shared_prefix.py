@@ -91,10 +91,11 @@ def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwa
 
 
 # "auto" concatenates where sharing saves too little to pay for its second call and its copies. Measured on SmolLM2
-# (2 CPU threads, `python -m benchmarks cost shared-prefix`, docs/guides/shared-prefix.md): saving (B-1)·P = 4
-# positions took 1.55 times the concatenated step, 30 took 1.05, 70 took 0.98, 140 took 0.82-0.90 and 700 took 0.55;
-# running 0.93 of the positions (P=10, L=128, B=32) saved nothing (1.00 [0.95, 1.09]).
-MIN_SAVED_POSITIONS = 64
+# (2 CPU threads, `python -m benchmarks cost shared-prefix`, docs/guides/shared-prefix.md#cost), residual prompt
+# tuning: saving (B-1)·P = 4 positions took 1.55 times the concatenated step, 30 took 1.05, 70 took 0.98-1.02 (a
+# Bayesian source 1.06), 140 took 0.82-0.97 and 700 took 0.55; running 0.93 of the positions (P=10, L=128, B=32)
+# saved nothing (1.00 [0.95, 1.09]).
+MIN_SAVED_POSITIONS = 128
 MAX_SHARED_FRACTION = 0.9
 
 
