@@ -28,6 +28,7 @@ from .compt import (
     set_active_task,
 )
 from .export import export_kv_prefix, export_prompt_tuning
+from .library import CURRENT_PROMPT, LibraryEntry, PromptLibrary
 from .multitask import TaskIdsCollator, check_task_ids, combine_tasks
 from .residual import RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder
 
@@ -59,4 +60,7 @@ __all__ = [
     "combine_tasks",
     "export_kv_prefix",
     "export_prompt_tuning",
+    "CURRENT_PROMPT",
+    "LibraryEntry",
+    "PromptLibrary",
 ]

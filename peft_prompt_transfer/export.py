@@ -4,7 +4,6 @@ prompt), or a `PREFIX_TUNING` adapter (the prompt's per-layer keys and values, s
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional, Union
 
 import torch
@@ -12,10 +11,10 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model_state_dict
 from peft import utils as peft_utils
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import save_file
 from transformers import DynamicCache
 
 from ._compat import PACKAGE_NAME, cache_keyword, is_ours, prompt_tuning_config_like
+from .files import save_safetensors
 from .model_card import loading_snippet
 
 
@@ -156,15 +155,7 @@ def _our_adapter(model: PeftModel, adapter_name: Optional[str], export: str):
 
 def _save_adapter(save_directory, weights: dict, export_config, source_config, task, kind: str) -> None:
     os.makedirs(save_directory, exist_ok=True)
-    # write to a temporary file and rename, so an interrupted export never leaves a half-written adapter
-    with tempfile.NamedTemporaryFile(dir=save_directory, suffix=".tmp", delete=False) as tmp:
-        tmp_path = tmp.name
-    try:
-        save_file(weights, tmp_path, metadata={"format": "pt"})
-        os.replace(tmp_path, os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME))
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    save_safetensors(weights, os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME))
     export_config.save_pretrained(save_directory)
     _write_model_card(save_directory, source_config, task, kind)
 

@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 from safetensors.torch import load_file
 
+from ..files import local_or_hub_file
 from .config import BAYESIAN_PROMPT_TUNING, BayesianPromptConfig, parse_target_init
 
 PARTICLES_KEY = "particles"
@@ -62,28 +63,15 @@ class Posterior:
 
 
 def _posterior_file(posterior: str, revision: Optional[str], filename: str) -> str:
-    if os.path.isdir(posterior):
-        path = os.path.join(posterior, filename)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"The posterior directory {posterior!r} has no {filename}. Save the source-stage model there with "
-                "model.save_pretrained(directory), or point BayesianPromptConfig(posterior=...) at the directory that "
-                "holds its adapter_config.json and adapter_model.safetensors."
-            )
-        return path
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(repo_id=posterior, filename=filename, revision=revision)
-    except Exception as exc:  # offline, unknown repo, invalid id, missing file: all mean "not found here"
-        at_revision = f" at revision {revision!r}" if revision else ""
-        raise FileNotFoundError(
-            f"Cannot find the posterior {posterior!r}: it is not a local directory, and downloading {filename} from "
-            f"the Hugging Face Hub repo {posterior!r}{at_revision} failed ({type(exc).__name__}: {exc}). Set "
-            "BayesianPromptConfig(posterior=...) to the directory where the source-stage model was saved "
-            "(model.save_pretrained(directory)) or to a Hub repo id that is reachable (check the name, the network "
-            "and HF_HUB_OFFLINE)."
-        ) from exc
+    return local_or_hub_file(
+        posterior,
+        filename,
+        revision,
+        "posterior",
+        "Save the source-stage model there with model.save_pretrained(directory), or point "
+        "BayesianPromptConfig(posterior=...) at the directory or Hub repo id that holds its adapter_config.json and "
+        "adapter_model.safetensors",
+    )
 
 
 def load_posterior(posterior: Union[str, os.PathLike], revision: Optional[str] = None) -> Posterior:

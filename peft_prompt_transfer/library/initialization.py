@@ -1,0 +1,111 @@
+"""Starting a model's prompt from library entries: fitting an entry to the prompt length, combining several, and
+writing the result where each method keeps the prompt it trains."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from peft import PeftModel
+
+
+def fit_length(prompt: torch.Tensor, num_virtual_tokens: int) -> torch.Tensor:
+    """`prompt` cut or tiled to `num_virtual_tokens` tokens, as peft's TEXT initialisation fits its text: a longer
+    prompt keeps its first tokens, a shorter one is repeated and cut."""
+    length = prompt.shape[0]
+    if length >= num_virtual_tokens:
+        return prompt[:num_virtual_tokens]
+    return prompt.repeat(math.ceil(num_virtual_tokens / length), 1)[:num_virtual_tokens]
+
+
+def warn_on_length(names_and_lengths: dict[str, int], num_virtual_tokens: int) -> None:
+    """Warn, once per call, about entries whose length is not the model's and will be cut or tiled."""
+    other = {name: length for name, length in names_and_lengths.items() if length != num_virtual_tokens}
+    if other:
+        warnings.warn(
+            f"The model's prompt has {num_virtual_tokens} tokens, but {other} (entry: tokens) do not: they are cut to "
+            "their first tokens or repeated and cut, as peft's TEXT initialisation fits a text. Give the adapter the "
+            "entries' length (num_virtual_tokens) to use them whole.",
+            stacklevel=3,
+        )
+
+
+def mean_prompt(prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of `prompts`, scaled so that its mean token norm is the prompts' mean token norm: averaging
+    prompts that point different ways shortens the mean, and a prompt far shorter than the tokens the model reads is
+    a weak start (on SmolLM2 the SVGD particles' mean was half a token long)."""
+    stacked = torch.stack(list(prompts))
+    mean = stacked.mean(0)
+    target = stacked.norm(dim=-1).mean()
+    return mean * (target / mean.norm(dim=-1).mean().clamp_min(torch.finfo(mean.dtype).tiny))
+
+
+def _kind(model: PeftModel, adapter_name: str) -> str:
+    peft_type = model.peft_config[adapter_name].peft_type
+    return getattr(peft_type, "value", peft_type)
+
+
+def prompt_length(model: PeftModel, adapter_name: str) -> int:
+    """How many tokens each prompt that `write_prompts` writes has (ComPT: its source prompts' length)."""
+    config = model.peft_config[adapter_name]
+    return config.prompt_length if _kind(model, adapter_name) == "COMPT" else config.num_virtual_tokens
+
+
+def one_prompt_per_entry(model: PeftModel, adapter_name: str) -> bool:
+    """Whether the adapter starts from several entries, one each (ComPT's source prompts, a Bayesian source's
+    particles), rather than from one prompt (an entry, or several entries' mean)."""
+    config = model.peft_config[adapter_name]
+    kind = _kind(model, adapter_name)
+    return kind == "COMPT" or (kind == "BAYESIAN_PROMPT_TUNING" and config.stage == "source")
+
+
+@torch.no_grad()
+def write_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[torch.Tensor]) -> None:
+    """Write `prompts` (each `[prompt_length, token_dim]`, already fitted) where the adapter keeps its trainable
+    prompt.
+
+    One prompt: peft `PROMPT_TUNING` (exactly the prompt the model sees), residual (the MLP's input, as the paper
+    initialises it: the model sees `MLP(P) + P`) and a Bayesian target (its prompt, or a decomposed target's `S`,
+    which is the prompt while `U V` is all ones). One per entry (`one_prompt_per_entry`): ComPT's first source
+    prompts, a Bayesian source's particles."""
+    config = model.peft_config[adapter_name]
+    kind = _kind(model, adapter_name)
+    weight = model.prompt_encoder[adapter_name].embedding.weight
+    prompts = [prompt.to(device=weight.device, dtype=weight.dtype) for prompt in prompts]
+    if kind == "COMPT":
+        if config.num_frozen_tasks:
+            raise ValueError(
+                "This ComPT adapter was extended with add_tasks, which freezes its source prompts so that the earlier "
+                "tasks' prompts do not change; initialize a new ComPT adapter instead."
+            )
+        if len(prompts) > config.num_source_prompts:
+            raise ValueError(
+                f"{len(prompts)} entries for a ComPT adapter with num_source_prompts={config.num_source_prompts}: each "
+                "entry becomes one source prompt. Pass at most that many, or build the adapter with more source prompts."
+            )
+        sources = weight.view(config.num_source_prompts, config.prompt_length, config.token_dim)
+        for index, prompt in enumerate(prompts):
+            sources[index].copy_(prompt)
+    elif kind == "BAYESIAN_PROMPT_TUNING" and config.stage == "source":
+        if len(prompts) != config.num_particles:
+            raise ValueError(
+                f"{len(prompts)} entries for a Bayesian source with num_particles={config.num_particles}: each particle "
+                "starts from one entry. Pass as many entries as particles."
+            )
+        weight.copy_(torch.stack(prompts))
+    elif kind in ("PROMPT_TUNING", "RESIDUAL_PROMPT_TUNING", "BAYESIAN_PROMPT_TUNING"):
+        if kind == "PROMPT_TUNING" and (config.num_transformer_submodules or 1) != 1:
+            raise ValueError(
+                "This PROMPT_TUNING adapter holds a prompt for the encoder and one for the decoder "
+                f"(num_transformer_submodules={config.num_transformer_submodules}); library entries are encoder "
+                "prompts. Build it with num_transformer_submodules=1."
+            )
+        (prompt,) = prompts
+        weight.copy_(prompt)
+    else:
+        raise ValueError(
+            f"initialize writes a prompt the adapter trains directly; a {kind} adapter makes its prompt another way. "
+            "Use peft PROMPT_TUNING or one of this package's methods."
+        )

@@ -1,0 +1,150 @@
+"""Scoring prompts on a new task's examples: the frozen model's loss on the labels with each prompt in front.
+
+This is SPoT's choice of a source prompt without training (the lowest loss before the first step). Every prompt is
+scored through this package's own forward: a residual adapter in inference mode holds nothing but a fixed prompt,
+so a scorer is one such adapter over the model's base model, its prompt replaced by each candidate in turn. On a
+decoder-only model that forward runs the prompt once per batch and shares its keys and values with the rows
+(`shared_prefix`, docs/guides/shared-prefix.md), so scoring N prompts on K examples costs about N·K forward passes
+of the examples alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
+from tqdm.auto import tqdm
+
+from ..residual import ResidualPromptConfig
+
+SCORER_ADAPTER = "prompt_library_scorer"
+SCORED_TASK_TYPES = {"CAUSAL_LM": PeftModelForCausalLM, "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM}
+
+
+def task_type_of(model: torch.nn.Module) -> str:
+    """`CAUSAL_LM` or `SEQ_2_SEQ_LM` for a language model (or a `PeftModel` around one); a clear error otherwise."""
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, Mapping) and getattr(model, "active_adapter", None) in peft_config:
+        task_type = getattr(peft_config[model.active_adapter].task_type, "value", None)
+        task_type = task_type or peft_config[model.active_adapter].task_type
+    else:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        task_type = "SEQ_2_SEQ_LM" if getattr(base.config, "is_encoder_decoder", False) else "CAUSAL_LM"
+        if not hasattr(base, "get_output_embeddings") or base.get_output_embeddings() is None:
+            task_type = None
+    if task_type not in SCORED_TASK_TYPES:
+        raise ValueError(
+            f"rank scores a prompt by the frozen model's loss on the labels, which needs a causal or seq2seq language "
+            f"model; this one is a {task_type or type(model).__name__} model. A sequence classifier's head is new, so "
+            "its loss before training says nothing about how well a source prompt fits: rank with the language "
+            "model the classifier is built on and the task phrased as text (a template and label words), then "
+            "initialize the classifier's prompt from the winner."
+        )
+    return task_type
+
+
+def _rows(examples: Any) -> list[dict[str, list[int]]]:
+    """The examples as lists of token ids, checked: `input_ids` and `labels` (and optionally `attention_mask`)."""
+    rows = []
+    for index, example in enumerate(examples):
+        if not isinstance(example, Mapping) or "input_ids" not in example or "labels" not in example:
+            found = sorted(example) if isinstance(example, Mapping) else type(example).__name__
+            raise ValueError(
+                f"Example {index} has no input_ids and labels (found {found}). rank takes tokenized examples as the "
+                "Trainer does: input_ids, attention_mask and labels (the tokens to score, -100 elsewhere)."
+            )
+        labels = example["labels"]
+        if not isinstance(labels, (Sequence, torch.Tensor)) or isinstance(labels, str):
+            raise ValueError(
+                f"Example {index} has labels={labels!r}, a class index; rank needs the label tokens (a list of token "
+                "ids, -100 where nothing is scored), as a language model is trained on them."
+            )
+        row = {
+            key: [int(v) for v in example[key]] for key in ("input_ids", "attention_mask", "labels") if key in example
+        }
+        if not any(label != -100 for label in row["labels"]):
+            raise ValueError(f"Example {index} has no label token to score (every label is -100).")
+        rows.append(row)
+    if not rows:
+        raise ValueError("rank needs at least one example.")
+    return rows
+
+
+def _batches(rows: list[dict], batch_size: int, pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of examples of similar length (padding: masked inputs, labels -100)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chosen = [rows[i] for i in order[start : start + batch_size]]
+        width = max(len(row["input_ids"]) for row in chosen)
+        label_width = max(len(row["labels"]) for row in chosen)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for row in chosen:
+            pad = width - len(row["input_ids"])
+            batch["input_ids"].append(row["input_ids"] + [pad_token_id] * pad)
+            batch["attention_mask"].append(row.get("attention_mask", [1] * len(row["input_ids"])) + [0] * pad)
+            batch["labels"].append(row["labels"] + [-100] * (label_width - len(row["labels"])))
+        batches.append({key: torch.tensor(value) for key, value in batch.items()})
+    return batches
+
+
+class PromptScorer:
+    """Scores fixed prompts `[num_virtual_tokens, token_dim]` on tokenized examples: the mean negative
+    log-likelihood per label token with the prompt in front of every example, the model frozen and in eval mode.
+
+    It wraps the model's base model in a second `PeftModel` (prompt-learning adapters change nothing in the base
+    model), restores the base model's training mode and `requires_grad` flags afterwards, and keeps a model's own
+    adapters untouched."""
+
+    def __init__(self, model: torch.nn.Module, examples: Any, batch_size: int = 8):
+        self.task_type = task_type_of(model)
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        pad = getattr(self.base.config, "pad_token_id", None)
+        self.batches = _batches(_rows(examples), batch_size, pad if isinstance(pad, int) else 0)
+        self._scorers: dict[int, torch.nn.Module] = {}
+
+    def _scorer(self, num_virtual_tokens: int) -> torch.nn.Module:
+        if num_virtual_tokens not in self._scorers:
+            config = ResidualPromptConfig(
+                task_type=self.task_type, num_virtual_tokens=num_virtual_tokens, inference_mode=True
+            )
+            self._scorers[num_virtual_tokens] = SCORED_TASK_TYPES[self.task_type](
+                self.base, config, adapter_name=SCORER_ADAPTER
+            )
+        return self._scorers[num_virtual_tokens]
+
+    def score_all(self, prompts: Mapping[str, torch.Tensor], progress: bool = True) -> dict[str, float]:
+        """The score of each prompt (lower fits better), with a progress bar over prompts x batches."""
+        flags = {name: p.requires_grad for name, p in self.base.named_parameters()}
+        was_training = self.base.training
+        try:
+            with tqdm(total=len(prompts) * len(self.batches), desc="ranking prompts", disable=not progress) as bar:
+                return {name: self._score(prompt, bar) for name, prompt in prompts.items()}
+        finally:
+            for name, parameter in self.base.named_parameters():
+                parameter.requires_grad_(flags[name])
+            self.base.train(was_training)
+
+    @torch.no_grad()
+    def _score(self, prompt: torch.Tensor, bar: tqdm) -> float:
+        scorer = self._scorer(prompt.shape[0]).eval()
+        weight = scorer.prompt_encoder[SCORER_ADAPTER].embedding.weight
+        weight.copy_(prompt.to(device=weight.device, dtype=weight.dtype))
+        device = weight.device
+        total, count = 0.0, 0
+        for batch in self.batches:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            labels = batch.pop("labels")
+            if self.task_type == "CAUSAL_LM":
+                logits = scorer(**batch).logits[:, prompt.shape[0] - 1 : -1]  # position t predicts token t
+            else:
+                logits = scorer(**batch, labels=labels).logits
+            losses = torch.nn.functional.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+            total += losses.item()
+            count += int((labels != -100).sum())
+            bar.update()
+        return total / count

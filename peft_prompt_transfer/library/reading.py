@@ -1,0 +1,143 @@
+"""The prompts a library takes from adapters: peft `PROMPT_TUNING` adapters (and `export_prompt_tuning` outputs),
+this package's adapters, saved (a folder or a Hub repo id) or live (a `PeftModel`), and the prompt a model holds now.
+
+Each adapter gives one or more named prompts `[num_virtual_tokens, token_dim]`, with where they came from:
+
+- `PROMPT_TUNING`: its prompt;
+- residual: the folded prompt, `MLP(P) + P`, which the model sees;
+- ComPT: each task's composed prompt, named `name/task`;
+- a Bayesian source: each particle, named `name/particle-i`;
+- a Bayesian target: its prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from peft import PeftConfig, PeftModel
+from peft.utils import load_peft_weights
+
+from .._compat import encoder_class, is_ours
+
+PROMPT_TUNING = "PROMPT_TUNING"
+ACCEPTED = "peft PROMPT_TUNING adapters (export_prompt_tuning writes them too) and this package's adapters"
+
+
+@dataclass
+class NamedPrompt:
+    """A prompt taken from an adapter, with its name in the library and what it came from."""
+
+    name: str
+    prompt: torch.Tensor  # [num_virtual_tokens, token_dim], float32 on the CPU
+    task_type: Optional[str]
+    origin: dict[str, Any] = field(default_factory=dict)
+
+
+def _value(enum_or_str: Any) -> Optional[str]:
+    return getattr(enum_or_str, "value", enum_or_str)
+
+
+def _encoder_prompts(name: str, encoder: torch.nn.Module, config: PeftConfig, origin: dict) -> Iterator[NamedPrompt]:
+    """The prompts of one of this package's encoders (see the module)."""
+    task_type, peft_type = _value(config.task_type), _value(config.peft_type)
+    origin = dict(origin, peft_type=peft_type)
+    with torch.no_grad():
+        if peft_type == "COMPT":
+            tasks = config.task_names or list(range(config.num_tasks))
+            for task in tasks:
+                prompt = encoder.inference_prompt(task)
+                yield NamedPrompt(f"{name}/{task}", prompt.float().cpu(), task_type, dict(origin, task=task))
+        elif peft_type == "BAYESIAN_PROMPT_TUNING" and config.stage == "source":
+            for index, particle in enumerate(encoder.particles):
+                yield NamedPrompt(
+                    f"{name}/particle-{index}", particle.detach().float().cpu(), task_type, dict(origin, particle=index)
+                )
+        else:
+            yield NamedPrompt(name, encoder.inference_prompt().float().cpu(), task_type, origin)
+
+
+def _check_prompt_tuning(name: str, config: PeftConfig) -> None:
+    if _value(config.peft_type) != PROMPT_TUNING and not is_ours(config):
+        raise ValueError(
+            f"Adapter {name!r} is a {_value(config.peft_type)} adapter; a prompt library takes {ACCEPTED}. Export "
+            "a prompt another method makes as a PROMPT_TUNING adapter first, or leave it out."
+        )
+    if (config.num_transformer_submodules or 1) != 1:
+        raise ValueError(
+            f"Adapter {name!r} puts a prompt on both the encoder and the decoder (num_transformer_submodules="
+            f"{config.num_transformer_submodules}); a library entry is one prompt in front of the input. Train it with "
+            "num_transformer_submodules=1."
+        )
+
+
+def live_adapter_prompts(name: str, model: PeftModel, adapter_name: Optional[str] = None) -> Iterator[NamedPrompt]:
+    """The prompts of a `PeftModel`'s adapter (the active one by default), as they are now."""
+    adapter_name = adapter_name or model.active_adapter
+    config = model.peft_config[adapter_name]
+    _check_prompt_tuning(name, config)
+    origin = {"source": f"PeftModel adapter {adapter_name!r}"}
+    encoder = model.prompt_encoder[adapter_name]
+    if is_ours(config):
+        yield from _encoder_prompts(name, encoder, config, origin)
+    else:
+        prompt = encoder.embedding.weight.detach().float().cpu().clone()
+        yield NamedPrompt(name, prompt, _value(config.task_type), dict(origin, peft_type=PROMPT_TUNING))
+
+
+def saved_adapter_prompts(
+    name: str,
+    location: Union[str, os.PathLike],
+    word_embeddings: torch.nn.Module,
+    revision: Optional[str] = None,
+) -> Iterator[NamedPrompt]:
+    """The prompts of an adapter saved in a folder or a Hub repo (`save_pretrained`, `export_prompt_tuning`).
+
+    This package's adapters are rebuilt in inference mode from their files alone, so the base model is never
+    wrapped or changed."""
+    location = os.fspath(location)
+    hub = {"revision": revision} if revision else {}
+    try:
+        config = PeftConfig.from_pretrained(location, **hub)
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"Cannot read the adapter {name!r} from {location!r}: it is not a folder holding adapter_config.json, "
+            f"and no Hub repo of that name could be read ({type(exc).__name__}: {exc}). Pass the folder "
+            "save_pretrained wrote, a reachable Hub repo id, or the PeftModel itself."
+        ) from exc
+    _check_prompt_tuning(name, config)
+    weights = load_peft_weights(location, device="cpu", **hub)
+    origin = {"source": location, **({"revision": revision} if revision else {})}
+    if not is_ours(config):
+        if "prompt_embeddings" not in weights:
+            raise ValueError(
+                f"The adapter {name!r} at {location!r} has no 'prompt_embeddings' tensor (found "
+                f"{sorted(weights)[:8]}); the file is damaged. Save it again with save_pretrained."
+            )
+        prompt = weights["prompt_embeddings"].float()
+        yield NamedPrompt(name, prompt, _value(config.task_type), dict(origin, peft_type=PROMPT_TUNING))
+        return
+    config.inference_mode = True  # the saved prompts are all that is needed; no posterior, no prompt MLP
+    encoder = encoder_class(config)(config, word_embeddings)
+    encoder._load_adapter_state_dict(weights)
+    yield from _encoder_prompts(name, encoder, config, origin)
+
+
+def current_prompt(model: torch.nn.Module, task: Optional[Union[int, str]] = None) -> torch.Tensor:
+    """The prompt a `PeftModel`'s active prompt adapter gives the model now, `[num_virtual_tokens, token_dim]`:
+    what "no transfer" starts from. ComPT needs `task`."""
+    if not isinstance(model, PeftModel) or model.active_adapter not in getattr(model, "prompt_encoder", {}):
+        raise ValueError(
+            f"{type(model).__name__} holds no prompt of its own to rank as the start without transfer. Pass the "
+            "PeftModel you will train (a PROMPT_TUNING adapter or one of this package's), or include_current=False."
+        )
+    config = model.peft_config[model.active_adapter]
+    _check_prompt_tuning("the model's own", config)
+    encoder = model.prompt_encoder[model.active_adapter]
+    with torch.no_grad():
+        if is_ours(config):
+            return encoder.inference_prompt(task).detach().float().cpu()
+        return encoder.embedding.weight.detach().float().cpu().clone()

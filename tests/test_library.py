@@ -1,0 +1,352 @@
+"""PromptLibrary: building from every kind of adapter, ranking, initialising, saving and loading."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from conftest import TINY_MODELS
+from peft import PeftModel, PromptTuningConfig, get_peft_model
+from safetensors.torch import load_file
+
+from peft_prompt_transfer import (
+    CURRENT_PROMPT,
+    BayesianPromptConfig,
+    ComPTConfig,
+    PromptLibrary,
+    ResidualPromptConfig,
+    export_prompt_tuning,
+)
+
+N_TOKENS = 4
+
+
+def prompt_tuning(tiny, tmp_path, num_virtual_tokens: int = N_TOKENS, seed: int = 0):
+    """peft PROMPT_TUNING with the prompt in front of the input only (peft's seq2seq default adds a decoder prompt)."""
+    torch.manual_seed(seed)
+    config = PromptTuningConfig(
+        task_type=tiny.task_type, num_virtual_tokens=num_virtual_tokens, num_transformer_submodules=1
+    )
+    return get_peft_model(tiny.saved(tmp_path), config)
+
+
+def examples_with_label(tiny, label: int, count: int = 8, length: int = 6, seed: int = 0) -> list[dict]:
+    """Tokenized examples whose scored token is always `label`: a task one trained prompt fits and another does not."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        ids = torch.randint(3, 64, (length,), generator=g).tolist()
+        if tiny.kind == "causal":
+            rows.append({"input_ids": ids + [label], "labels": [-100] * length + [label]})
+        else:
+            rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [label, label]})
+    return rows
+
+
+def trained_prompt(tiny, tmp_path, label: int, seed: int):
+    """A PROMPT_TUNING model trained briefly to make `label` the scored token (its loss falls)."""
+    model = prompt_tuning(tiny, tmp_path, seed=seed)
+    rows = examples_with_label(tiny, label, count=8, seed=seed + 100)
+    batch = PromptLibrary_batch(rows)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for _ in range(30):
+        loss = model(**batch).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < 0.5 * losses[0]
+    return model
+
+
+def PromptLibrary_batch(rows: list[dict]) -> dict:
+    return {key: torch.tensor([row[key] for row in rows]) for key in rows[0]}
+
+
+def reference_score(tiny, tmp_path, prompt: torch.Tensor, rows: list[dict]) -> float:
+    """The score by definition: stock peft PROMPT_TUNING with the prompt, the mean loss per label token."""
+    model = prompt_tuning(tiny, tmp_path, num_virtual_tokens=prompt.shape[0]).eval()
+    model.prompt_encoder["default"].embedding.weight.data.copy_(prompt)
+    with torch.no_grad():
+        return model(**PromptLibrary_batch(rows)).loss.item()
+
+
+@pytest.fixture(params=["llama", "gpt2", "t5"])
+def lm(request):
+    return TINY_MODELS[request.param]
+
+
+def test_the_source_that_fits_ranks_first_on_a_constructed_task(lm, tmp_path):
+    fives, sevens = trained_prompt(lm, tmp_path, 5, seed=1), trained_prompt(lm, tmp_path, 7, seed=2)
+    base = lm.saved(tmp_path)
+    library = PromptLibrary.from_adapters(base, {"fives": fives, "sevens": sevens})
+    target = prompt_tuning(lm, tmp_path, seed=3)
+    rows = examples_with_label(lm, 5, seed=7)  # new inputs, the first source's label
+    ranking = library.rank(target, rows, progress=False)
+    assert ranking[0][0] == "fives"
+    assert dict(ranking)["sevens"] > dict(ranking)["fives"] + 1.0  # a prompt for another label fits far worse
+    assert {name for name, _ in ranking} == {"fives", "sevens", CURRENT_PROMPT}
+    scores = dict(ranking)
+    for name in ("fives", "sevens"):
+        expected = reference_score(lm, tmp_path, library[name].prompt, rows)
+        assert scores[name] == pytest.approx(expected, rel=1e-5)
+
+
+def test_rank_leaves_the_model_as_it_was(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    model = get_peft_model(
+        tiny.saved(tmp_path), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)
+    )
+    model.train()
+    batch = PromptLibrary_batch(examples_with_label(tiny, 5))
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with torch.no_grad():
+        before = model.eval()(**batch).logits
+    model.train()
+    library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"mine": model})
+    ranking = library.rank(model, examples_with_label(tiny, 5), progress=False)
+    # the model's own prompt and the same prompt as an entry score the same
+    assert dict(ranking)["mine"] == pytest.approx(dict(ranking)[CURRENT_PROMPT], rel=1e-6)
+    assert model.training and {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, before, rtol=0, atol=0)
+
+
+def test_initialize_copies_a_prompt_tuning_prompt_exactly(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    source = trained_prompt(tiny, tmp_path, 5, seed=1)
+    library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"fives": source})
+    target = prompt_tuning(tiny, tmp_path, seed=9)
+    written = library.initialize(target, "fives")
+    weight = target.prompt_encoder["default"].embedding.weight
+    assert torch.equal(weight.detach(), source.prompt_encoder["default"].embedding.weight.detach())
+    assert torch.equal(written, weight.detach())
+    batch = PromptLibrary_batch(examples_with_label(tiny, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval()(**batch).logits, source.eval()(**batch).logits, rtol=0, atol=0)
+
+
+def test_a_list_starts_from_the_mean_at_the_entries_token_norm(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randn(N_TOKENS, 32, generator=g) * scale for scale in (1.0, 2.0, 3.0)]
+    for index, prompt in enumerate(prompts):
+        library.add(f"p{index}", prompt)
+    target = prompt_tuning(tiny, tmp_path)
+    written = library.initialize(target, ["p0", "p1", "p2"])
+    mean = torch.stack(prompts).mean(0)
+    # the mean's direction, token by token, at the entries' mean token norm
+    assert torch.allclose(torch.nn.functional.cosine_similarity(written, mean, dim=-1), torch.ones(N_TOKENS))
+    assert written.norm(dim=-1).mean() == pytest.approx(torch.stack(prompts).norm(dim=-1).mean().item(), rel=1e-5)
+    assert torch.equal(target.prompt_encoder["default"].embedding.weight.detach(), written)
+
+
+def test_an_entry_of_another_length_is_tiled_or_cut_with_a_warning(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    short = torch.randn(3, 32)
+    library.add("short", short)
+    target = prompt_tuning(tiny, tmp_path, num_virtual_tokens=7)
+    with pytest.warns(UserWarning, match=r"The model's prompt has 7 tokens, but \{'short': 3\}"):
+        written = library.initialize(target, "short")
+    assert torch.equal(written, torch.cat([short, short, short[:1]]))
+    target = prompt_tuning(tiny, tmp_path, num_virtual_tokens=2)
+    with pytest.warns(UserWarning, match="cut to their first tokens"):
+        assert torch.equal(library.initialize(target, "short"), short[:2])
+
+
+def test_every_kind_of_adapter_gives_its_prompts_saved_or_live(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    base = lambda: tiny.saved(tmp_path)  # noqa: E731
+    torch.manual_seed(0)
+    residual = get_peft_model(base(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS))
+    compt = get_peft_model(
+        base(),
+        ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, task_names=["a", "b"], num_source_prompts=2),
+    )
+    source = get_peft_model(
+        base(), BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, num_particles=3)
+    )
+    source.save_pretrained(tmp_path / "source")
+    target = get_peft_model(
+        base(),
+        BayesianPromptConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, stage="target", posterior=str(tmp_path / "source")
+        ),
+    )
+    peft_prompt = prompt_tuning(tiny, tmp_path, seed=4)
+    models = {"residual": residual, "compt": compt, "source": source, "target": target, "peft": peft_prompt}
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+    export_prompt_tuning(compt, tmp_path / "exported", task="b")
+    expected = {
+        "residual": residual.prompt_encoder["default"].inference_prompt(),
+        "compt/a": compt.prompt_encoder["default"].inference_prompt("a"),
+        "compt/b": compt.prompt_encoder["default"].inference_prompt("b"),
+        **{f"source/particle-{i}": source.prompt_encoder["default"].particles[i] for i in range(3)},
+        "target": target.prompt_encoder["default"].inference_prompt(),
+        "peft": peft_prompt.prompt_encoder["default"].embedding.weight,
+        "exported": compt.prompt_encoder["default"].inference_prompt("b"),
+    }
+    saved = PromptLibrary.from_adapters(base(), {name: tmp_path / name for name in [*models, "exported"]})
+    live = PromptLibrary.from_adapters(base(), models)
+    assert saved.names == list(expected)
+    assert live.names == [name for name in expected if name != "exported"]
+    for library in (saved, live):
+        for name in library.names:
+            torch.testing.assert_close(library[name].prompt, expected[name].detach().float(), rtol=0, atol=1e-6)
+    assert saved["compt/b"].origin == {"source": str(tmp_path / "compt"), "peft_type": "COMPT", "task": "b"}
+    assert saved["source/particle-2"].origin["particle"] == 2
+    assert saved["exported"].origin["peft_type"] == "PROMPT_TUNING"
+    assert all(entry.task_type == "CAUSAL_LM" and entry.num_virtual_tokens == N_TOKENS for entry in saved)
+
+
+def test_a_round_trip_is_lossless(tmp_path):
+    tiny = TINY_MODELS["gpt2"]
+    library = PromptLibrary.from_adapters(
+        tiny.saved(tmp_path),
+        {"a": prompt_tuning(tiny, tmp_path, seed=1), "b": prompt_tuning(tiny, tmp_path, num_virtual_tokens=6, seed=2)},
+        metadata={"a": {"template": "Review: {text}\nSentiment:", "label_words": [" negative", " positive"]}},
+    )
+    library.save_pretrained(tmp_path / "library")
+    assert sorted(p.name for p in (tmp_path / "library").iterdir()) == [
+        "README.md",
+        "prompt_library.json",
+        "prompt_library.safetensors",
+    ]
+    loaded = PromptLibrary.from_pretrained(tmp_path / "library")
+    assert loaded.names == library.names
+    assert loaded.base_model_record == library.base_model_record
+    for entry in library:
+        assert torch.equal(loaded[entry.name].prompt, entry.prompt)
+        assert loaded[entry.name].metadata() == entry.metadata()
+    assert loaded["a"].label_words == [" negative", " positive"] and loaded["b"].template is None
+    target = prompt_tuning(tiny, tmp_path, seed=3)
+    rows = examples_with_label(tiny, 5)
+    with pytest.warns(UserWarning, match=r"\{'b': 6\}"):
+        assert loaded.rank(target, rows, progress=False) == library.rank(target, rows, progress=False)
+
+
+def test_another_embedding_size_is_refused_with_the_model_it_was_made_for(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": prompt_tuning(tiny, tmp_path)})
+    wider = get_peft_model(
+        tiny.saved(tmp_path, hidden=48), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)
+    )
+    made_for = re.escape(str(tmp_path / "base-llama-32"))
+    message = rf"This prompt library was made for '{made_for}', whose embeddings have hidden size 32, but this model's have 48"
+    with pytest.raises(ValueError, match=message):
+        library.rank(wider, examples_with_label(tiny, 5), progress=False)
+    with pytest.raises(ValueError, match=message):
+        library.initialize(wider, "a")
+    with pytest.raises(ValueError, match=r"a prompt is \[num_virtual_tokens, 32\] for this library's base model"):
+        library.add("wide", torch.zeros(N_TOKENS, 48))
+
+
+def test_another_checkpoint_or_vocabulary_warns(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": prompt_tuning(tiny, tmp_path)})
+    same = prompt_tuning(tiny, tmp_path)
+    same.get_base_model().to(torch.bfloat16)  # the same checkpoint in another dtype is the same model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        library.initialize(same, "a")
+    tuned = prompt_tuning(tiny, tmp_path)
+    with torch.no_grad():  # what fine-tuning does to the embeddings (5% of their RMS)
+        weight = tuned.get_input_embeddings().weight
+        weight.add_(0.05 * weight.pow(2).mean().sqrt() * torch.randn_like(weight))
+    with pytest.warns(UserWarning, match="this model's input embeddings differ from that model's"):
+        library.initialize(tuned, "a")
+    bigger = prompt_tuning(tiny, tmp_path)
+    bigger.get_base_model().resize_token_embeddings(80)
+    with pytest.warns(UserWarning, match="with a vocabulary of 64 tokens, but this model has 80"):
+        library.initialize(bigger, "a")
+
+
+def test_each_method_starts_where_it_keeps_its_prompt(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    for name in ("p0", "p1", "p2"):
+        library.add(name, torch.randn(N_TOKENS, 32, generator=g), task_type="CAUSAL_LM")
+    residual = get_peft_model(
+        tiny.saved(tmp_path), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)
+    )
+    library.initialize(residual, "p1")  # the MLP's input, as the paper initialises it
+    assert torch.equal(residual.prompt_encoder["default"].embedding.weight.detach(), library["p1"].prompt)
+    compt = get_peft_model(
+        tiny.saved(tmp_path),
+        ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, task_names=["t"], num_source_prompts=3),
+    )
+    library.initialize(compt, ["p2", "p0"])  # the top entries become its first source prompts, in order
+    sources = compt.prompt_encoder["default"].embedding.weight.detach().view(3, N_TOKENS, 32)
+    assert torch.equal(sources[0], library["p2"].prompt) and torch.equal(sources[1], library["p0"].prompt)
+    with pytest.raises(ValueError, match="4 entries for a ComPT adapter with num_source_prompts=3"):
+        library.initialize(compt, ["p0", "p1", "p2", "p0"])
+    posterior = library.save_as_posterior(["p0", "p1", "p2"], tmp_path / "posterior")
+    target = get_peft_model(
+        tiny.saved(tmp_path),
+        BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, stage="target", posterior=posterior),
+    )
+    encoder = target.prompt_encoder["default"]
+    mean = torch.stack([library[n].prompt for n in ("p0", "p1", "p2")]).mean(0)
+    torch.testing.assert_close(encoder.embedding.weight.detach(), mean)  # a posterior of entries starts at their mean
+    library.initialize(target, "p2")  # the best particle: the start moves, the anchor stays the posterior's mean
+    assert torch.equal(encoder.embedding.weight.detach(), library["p2"].prompt)
+    torch.testing.assert_close(encoder.mean(), mean)
+    loaded = PeftModel.from_pretrained(tiny.saved(tmp_path), posterior)  # the posterior is a loadable adapter too
+    torch.testing.assert_close(
+        loaded.prompt_encoder["default"].particles.detach(),
+        torch.stack([library[n].prompt for n in ("p0", "p1", "p2")]),
+    )
+    source = get_peft_model(
+        tiny.saved(tmp_path), BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, num_particles=3)
+    )
+    library.initialize(source, ["p0", "p1", "p2"])
+    assert torch.equal(source.prompt_encoder["default"].particles.detach()[2], library["p2"].prompt)
+    with pytest.raises(ValueError, match="2 entries for a Bayesian source with num_particles=3"):
+        library.initialize(source, ["p0", "p1"])
+
+
+def test_bad_input_gets_a_clear_error(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": prompt_tuning(tiny, tmp_path)})
+    target = prompt_tuning(tiny, tmp_path)
+    with pytest.raises(ValueError, match="Example 0 has no input_ids and labels"):
+        library.rank(target, [{"input_ids": [3, 4]}], progress=False)
+    with pytest.raises(ValueError, match="Example 0 has labels=1, a class index"):
+        library.rank(target, [{"input_ids": [3, 4], "labels": 1}], progress=False)
+    with pytest.raises(ValueError, match="holds no prompt of its own to rank"):
+        library.rank(tiny.saved(tmp_path), examples_with_label(tiny, 5), progress=False)
+    assert (
+        len(library.rank(tiny.saved(tmp_path), examples_with_label(tiny, 5), include_current=False, progress=False))
+        == 1
+    )
+    with pytest.raises(KeyError, match=r"No entry named 'b'; the library has \['a'\]"):
+        library.initialize(target, "b")
+    with pytest.raises(ValueError, match="already has an entry named 'a'"):
+        library.add("a", torch.zeros(N_TOKENS, 32))
+    cls = TINY_MODELS["bert"]
+    classifier = get_peft_model(cls.saved(tmp_path), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    cls_library = PromptLibrary(cls.saved(tmp_path))
+    with pytest.raises(ValueError, match="A sequence classifier's head is new"):
+        cls_library.rank(classifier, [{"input_ids": [3, 4], "labels": [5, 6]}], progress=False)
+    with pytest.raises(FileNotFoundError, match="has no prompt_library.json"):
+        PromptLibrary.from_pretrained(tmp_path)
+    lora_like = tmp_path / "not-a-prompt"
+    from peft import LoraConfig
+
+    get_peft_model(tiny.saved(tmp_path), LoraConfig(target_modules=["q_proj"])).save_pretrained(lora_like)
+    with pytest.raises(ValueError, match="Adapter 'lora' is a LORA adapter; a prompt library takes"):
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"lora": lora_like})
+    library.save_pretrained(tmp_path / "damaged")
+    weights = load_file(tmp_path / "damaged" / "prompt_library.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"other": weights["a"]}, tmp_path / "damaged" / "prompt_library.safetensors")
+    with pytest.raises(ValueError, match="is damaged: prompt_library.json names \\['a'\\]"):
+        PromptLibrary.from_pretrained(tmp_path / "damaged")
