@@ -8,7 +8,7 @@ Splits (not every task has every kind; `Task.splits` lists them):
 
 - `train` / `dev`: the full GLUE / SuperGLUE training and validation sets (sources for transfer);
 - `kshot-train` / `kshot-dev` / `kshot-test`: the 16-shot LM-BFF splits for one of `KSHOT_SEEDS`; `kshot-test` is
-  the task's official dev set;
+  the task's official dev set (MNLI, SNLI and QQP have no `kshot-test`: LM-BFF's folders hold no test file for them);
 - `fewglue-train` / `fewglue-test`: the FewGLUE 32-shot training set and the SuperGLUE validation set.
 """
 
@@ -55,6 +55,8 @@ class Task:
     kshot: Optional[tuple[str, str, str, Optional[str], str]] = None  # (folder, format, text, pair, label)
     fewglue: Optional[str] = None  # FewGLUE folder; the test split is superglue/<name>/val.jsonl
     full_folder: Optional[str] = None  # a task file's task: the folder of its train/dev files (see `register_tasks`)
+    kshot_dev_file: str = "dev"  # the k-shot dev file's name without its suffix (MNLI's is dev_matched)
+    kshot_test: bool = True  # whether the k-shot folders hold a test file
 
     @property
     def num_labels(self) -> int:
@@ -64,7 +66,7 @@ class Task:
     def splits(self) -> tuple[str, ...]:
         return (
             (("train", "dev") if self.full else ())
-            + (("kshot-train", "kshot-dev", "kshot-test") if self.kshot else ())
+            + (("kshot-train", "kshot-dev") + (("kshot-test",) if self.kshot_test else ()) if self.kshot else ())
             + (("fewglue-train", "fewglue-test") if self.fewglue else ())
         )
 
@@ -76,6 +78,12 @@ _ENTAILMENT = dict(
     label_names=("entailment", "not_entailment"),
     template="{text}\nQuestion: {text_pair} True or false?\nAnswer:",
     label_words=(" true", " false"),
+)
+# MNLI and SNLI are phrased as CB is (RTE's true / false, plus neither), in GLUE's label order
+_THREE_WAY_NLI = dict(
+    label_names=("entailment", "neutral", "contradiction"),
+    template="{text}\nQuestion: {text_pair} True, false or neither?\nAnswer:",
+    label_words=(" true", " neither", " false"),
 )
 TASKS = {
     "sst2": Task(
@@ -137,6 +145,25 @@ TASKS = {
         full=("jsonl", "premise", "hypothesis", "label"),
         fewglue="CB",
     ),
+    # sources for the prompt-library suite (benchmarks/core/library_data.py): LM-BFF's k-shot folders only
+    "mnli": Task(
+        "mnli",
+        **_THREE_WAY_NLI,
+        kshot=("MNLI", "tsv", "sentence1", "sentence2", "gold_label"),
+        kshot_dev_file="dev_matched",
+        kshot_test=False,
+    ),
+    "snli": Task(
+        "snli", **_THREE_WAY_NLI, kshot=("SNLI", "nli-tsv", "sentence1", "sentence2", "gold_label"), kshot_test=False
+    ),
+    "qqp": Task(
+        "qqp",
+        ("not_duplicate", "duplicate"),
+        "Question 1: {text}\nQuestion 2: {text_pair}\nDo both questions ask the same thing?",
+        (" no", " yes"),
+        kshot=("QQP", "tsv", "question1", "question2", "is_duplicate"),
+        kshot_test=False,
+    ),
 }
 _BUILT_IN = frozenset(TASKS)
 _COLA_COLUMNS = ["source", "label", "mark", "sentence"]  # CoLA files have no header row
@@ -147,6 +174,8 @@ _FULL_FILES = {"train": ("train.tsv", "train.jsonl"), "dev": ("dev.tsv", "val.js
 def _read(path: Path, fmt: str) -> datasets.Dataset:
     if fmt == "jsonl":
         return datasets.load_dataset("json", data_files=str(path), split="train")
+    if fmt == "nli-tsv":
+        return _read_ragged_tsv(path)
     kwargs = dict(quoting=csv.QUOTE_NONE, keep_default_na=False)
     if fmt == "csv":  # quoted, comma-separated
         kwargs = dict(keep_default_na=False, header=None, names=_CSV_COLUMNS)
@@ -155,6 +184,20 @@ def _read(path: Path, fmt: str) -> datasets.Dataset:
     else:
         kwargs.update(delimiter="\t")
     return datasets.load_dataset("csv", data_files=str(path), split="train", **kwargs)
+
+
+def _read_ragged_tsv(path: Path) -> datasets.Dataset:
+    """A tsv file whose rows may have more fields than its header and whose label is the last field of each row.
+
+    SNLI rows that carry five annotator labels (label1 ... label5) have four more fields than the header, which
+    names only label1; pandas then shifts every column of the file. The leading columns keep their places, and the
+    gold label is always the last field (LM-BFF reads it as `line[-1]` too).
+    """
+    with open(path, encoding="utf-8", newline="\n") as f:
+        header, *rows = (line.rstrip("\r\n").split("\t") for line in f)
+    columns = {name: [row[i] for row in rows] for i, name in enumerate(header[:-1])}
+    columns[header[-1]] = [row[-1] for row in rows]
+    return datasets.Dataset.from_dict(columns)
 
 
 def _standardise(ds: datasets.Dataset, task: Task, text: str, pair: Optional[str], label: str) -> datasets.Dataset:
@@ -193,7 +236,8 @@ def load_split(task_name: str, split: str, seed: int = 42, root: Optional[str] =
             raise ValueError(f"The k-shot splits exist for seeds {KSHOT_SEEDS}, not {seed}.")
         suffix = "csv" if fmt == "csv" else "tsv"
         folder = Path(folder) if Path(folder).is_absolute() else data_dir(root) / "k-shot" / folder
-        ds = _read(_existing(folder / f"16-{seed}" / f"{split[len('kshot-') :]}.{suffix}", task_name), fmt)
+        name = task.kshot_dev_file if split == "kshot-dev" else split[len("kshot-") :]
+        ds = _read(_existing(folder / f"16-{seed}" / f"{name}.{suffix}", task_name), fmt)
         return _standardise(ds, task, text, pair, label)
     if split.startswith("fewglue-"):
         base = data_dir(root)
