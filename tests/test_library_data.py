@@ -100,7 +100,7 @@ def test_pooled_sources_hold_no_duplicate_and_no_held_out_text(source):
     data, counts = source_training_set(source, TARGETS)
     rows = list(zip(data["text"], data["text_pair"], data["label"]))
     assert len(set(rows)) == len(rows) == counts["after"]
-    assert counts["before"] == counts["after"] + counts["duplicates"] + counts["held_out"]
+    assert counts["before"] == counts["after"] + counts["duplicates"] + counts["held_out"] + counts["fragments"]
     held = held_out_texts(TARGETS)
     assert not {normalise(text) for text in data["text"]} & held
     assert not {normalise(pair) for pair in data["text_pair"] if pair is not None} & held
@@ -116,9 +116,9 @@ def _fake_load_split(task_name, split, seed=42, root=None):
     rows = {
         ("qnli", "kshot-train", 13): [("Who wrote it ?", "a question", 0), ("x", "y", 1)],
         ("qnli", "kshot-train", 21): [("Something else", "It 's GREAT .", 1)],
-        ("qnli", "kshot-train", 42): [("Keep me", "fine", 0)],
+        ("qnli", "kshot-train", 42): [("Keep me", "fine", 0), ("Review whose middle part", "q", 1)],
         ("rte", "train", 42): [("A premise .", "it 's great", 0), ("ok", "ok", 1)],
-        ("mr", "kshot-test", seed): [("it's great!", None, 1)],
+        ("mr", "kshot-test", seed): [("it's great!", None, 1), ("a long review whose middle part leaks", None, 0)],
         ("mr", "kshot-dev", 87): [("who wrote it?", None, 0)],
     }.get((task_name, split, seed), [])
     if (task_name, split) == ("qnli", "kshot-dev"):
@@ -129,14 +129,15 @@ def _fake_load_split(task_name, split, seed=42, root=None):
 
 def test_a_constructed_overlap_is_removed_and_counted(monkeypatch):
     monkeypatch.setattr(library_data, "load_split", _fake_load_split)
-    assert held_out_texts(["mr"]) == {"itsgreat", "whowroteit"}
+    assert held_out_texts(["mr"]) == {"itsgreat", "whowroteit", "alongreviewwhosemiddlepartleaks"}
     data, counts = source_training_set("qnli", ["mr"])
     assert list(zip(data["text"], data["text_pair"])) == [("x", "y"), ("Keep me", "fine")]  # order of the files
     assert counts == {
         "data": "kshot train+dev, all seeds",
-        "before": 9,
+        "before": 10,
         "duplicates": 5,
         "held_out": 2,
+        "fragments": 1,  # "reviewwhosemiddlepart": 21 letters inside a held-out text
         "after": 2,
         "overlaps": {"mr": 2},
     }

@@ -8,7 +8,8 @@ prompt see what it is scored on, so `source_training_set` drops it. Texts are co
 - `held_out_texts(targets)`: the normalised texts of the targets' `kshot-test` and `kshot-dev` examples (all five
   seeds);
 - `source_training_set(task, targets)`: the source's full `train` split where it has one, otherwise its k-shot
-  `train` and `dev` files of all five seeds pooled, less the held-out texts, with the counts of what was removed;
+  `train` and `dev` files of all five seeds pooled, less the held-out texts and the pieces of them (a source text
+  of at least `MIN_FRAGMENT` letters and digits found inside a held-out text), with the counts of what was removed;
 - `dedup_report(sources, targets)`: those counts for several sources, one flat row per source.
 """
 
@@ -86,6 +87,24 @@ def _pooled(task: str, root: Optional[str]) -> tuple[datasets.Dataset, int]:
     return data.select(first), len(data) - len(first)
 
 
+# a source text this long (letters and digits) found inside a held-out text is a fragment of it: SST-2's training
+# set holds phrases cut from its sentences, with their sentiment labels, and a quarter of its rows are pieces of MR
+# or SUBJ test and dev texts; shorter pieces are common phrases more than leaks
+MIN_FRAGMENT = 20
+
+
+class _Fragments:
+    """Finds source texts that occur inside a held-out text: candidates by their first `MIN_FRAGMENT` characters
+    (an index of every such window of the held-out texts), confirmed by a search of the held-out texts."""
+
+    def __init__(self, texts: set[str]):
+        self.joined = "\0".join(sorted(texts))  # normalised texts hold no NUL, so no match spans two texts
+        self.windows = {text[i : i + MIN_FRAGMENT] for text in texts for i in range(len(text) - MIN_FRAGMENT + 1)}
+
+    def __contains__(self, form: str) -> bool:
+        return len(form) >= MIN_FRAGMENT and form[:MIN_FRAGMENT] in self.windows and form in self.joined
+
+
 def _without_held_out(
     task: str, held: dict[str, set[str]], root: Optional[str]
 ) -> tuple[datasets.Dataset, dict[str, object]]:
@@ -99,12 +118,16 @@ def _without_held_out(
     ]
     overlaps = {target: sum(1 for form in forms if form & texts) for target, texts in held.items()}
     everything = set().union(*held.values())
-    keep = [index for index, form in enumerate(forms) if not form & everything]
+    exact = [bool(form & everything) for form in forms]
+    fragments = _Fragments(everything)
+    piece = [not whole and any(text in fragments for text in form) for form, whole in zip(forms, exact)]
+    keep = [index for index in range(len(forms)) if not (exact[index] or piece[index])]
     counts = {
         "data": "train" if "train" in TASKS[task].splits else "kshot train+dev, all seeds",
         "before": len(data) + duplicates,
         "duplicates": duplicates,
-        "held_out": len(data) - len(keep),
+        "held_out": sum(exact),
+        "fragments": sum(piece),
         "after": len(keep),
         "overlaps": overlaps,
     }
@@ -118,7 +141,8 @@ def source_training_set(
 
     The examples are the task's full `train` split where it has one (sst2, cola, rte), otherwise the k-shot
     `train` and `dev` files of all five seeds pooled, exact duplicates across seeds removed. Every example whose
-    normalised `text` or `text_pair` is in `held_out_texts(targets)` is then dropped. The order is the files'
+    normalised `text` or `text_pair` is in `held_out_texts(targets)`, or is a piece of one (`MIN_FRAGMENT`
+    letters and digits or more, found inside it), is then dropped. The order is the files'
     (seed by seed for pooled sets) and the same on every call: the caller shuffles with its own seed.
 
     Args:
@@ -128,8 +152,8 @@ def source_training_set(
 
     Returns:
         The examples (columns `text`, `text_pair`, `label`) and their counts: `data` (which files), `before` (rows
-        read), `duplicates` (exact duplicates across seeds removed), `held_out` (removed as held-out overlaps),
-        `after`, and `overlaps` (per target, how many of the deduplicated examples share a text with it; an example
+        read), `duplicates` (exact duplicates across seeds removed), `held_out` (removed as held-out texts),
+        `fragments` (removed as pieces of held-out texts), `after`, and `overlaps` (per target, how many of the deduplicated examples share a text with it; an example
         can overlap several targets).
     """
     return _without_held_out(task, _held_out_by_target(targets, root), root)
