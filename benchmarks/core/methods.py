@@ -118,6 +118,71 @@ def build_spot(backbone: Backbone, spec: RunSpec, base: torch.nn.Module, train_s
     return model, {"spot_source": chosen, "spot_initial_losses": losses}
 
 
+# ------------------------------------------------------------------------------------- the prompt library ---
+
+# how many of the library's top-ranked entries the top-k mean and ComPT start from
+LIBRARY_TOP_K = 3
+
+
+def prompt_library(backbone: Backbone, spec: RunSpec, base: torch.nn.Module) -> ppt.PromptLibrary:
+    """The library of the run's source prompts: one entry per source task of its prompt tuning source stage."""
+    folder = ensure_source(backbone, spec.source("prompt_tuning"))
+    return ppt.PromptLibrary.from_adapters(base, {task: folder / task for task in spec.sources})
+
+
+def ranked_entries(library: ppt.PromptLibrary, model, train_set, **rank_options) -> tuple[list[str], dict]:
+    """The library's entries best first by `rank` on the target's training examples (the model's own prompt is
+    ranked as well and recorded, but never chosen: these methods transfer), and the details to record."""
+    ranking = library.rank(model, train_set, progress=False, **rank_options)
+    entries = [name for name, _ in ranking if name != ppt.CURRENT_PROMPT]
+    return entries, {"ranking": ranking}
+
+
+def build_library_top(backbone: Backbone, spec: RunSpec, base: torch.nn.Module, train_set, top: int = 1) -> tuple:
+    """A prompt started from the library's best entry by `rank` (`top=1`, SPoT through the library API) or from
+    the mean of its `top` best, scaled to their token norm."""
+    model = get_peft_model(base, prompt_tuning_config(backbone, spec))
+    library = prompt_library(backbone, spec, base)
+    entries, details = ranked_entries(library, model, train_set)
+    library.initialize(model, entries[:top])
+    return model, {**details, "initialized_from": entries[:top]}
+
+
+def build_library_compt(backbone: Backbone, spec: RunSpec, base: torch.nn.Module, train_set) -> tuple:
+    """ComPT on the target alone, its shared source prompts started from the library's top entries by `rank`
+    (ComPT's premise: a task's prompt composed from source prompts, and a private one)."""
+    config = ppt.ComPTConfig(
+        task_type=backbone.task_type,
+        num_virtual_tokens=spec.num_virtual_tokens,
+        task_names=list(spec.tasks),
+        num_source_prompts=LIBRARY_TOP_K,
+        normalization="sparsemax",
+        **_vocab_init(spec),
+    )
+    model = get_peft_model(base, config)
+    library = prompt_library(backbone, spec, base)
+    entries, details = ranked_entries(library, model, train_set, task=spec.tasks[0])
+    library.initialize(model, entries[:LIBRARY_TOP_K])
+    return model, {**details, "initialized_from": entries[:LIBRARY_TOP_K]}
+
+
+def build_best_particle(backbone: Backbone, spec: RunSpec, base: torch.nn.Module, train_set) -> tuple:
+    """A Bayesian target started from the posterior's particle that `rank` puts first on the target's training
+    examples; its anchor stays the posterior mean."""
+    model, details = BayesianTarget()(backbone, spec, base, train_set)
+    posterior = ppt.PromptLibrary.from_adapters(base, {"posterior": ensure_source(backbone, source_stage(spec))})
+    entries, ranking = ranked_entries(posterior, model, train_set)
+    posterior.initialize(model, entries[0])
+    return model, {**details, **ranking, "initialized_from": entries[:1]}
+
+
+def build_oracle_source(backbone: Backbone, spec: RunSpec, base: torch.nn.Module, train_set) -> tuple:
+    """The library oracle's run: prompt tuning started from one source prompt (`spec.init_source`)."""
+    model = get_peft_model(base, prompt_tuning_config(backbone, spec))
+    model.prompt_encoder["default"].embedding.weight.data.copy_(source_prompts(backbone, spec)[spec.init_source])
+    return model, {}
+
+
 def build_source_average(backbone: Backbone, spec: RunSpec, base: torch.nn.Module, train_set) -> tuple:
     """A prompt started from the mean of the source prompts."""
     prompts = source_prompts(backbone, spec)
@@ -256,16 +321,17 @@ def bayesian_method(
     compared_with: tuple[str, ...],
     source_kind: str = "bayesian",
     optimizer: OptimizerFactory = prompt_and_head_optimizer,
+    claim: str = "transfer",
     **target_options,
 ) -> Method:
     """A Bayesian transfer method: a target prompt (`BayesianTarget(**target_options)`) started from the posterior
-    `source_kind` (one of `POSTERIORS`), compared in claim 2."""
+    `source_kind` (one of `POSTERIORS`), compared in `claim` (claim 2 by default)."""
     return Method(
         name,
         label,
         build=BayesianTarget(**target_options),
         optimizer=optimizer,
-        claim="transfer",
+        claim=claim,
         compared_with=compared_with,
         source_kind=source_kind,
     )
@@ -378,6 +444,51 @@ METHODS: dict[str, Method] = {
             "Bayesian, likelihood scaled by the number of particles",
             ("bayesian",),
             source_kind="bayesian_likelihood_scaled",
+        ),
+        # the library suite: prompts started from a library of source prompts ranked on the target
+        Method(
+            "library_best",
+            "library: best entry by rank",
+            build=build_library_top,
+            claim="library",
+            compared_with=("prompt_tuning",),
+            source_kind="prompt_tuning",
+        ),
+        Method(
+            "library_top3",
+            f"library: mean of the top {LIBRARY_TOP_K} by rank",
+            build=partial(build_library_top, top=LIBRARY_TOP_K),
+            claim="library",
+            compared_with=("prompt_tuning", "library_best"),
+            source_kind="prompt_tuning",
+        ),
+        bayesian_method(
+            "library_bayesian",
+            "library: Bayesian posterior over the sources (mean)",
+            ("prompt_tuning", "library_best"),
+            claim="library",
+        ),
+        Method(
+            "library_best_particle",
+            "library: Bayesian, best particle by rank",
+            build=build_best_particle,
+            claim="library",
+            compared_with=("prompt_tuning", "library_bayesian", "library_best"),
+            source_kind="bayesian",
+        ),
+        compt_method(
+            "library_compt",
+            f"library: ComPT from the top {LIBRARY_TOP_K} by rank",
+            build=build_library_compt,
+            claim="library",
+            compared_with=("prompt_tuning", "library_best"),
+            source_kind="prompt_tuning",
+        ),
+        Method(
+            "oracle_source",
+            "oracle: one source prompt fine-tuned on the target",
+            build=build_oracle_source,
+            source_kind="prompt_tuning",
         ),
         Method("shared_prompt", "one shared prompt", joint_config=shared_prompt_config, claim="multitask"),
         compt_method("compt", "ComPT (ours)", joint_config=compt_config),

@@ -15,6 +15,7 @@ from peft import MultitaskPromptTuningConfig, PromptTuningConfig, get_peft_model
 import peft_prompt_transfer as ppt
 from benchmarks.core.backbone import Backbone
 from benchmarks.core.harness import build_once
+from benchmarks.core.library_data import source_training_set
 from benchmarks.core.specs import BAYESIAN_PARTICLES, POSTERIORS, RunSpec, SourceSpec
 from benchmarks.core.tasks import TASKS, load_split
 from benchmarks.core.training import prompt_and_head_optimizer, train
@@ -31,11 +32,15 @@ def label_offsets(tasks: tuple[str, ...]) -> list[int]:
 
 
 def source_data(backbone: Backbone, source: SourceSpec, multitask: bool) -> dict:
-    """Each source's full training set, shuffled and cut to what `steps` x `batch_size` will see."""
+    """Each source's training set, shuffled and cut to what `steps` x `batch_size` will see: its full training set,
+    or with `held_out` targets, the set `benchmarks.core.library_data.source_training_set` leaves them."""
     offsets = label_offsets(source.sources) if multitask and not backbone.causal else [0] * len(source.sources)
     data = {}
     for task, offset in zip(source.sources, offsets):
-        full = load_split(task, "train").shuffle(seed=source.seed)
+        if source.held_out:
+            full = source_training_set(task, source.held_out)[0].shuffle(seed=source.seed)
+        else:
+            full = load_split(task, "train").shuffle(seed=source.seed)
         seen = full.select(range(min(source.steps * source.batch_size, len(full))))
         data[task] = backbone.encode(seen, task, train=True, label_offset=offset)
     return data

@@ -35,8 +35,16 @@ RESIDUAL_BOTTLENECK = 400
 BAYESIAN_PARTICLES = 4
 
 # fields added after runs were recorded -> the value every earlier run had, at which the key leaves the field out
-RUN_FIELDS_ADDED_LATER: dict[str, Any] = {"train_examples": 0, "source_init": "random"}
-SOURCE_FIELDS_ADDED_LATER: dict[str, Any] = {"init": "random"}
+RUN_FIELDS_ADDED_LATER: dict[str, Any] = {
+    "train_examples": 0,
+    "source_init": "random",
+    "held_out": (),
+    "init_source": "",
+}
+SOURCE_FIELDS_ADDED_LATER: dict[str, Any] = {"init": "random", "held_out": ()}
+# the oracle of the library suite fine-tunes each source prompt on the target at one learning rate, the source
+# stages' own (`SOURCE_LR`), the middle of the prompt sweep
+ORACLE_LR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,9 @@ class SourceSpec:
     lr: float = 1e-1
     seed: int = 0
     init: str = "random"  # the prompts' initialisation: "random" (peft's default, N(0, 1)) or "vocab"
+    # the target tasks whose test and dev texts (and pieces of them) the sources' training sets leave out, and whose
+    # k-shot-only sources pool their k-shot files (`benchmarks.core.library_data`); () reads the training sets whole
+    held_out: tuple[str, ...] = ()
 
     def folder(self) -> Path:
         digest = hashlib.sha1(identity(asdict(self), SOURCE_FIELDS_ADDED_LATER).encode()).hexdigest()[:12]
@@ -105,6 +116,8 @@ class RunSpec:
     max_eval: int = 500  # test examples scored per task (a fixed random subset of bigger test sets)
     train_examples: int = 0  # data="full": the training examples taken from the shuffled training set
     source_init: str = "random"  # the source stages' prompt initialisation (`SourceSpec.init`)
+    held_out: tuple[str, ...] = ()  # the source stages' held-out targets (`SourceSpec.held_out`)
+    init_source: str = ""  # the library oracle: the one source whose prompt this run fine-tunes
 
     def key(self) -> str:
         return identity(asdict(self), RUN_FIELDS_ADDED_LATER)
@@ -124,4 +137,5 @@ class RunSpec:
             batch_size=batch_size,
             lr=SOURCE_LR[self.model],
             init=self.source_init,
+            held_out=self.held_out,
         )

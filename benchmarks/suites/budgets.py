@@ -60,6 +60,12 @@ class CausalBudget:
     transfer_targets: tuple[str, ...]  # claim 2, 16-shot, never a source
     multitask: tuple[str, ...]  # claim 3, 16-shot each
     sweep_seeds: int = 0
+    # the library claim: source prompts trained once on these tasks (their training sets without the targets'
+    # held-out text, `benchmarks.core.library_data`), ranked and transferred to 16-shot `library_targets`; the
+    # oracle fine-tunes every source on each target with the first `oracle_seeds` seeds
+    library_sources: tuple[str, ...] = ()
+    library_targets: tuple[str, ...] = ()
+    oracle_seeds: int = 0
 
     @property
     def sweeping_seeds(self) -> tuple[int, ...]:
@@ -118,6 +124,32 @@ SUITES = {
         source_steps=2,
         transfer_targets=("mr",),
         multitask=("sst2", "trec"),
+        library_sources=("sst2", "mpqa"),
+        library_targets=("mr",),
+        oracle_seeds=1,
+    ),
+    # the library suite (`python -m benchmarks smollm2-library --workers 2`): 8 source prompts (100 steps each) and
+    # a posterior over them (800 steps) first, then per target 54 runs (the sweeping seeds: 6 methods x 3 LRs) and
+    # 16 oracle runs: 284 runs at about 3 min each on 2 cores, about 15 h
+    "smollm2-library": CausalBudget(
+        model="smollm2",
+        seeds=KSHOT_SEEDS,
+        prompt_lrs=(3e-3, 1e-2, 3e-2),
+        mlp_prompt_lrs=(1e-3, 3e-3, 1e-2),
+        num_virtual_tokens=20,
+        short_virtual_tokens=2,
+        steps=40,
+        max_eval=300,
+        residual_tasks=(),
+        full_data=None,
+        sources=(),
+        source_steps=100,
+        transfer_targets=(),
+        multitask=(),
+        sweep_seeds=2,
+        library_sources=("sst2", "cola", "rte", "qnli", "mnli", "snli", "qqp", "mpqa"),
+        library_targets=("mr", "subj", "trec", "cr"),
+        oracle_seeds=2,
     ),
     "full": Budget(
         seeds=KSHOT_SEEDS,
@@ -136,7 +168,7 @@ SUITES = {
 }
 
 
-CLAIMS = ("residual", "transfer", "multitask")
+CLAIMS = ("residual", "transfer", "multitask", "library")
 MODELS = ("minilm", "smollm2")
 DATA = ("kshot", "fewglue", "full")
 
@@ -164,8 +196,17 @@ def with_tasks(budget: Union[Budget, CausalBudget], tasks: tuple[str, ...]) -> U
         )
     full = next((t for t in tasks if "train" in TASKS[t].splits), None)
     full_data = (full, *budget.full_data[1:]) if full and budget.full_data else None
+    library_targets = tuple(t for t in tasks if t not in budget.library_sources) if budget.library_sources else ()
+    if budget.library_sources and not (budget.residual_tasks or budget.transfer_targets or budget.multitask):
+        # a library-only suite: the tasks are its targets and nothing else
+        return replace(budget, library_targets=library_targets)
     return replace(
-        budget, residual_tasks=tuple(tasks), full_data=full_data, transfer_targets=targets, multitask=multitask
+        budget,
+        residual_tasks=tuple(tasks),
+        full_data=full_data,
+        transfer_targets=targets,
+        multitask=multitask,
+        library_targets=library_targets,
     )
 
 

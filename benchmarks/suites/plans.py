@@ -15,7 +15,7 @@ import pandas as pd
 
 from benchmarks.core.methods import METHODS, claim_methods
 from benchmarks.core.selection import choose_lr
-from benchmarks.core.specs import RunSpec
+from benchmarks.core.specs import ORACLE_LR, RunSpec
 from benchmarks.suites.budgets import CLAIMS, DATA, MODELS, Budget, CausalBudget, suite_budget
 
 
@@ -118,7 +118,12 @@ def multitask_runs(budget: Budget, seed: int) -> list[RunSpec]:
     ]
 
 
-CLAIM_RUNS = {"residual": residual_runs, "transfer": transfer_runs, "multitask": multitask_runs}
+def no_runs(budget: Budget, seed: int) -> list[RunSpec]:
+    """The library claim in a MiniLM suite: none (a classifier's new head gives `rank` nothing to score)."""
+    return []
+
+
+CLAIM_RUNS = {"residual": residual_runs, "transfer": transfer_runs, "multitask": multitask_runs, "library": no_runs}
 
 
 # a later seed's run whose learning rate the sweeping seeds have not chosen yet (they are still running)
@@ -173,7 +178,12 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
       by M, plain or decomposed target prompt, starting from the particles' mean or from one particle) on 16-shot
       targets, every source stage initialised as the target prompts are;
     - multitask: one shared prompt and ComPT in both designs trained on all tasks; one prompt per task is the
-      single-task prompt tuning runs of the same tasks, seed, LRs and steps (listed here, run once).
+      single-task prompt tuning runs of the same tasks, seed, LRs and steps (listed here, run once);
+    - library: no transfer and the library methods (a library of `library_sources` prompts, trained without the
+      targets' held-out text, ranked on each 16-shot target: its best entry, the mean of the top entries, the
+      Bayesian posterior over the same sources from its mean and from its best particle, ComPT from the top
+      entries), and the oracle: every source fine-tuned on the target at `ORACLE_LR`, with the first
+      `oracle_seeds` seeds.
     """
     base = RunSpec(
         method="prompt_tuning",
@@ -190,7 +200,7 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
         replace(base, method="zero_shot", tasks=(task,), steps=0) for task in tasks if seed == budget.seeds[0]
     ]
     runs = []
-    if claim == "residual":
+    if claim == "residual" and budget.residual_tasks:
         targets = [replace(base, tasks=(t,)) for t in budget.residual_tasks]
         if budget.full_data:
             task, examples, steps = budget.full_data
@@ -211,7 +221,26 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
             runs += _causal_sweep(budget, chosen_lr, replace(base, tasks=(task,)))  # no transfer
             for method in claim_methods("transfer"):
                 runs += _causal_sweep(budget, chosen_lr, replace(target, method=method))
-    elif budget.multitask:
+    elif claim == "library":
+        runs += zero_shot(budget.library_targets)
+        for task in budget.library_targets:
+            target = replace(
+                base,
+                tasks=(task,),
+                sources=budget.library_sources,
+                source_steps=budget.source_steps,
+                source_init=base.init,
+                held_out=budget.library_targets,
+            )
+            runs += _causal_sweep(budget, chosen_lr, replace(base, tasks=(task,)))  # no transfer
+            for method in claim_methods("library"):
+                runs += _causal_sweep(budget, chosen_lr, replace(target, method=method))
+            if seed in budget.seeds[: budget.oracle_seeds]:
+                runs += [
+                    replace(target, method="oracle_source", init_source=source, lr=ORACLE_LR)
+                    for source in budget.library_sources
+                ]
+    elif claim == "multitask" and budget.multitask:
         runs += zero_shot(budget.multitask)
         runs += [
             run for task in budget.multitask for run in _causal_sweep(budget, chosen_lr, replace(base, tasks=(task,)))

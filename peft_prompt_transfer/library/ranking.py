@@ -10,6 +10,7 @@ of the examples alone.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -110,9 +111,11 @@ class PromptScorer:
             config = ResidualPromptConfig(
                 task_type=self.task_type, num_virtual_tokens=num_virtual_tokens, inference_mode=True
             )
-            self._scorers[num_virtual_tokens] = SCORED_TASK_TYPES[self.task_type](
-                self.base, config, adapter_name=SCORER_ADAPTER
-            )
+            with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+                warnings.simplefilter("ignore", FutureWarning)
+                self._scorers[num_virtual_tokens] = SCORED_TASK_TYPES[self.task_type](
+                    self.base, config, adapter_name=SCORER_ADAPTER
+                )
         return self._scorers[num_virtual_tokens]
 
     def score_all(self, prompts: Mapping[str, torch.Tensor], progress: bool = True) -> dict[str, float]:
