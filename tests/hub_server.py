@@ -185,7 +185,9 @@ def _client(spec_path: str) -> None:
       gives these logits on these inputs; or
     - `target_config` and `expected_prompt`: a Bayesian target built for training with these BayesianPromptConfig
       fields starts from this prompt, which is also its regulariser's anchor; or
-    - `target_config` and `expected_error`: building it raises FileNotFoundError matching this regex.
+    - `target_config` and `expected_error`: building it raises FileNotFoundError matching this regex; or
+    - `library`, `revision` and `expected_prompts`: PromptLibrary.from_pretrained(library, revision=revision) holds
+      these entries (name -> prompt), in this order, and ranks them on `examples` as `expected_ranking` says.
     """
     import re
 
@@ -193,11 +195,18 @@ def _client(spec_path: str) -> None:
     import transformers
     from peft import PeftModel, get_peft_model
 
-    from peft_prompt_transfer import BayesianPromptConfig
+    from peft_prompt_transfer import BayesianPromptConfig, PromptLibrary
 
     for check in torch.load(spec_path):
         base = getattr(transformers, check["auto_class"]).from_pretrained(check["base"]).eval()
-        if "adapter" in check:
+        if "library" in check:
+            library = PromptLibrary.from_pretrained(check["library"], revision=check["revision"])
+            assert library.names == list(check["expected_prompts"]), f"{check['name']}: {library.names}"
+            for name, prompt in check["expected_prompts"].items():
+                torch.testing.assert_close(library[name].prompt, prompt, rtol=0, atol=0)
+            ranking = library.rank(base, check["examples"], include_current=False, progress=False)
+            assert [name for name, _ in ranking] == check["expected_ranking"], f"{check['name']}: {ranking}"
+        elif "adapter" in check:
             model = PeftModel.from_pretrained(base, check["adapter"], revision=check["revision"]).eval()
             with torch.no_grad():
                 out = model(**check["inputs"]).logits

@@ -22,7 +22,7 @@ from conftest import TINY_MODELS, logits, make_batch
 from huggingface_hub import HfApi, ModelCard, RepoUrl, constants
 from peft import get_peft_model
 
-from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualPromptConfig
+from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, PromptLibrary, ResidualPromptConfig
 from peft_prompt_transfer.bayesian import load_posterior
 
 N_TOKENS = 4
@@ -219,6 +219,86 @@ def test_bayesian_posterior_and_target_from_the_hub(hub, tmp_path):
         ],
         tmp_path,
     )
+
+
+def library_versions(tmp_path: Path) -> tuple[object, list[Path], list[dict[str, torch.Tensor]]]:
+    """Versions 1 and 2 of a prompt library of two entries on tiny Llama (random prompts of another seed each),
+    saved to tmp_path/library-v1 and -v2; returns the base model, the folders and their prompts."""
+    tiny = TINY_MODELS["llama"]
+    base = tiny.saved(tmp_path)
+    folders, prompts = [], []
+    for version in (1, 2):
+        g = torch.Generator().manual_seed(version)
+        library = PromptLibrary(base)
+        for name in ("alpha", "beta"):
+            library.add(name, torch.randn(N_TOKENS, base.config.hidden_size, generator=g), task_type="CAUSAL_LM")
+        folder = tmp_path / f"library-v{version}"
+        library.save_pretrained(folder)
+        folders.append(folder)
+        prompts.append({entry.name: entry.prompt for entry in library})
+    return base, folders, prompts
+
+
+def test_prompt_library_from_the_hub_at_each_revision(hub, tmp_path):
+    """A library pushed in two versions loads from the Hub at each revision with the prompts of that version, and
+    ranks on the client as it ranks here."""
+    base, folders, prompts = library_versions(tmp_path)
+    examples = [
+        {"input_ids": [3, 4, 5, 6], "labels": [-100, -100, -100, 6]},
+        {"input_ids": [7, 8, 9], "labels": [-100, 9, 9]},
+    ]
+    rankings = [
+        [
+            name
+            for name, _ in PromptLibrary.from_pretrained(folder).rank(
+                base, examples, include_current=False, progress=False
+            )
+        ]
+        for folder in folders
+    ]
+    first, _ = hub.publish("org/library", folders)
+    check = dict(client_base(TINY_MODELS["llama"], tmp_path), library="org/library", examples=examples)
+    hub.check(
+        [
+            dict(
+                check,
+                name="library commit of v1",
+                revision=first,
+                expected_prompts=prompts[0],
+                expected_ranking=rankings[0],
+            ),
+            dict(
+                check, name="library tag v1", revision="v1", expected_prompts=prompts[0], expected_ranking=rankings[0]
+            ),
+            dict(check, name="library main", revision=None, expected_prompts=prompts[1], expected_ranking=rankings[1]),
+        ],
+        tmp_path,
+    )
+
+
+def test_prompt_library_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
+    _, folders, _ = library_versions(tmp_path)
+    library = PromptLibrary.from_pretrained(folders[0])
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"{constants.ENDPOINT}/{repo_id}", endpoint=constants.ENDPOINT)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        commits.append((repo_id, {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # any other request fails instead of leaving the machine
+    library.push_to_hub("someone/prompt-library")
+    library.save_pretrained(tmp_path / "saved")
+    assert [repo_id for repo_id, _ in commits] == ["someone/prompt-library"]  # one commit, to the repo asked for
+    saved = {path.name: path.read_bytes() for path in (tmp_path / "saved").iterdir()}
+    assert sorted(commits[0][1]) == sorted(saved) == ["README.md", "prompt_library.json", "prompt_library.safetensors"]
+    assert commits[0][1] == saved
+    card = ModelCard(saved["README.md"].decode())
+    assert {"peft-prompt-transfer", "prompt-library"} <= set(card.data.tags)
+    assert card.data.base_model == library.base_model_record["name_or_path"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -444,8 +444,12 @@ class PromptLibrary:
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
-            commit = api.upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
+            operations = [
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
+                for name in sorted(os.listdir(folder))
+            ]
+            commit = api.create_commit(
+                repo_id, operations, commit_message=commit_message, revision=revision, repo_type="model"
             )
         return str(commit)
 
