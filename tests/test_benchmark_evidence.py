@@ -18,7 +18,15 @@ from transformers import TrainingArguments
 
 import peft_prompt_transfer as ppt
 from benchmarks.core.harness import append_record, load_records
-from benchmarks.core.methods import BAYESIAN_METHODS, LABELS, MLP_PROMPT_METHODS, bayesian_target_options, source_stage
+from benchmarks.core.methods import (
+    BAYESIAN_METHODS,
+    LABELS,
+    METHODS,
+    MLP_PROMPT_METHODS,
+    bayesian_target_options,
+    claim_methods,
+    source_stage,
+)
 from benchmarks.core.selection import best_on_test, choose_lr, chosen_on_dev, for_every_seed, paired, verdict
 from benchmarks.core.specs import POSTERIOR_KINDS, SourceSpec
 from benchmarks.core.tasks import KSHOT_SEEDS, TASKS, load_split, register_tasks
@@ -26,7 +34,7 @@ from benchmarks.core.training import LabelWordTrainer
 from benchmarks.report.causal import causal_sections, method_table
 from benchmarks.report.common import records_frame
 from benchmarks.report.page import render
-from benchmarks.suites.budgets import SUITES, with_tasks
+from benchmarks.suites.budgets import CLAIMS, SUITES, with_tasks
 from benchmarks.suites.plans import WAITING_LR, causal_runs, lr_chooser, suite_runs
 from benchmarks.suites.scheduler import runs_to_do
 from tests.conftest import TINY_MODELS
@@ -106,11 +114,12 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
     for task in budget.multitask:
         assert sweeps[("prompt_tuning", (task,), "kshot", budget.num_virtual_tokens)] == set(budget.prompt_lrs)
     methods = {spec.method for _, spec in runs}
-    assert set(BAYESIAN_METHODS) <= methods  # each one's stage and options are asserted below
+    claim2_bayesian = [name for name in BAYESIAN_METHODS if METHODS[name].claim == "transfer"]
+    assert set(claim2_bayesian) <= methods  # each one's stage and options are asserted below
     # the authors' replicated particles at the sharded stage's compute (a quarter of its examples per step) and at
     # its data (all of its examples, each seen by every particle); the likelihood-scaled posterior is sharded
     transferred = {spec.method: spec for _, spec in runs if spec.sources}
-    stages = {method: source_stage(transferred[method]) for method in BAYESIAN_METHODS}
+    stages = {method: source_stage(transferred[method]) for method in claim2_bayesian}
     assert stages["bayesian_replicated"].batch_size * 4 == stages["bayesian"].batch_size
     assert stages["bayesian_replicated_equal_data"].batch_size == stages["bayesian"].batch_size
     assert stages["bayesian_decomposed"] == stages["bayesian_particle"] == stages["bayesian"]
@@ -141,13 +150,18 @@ def test_smollm2_suite_covers_every_claim_with_dev_splits_zero_shot_rows_and_equ
     assert all(spec.source(kind).init == "vocab" for spec in transferred for kind in ("bayesian", "mpt"))
 
 
-def _synthetic_records(budget, score) -> list[dict]:
+def _source_order(spec) -> list[list]:
+    """A made-up `rank` of a library run's sources (the first source best), the model's own prompt last."""
+    return [[source, float(i)] for i, source in enumerate(spec.sources)] + [["<current prompt>", 99.0]]
+
+
+def _synthetic_records(budget, score, ranking=_source_order) -> list[dict]:
     """Records for every run of `budget`, with `score(spec) -> (dev, test)`; the later seeds run the LRs the
     sweeping seeds' records choose, as the suite does."""
     records = []
     for seed in budget.seeds:
         chosen_lr = lr_chooser(budget, records)
-        for claim in ("residual", "transfer", "multitask"):
+        for claim in CLAIMS:
             for spec in causal_runs(budget, claim, seed, chosen_lr):
                 if any(record["key"] == spec.key() for record in records):
                     continue  # a run two claims share is recorded once
@@ -162,7 +176,7 @@ def _synthetic_records(budget, score) -> list[dict]:
                         "dev_metric": dev,
                         "dev_loss": 1 - dev,
                         "losses": [] if spec.method == "zero_shot" else [2.0, 1.0 - dev],
-                        "details": {"routing_weights": [[0.5, 0.5]] * len(spec.tasks)},
+                        "details": {"routing_weights": [[0.5, 0.5]] * len(spec.tasks), "ranking": ranking(spec)},
                         "train_seconds": 1.0,
                         "eval_seconds": 1.0,
                     }
@@ -595,3 +609,50 @@ def test_a_worker_waits_for_the_sweeping_runs_other_workers_hold_before_it_stops
         _record(failed, spec, error=spec in held)
     waits.clear()
     assert runs_to_do(args, failed, set(), announce=False) == [] and waits == []
+
+
+def test_the_library_suite_transfers_to_targets_no_source_saw_and_runs_its_oracle_on_two_seeds():
+    budget = SUITES["smollm2-library"]
+    runs = [spec for _, spec in suite_runs("smollm2-library")]
+    assert len(budget.library_sources) >= 6 and len(budget.library_targets) >= 4
+    assert not set(budget.library_sources) & set(budget.library_targets)
+    transferred = [spec for spec in runs if spec.sources]
+    assert transferred and all(
+        spec.sources == budget.library_sources and spec.held_out == budget.library_targets for spec in transferred
+    )
+    # one library (prompt tuning stage) and one posterior serve every target and method
+    stages = {source_stage(spec) for spec in transferred}
+    assert {stage.kind for stage in stages} == {"prompt_tuning", "bayesian"} and len(stages) == 2
+    oracle = [spec for spec in runs if spec.method == "oracle_source"]
+    assert {spec.seed for spec in oracle} == set(KSHOT_SEEDS[:2])
+    assert len(oracle) == 2 * len(budget.library_sources) * len(budget.library_targets)
+    assert {spec.lr for spec in oracle} == {1e-2} and {spec.init_source for spec in oracle} == set(
+        budget.library_sources
+    )
+    methods = {spec.method for spec in runs}
+    assert methods == {"zero_shot", "prompt_tuning", "oracle_source", *claim_methods("library")}
+    assert {spec.tasks for spec in runs if spec.method == "zero_shot"} == {(t,) for t in budget.library_targets}
+
+
+def test_the_library_report_sets_rank_against_the_oracle(tmp_path):
+    """The oracle picks the source with the best dev score per seed; rank's first source agrees or not, with
+    Spearman's rho over the sources."""
+    budget = SUITES["smollm2-quick"]  # library: sst2 and mpqa to mr, oracle on the first seed
+
+    def score(spec):
+        dev = {"mpqa": 0.9, "sst2": 0.6}.get(spec.init_source, 0.7)
+        return dev, dev - 0.1
+
+    def mpqa_first(spec):
+        return [["mpqa", 0.5], ["<current prompt>", 1.0], ["sst2", 2.0]]
+
+    records = _synthetic_records(budget, score, ranking=mpqa_first)
+    (tmp_path / "smollm2-quick").mkdir()
+    for record in records:
+        record |= {"date": "2026-12-06T00:00:00+00:00", "versions": {"peft": "0.21.2"}}
+        append_record(tmp_path / "smollm2-quick" / "runs.jsonl", record)
+    text = render("smollm2-quick", tmp_path / "smollm2-quick").read_text()
+    assert "### Library — transfer from 2 sources: target mr (16-shot), smollm2" in text
+    assert "| oracle: every source fine-tuned, the best on dev | 80.0 ± 0.0 (n=1) |" in text
+    assert "| 13 | mpqa | mpqa | yes | +1.00 |" in text
+    assert "| sst2 | train | 67,349 |" in text  # the deduplication counts

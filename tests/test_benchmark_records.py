@@ -20,7 +20,7 @@ RECORDS = sorted(RESULTS.glob("*/runs.jsonl"))
 
 
 def test_there_are_records_to_check():
-    assert {path.parent.name for path in RECORDS} == {"full", "smollm2"}
+    assert {path.parent.name for path in RECORDS} == {"full", "smollm2", "smollm2-library"}
 
 
 @pytest.mark.parametrize("path", RECORDS, ids=lambda path: path.parent.name)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from benchmarks.core.methods import LABELS, METHODS, claim_methods
 from benchmarks.core.selection import best_on_test, chosen_on_dev, describe, for_every_seed, paired, verdict
-from benchmarks.core.specs import BAYESIAN_PARTICLES, FULL_DATA_DEV_EXAMPLES, SOURCE_LR
+from benchmarks.core.specs import BAYESIAN_PARTICLES, FULL_DATA_DEV_EXAMPLES, ORACLE_LR, SOURCE_LR
 from benchmarks.report.common import bar_plot, mean_std, routing_heatmap
 from benchmarks.suites.plans import WAITING_LR
 
@@ -165,8 +165,7 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
             verdicts,
         )
     # the short-prompt claim: residual with a few tokens against prompt tuning with few and with many
-    task = budget.residual_tasks[0]
-    rows = _single(frame, task)
+    rows = _single(frame, budget.residual_tasks[0]) if budget.residual_tasks else frame.iloc[:0]
     short = {}
     for tokens in (budget.short_virtual_tokens, budget.num_virtual_tokens):
         for method in ("prompt_tuning", "residual"):
@@ -176,6 +175,7 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
                 short[SHORT_LABEL.format(label=LABELS[method], tokens=tokens)] = runs
     zero = rows[rows.method == "zero_shot"]
     if short and not zero.empty:
+        task = budget.residual_tasks[0]
         short = {LABELS["zero_shot"]: zero, **short}
         name = lambda m, t: SHORT_LABEL.format(label=LABELS[m], tokens=t)  # noqa: E731
         s, n = budget.short_virtual_tokens, budget.num_virtual_tokens
@@ -208,6 +208,7 @@ def causal_sections(frame: pd.DataFrame, budget, figures: Path, rel) -> tuple[li
         )
 
     lines += _multitask_section(frame, budget, figures, rel, verdicts)
+    lines += library_sections(frame, budget, figures, rel, verdicts)
     return lines, _verdict_lines(verdicts)
 
 
@@ -303,6 +304,139 @@ def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts
     return lines + [""]
 
 
+# ----------------------------------------------------------------------------------------- the library claim ---
+
+ORACLE = "oracle: every source fine-tuned, the best on dev"
+LIBRARY_METHODS = ("zero_shot", "prompt_tuning", *claim_methods("library"))
+
+
+def _column(rows: pd.DataFrame, name: str, default) -> pd.Series:
+    """A column that records made before its field existed lack (their key left it out at its default)."""
+    if name not in rows:
+        return pd.Series([default] * len(rows), index=rows.index, dtype=object)
+    return rows[name].map(lambda value: default if not isinstance(value, (list, tuple, str)) else value)
+
+
+def oracle_runs(rows: pd.DataFrame) -> pd.DataFrame:
+    """The oracle's runs of one target: every source fine-tuned on it, one row per (seed, source)."""
+    oracle = rows[rows.method == "oracle_source"].copy()
+    oracle["source"] = _column(oracle, "init_source", "")
+    return oracle
+
+
+def oracle_scores(oracle: pd.DataFrame) -> pd.DataFrame:
+    """Per seed, the oracle's pick: the source with the best dev metric (ties: lower dev loss), shaped like a run."""
+    picks = []
+    for seed, runs in oracle.groupby("seed"):
+        best = runs.sort_values(["dev_metric", "dev_loss", "source"], ascending=[False, True, True]).iloc[0]
+        picks.append(best)
+    return pd.DataFrame(picks).reset_index(drop=True) if picks else pd.DataFrame()
+
+
+def ranking_agreement(rows: pd.DataFrame, oracle: pd.DataFrame) -> list[str]:
+    """Per seed the oracle ran, how `rank`'s order of the sources (the library_best runs' recorded ranking, made
+    before training) agrees with the oracle's order by dev metric: top-1 agreement and Spearman's rho."""
+    from scipy import stats
+
+    lines = []
+    ranked = rows[rows.method == "library_best"].drop_duplicates("seed").set_index("seed")
+    for seed, runs in oracle.groupby("seed"):
+        if seed not in ranked.index:
+            continue
+        scores = {name: score for name, score in ranked.loc[seed, "details"]["ranking"] if name in set(runs.source)}
+        if len(scores) < 2 or set(scores) != set(runs.source):
+            continue
+        dev = runs.set_index("source")["dev_metric"]
+        names = sorted(scores)
+        same = len(set(dev[names])) == 1  # every source scored alike on dev: no order to agree with
+        rho = float("nan") if same else stats.spearmanr([-scores[n] for n in names], [dev[n] for n in names]).statistic
+        rank_top = min(scores, key=scores.get)
+        oracle_top = oracle_scores(runs).iloc[0]["source"]
+        current = dict(ranked.loc[seed, "details"]["ranking"]).get("<current prompt>")
+        beaten = (
+            ""
+            if current is None or current > scores[rank_top]
+            else "; the model's own prompt ranked above every source"
+        )
+        lines.append(
+            f"| {seed} | {rank_top} | {oracle_top} | {'yes' if rank_top == oracle_top else 'no'} | "
+            f"{'-' if rho != rho else f'{rho:+.2f}'}{beaten} |"
+        )
+    if not lines:
+        return []
+    return [
+        "How `rank` (the frozen model's loss with each source, before training) agrees with the oracle (each source "
+        "fine-tuned, ordered by dev metric):",
+        "",
+        "| seed | rank's first | oracle's first | top-1 agrees | Spearman ρ (sources) |",
+        "|---:|---|---|---|---:|",
+        *lines,
+        "",
+    ]
+
+
+def deduplication_table(budget) -> list[str]:
+    """How many source examples the library's sources lost to the targets' held-out text (computed from the data)."""
+    from benchmarks.core.library_data import dedup_report
+
+    report = dedup_report(budget.library_sources, budget.library_targets)
+    targets = budget.library_targets
+    lines = [
+        f"Source training sets, without the test and dev texts of {', '.join(targets)} "
+        "(`benchmarks.core.library_data`: texts compared by their letters and digits; a source text of 20 or more "
+        "found inside a held-out text is removed as a piece of it):",
+        "",
+        "| source | data | examples | duplicates across seeds | held-out texts removed | pieces removed | kept | "
+        + " | ".join(f"overlaps {t}" for t in targets)
+        + " |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(targets),
+    ]
+    for source, row in report.items():
+        lines.append(
+            f"| {source} | {row['data']} | {row['before']:,} | {row['duplicates']:,} | {row['held_out']:,} | "
+            f"{row['fragments']:,} | {row['after']:,} | "
+            + " | ".join(f"{row[f'overlap_{t}']:,}" for t in targets)
+            + " |"
+        )
+    return lines + [""]
+
+
+def library_sections(frame: pd.DataFrame, budget, figures: Path, rel, verdicts: dict) -> list[str]:
+    """The library claim: per target, no transfer, the library methods and the oracle at dev-chosen LRs, paired
+    differences, and how `rank` agrees with the oracle; the deduplication counts first."""
+    if not budget.library_targets:
+        return []
+    model, sources = budget.model, tuple(budget.library_sources)
+    lines, pairs = [], _pairs(LIBRARY_METHODS)
+    for task in budget.library_targets:
+        rows = _single(frame, task, tokens=budget.num_virtual_tokens)
+        if rows.empty:
+            continue
+        rows = rows[_column(rows, "sources", ()).map(lambda s: tuple(s) in ((), sources)).astype(bool)]
+        oracle = oracle_runs(rows)
+        methods = _by_method(rows[rows.method != "oracle_source"], LIBRARY_METHODS, budget)
+        picks = oracle_scores(oracle)
+        if not picks.empty:
+            methods[ORACLE] = picks
+        section = _section(
+            f"Library — transfer from {len(sources)} sources: target {task} (16-shot), {model}",
+            methods,
+            pairs,
+            figures / f"library-{model}-{task}.png",
+            rel,
+            verdicts,
+        )
+        if not section:
+            continue
+        # against the oracle (its seeds only), in the section but not among the verdicts at a glance
+        against_oracle = [comparison(methods, LABELS[m], ORACLE) for m in ("prompt_tuning", *claim_methods("library"))]
+        lines += section + [f"- {found[0]}" for found in against_oracle if found]
+        lines += [""] + ranking_agreement(rows, oracle)
+    if lines:
+        lines = deduplication_table(budget) + lines
+    return lines
+
+
 def _verdict_lines(verdicts: dict) -> list[str]:
     if not verdicts:
         return [
@@ -330,6 +464,19 @@ def progress(planned: list, frame: pd.DataFrame) -> str:
 
 
 def budget_line(budget) -> str:
+    if budget.library_targets and not (budget.residual_tasks or budget.transfer_targets or budget.multitask):
+        return (
+            f"Budget: k-shot seeds {', '.join(map(str, budget.seeds))} ({_sweeping(budget)}); "
+            f"{budget.num_virtual_tokens} virtual tokens, vocabulary init; {budget.steps} steps of batch 8 per target "
+            f"(16-shot); prompt LRs {budget.prompt_lrs}; up to {budget.max_eval} test examples per target (the same "
+            f"subset for every method and seed); a library of {len(budget.library_sources)} source prompts "
+            f"({', '.join(budget.library_sources)}), each trained {budget.source_steps} steps of batch 16 at lr "
+            f"{SOURCE_LR[budget.model]:g}, and a posterior of {BAYESIAN_PARTICLES} SVGD particles (sharded) over the "
+            f"same sources, {budget.source_steps} steps per source; the oracle fine-tunes every source on each target "
+            f"at lr {ORACLE_LR:g} with seeds {', '.join(map(str, budget.seeds[: budget.oracle_seeds]))}. The training "
+            "loss is logged over each tenth of a run's steps; the tables give the first and the last of those means, "
+            "averaged over the seeds at the chosen LR."
+        )
     full = ""
     if budget.full_data:
         task, examples, steps = budget.full_data

@@ -107,8 +107,9 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
     return lines
 
 
-# rendered together into benchmarks/RESULTS.md, the SmolLM2 suite first: it is the one that tells methods apart
-REPOSITORY_SUITES = ("smollm2", "full")
+# rendered together into benchmarks/RESULTS.md, the SmolLM2 suite first: it is the one that tells methods apart;
+# the library suite last
+REPOSITORY_SUITES = ("smollm2", "full", "smollm2-library")
 
 
 def render(suite: str, records_dir: Path, out: Optional[Path] = None, tasks: Optional[tuple] = None) -> Path:
