@@ -165,8 +165,8 @@ class TransferPromptLearningConfig(PromptLearningConfig):
                 "peft's concatenation, at a fraction of the cost), wherever that is exact: a decoder-only base "
                 "model whose cache holds only keys and values, no dropout active in training mode, no gradient "
                 "checkpointing in training, no rope scaling that depends on the total length, no "
-                "output_attentions, and a saving worth the second call (at least 128 positions, (B-1)*P, and P + B*L at "
-                "most 0.9 of B*(P+L), by measurement); elsewhere it concatenates, as peft does. 'on': share, or raise an error that "
+                "output_attentions, and a saving worth the second call (at least 128 positions, (B-U)*P for U distinct "
+                "prompts in the batch, and U*P + B*L at most 0.9 of B*(P+L), by measurement); elsewhere it concatenates, as peft does. 'on': share, or raise an error that "
                 "says why it cannot. 'off': always concatenate. It decides only how a forward runs: an adapter "
                 "saved with any value loads anywhere. See docs/guides/shared-prefix.md."
             )
@@ -255,7 +255,8 @@ class TransferPromptEncoder(BasePromptEncoder):
     - `distinct_prompts(batch_size, task_ids)` returns the same prompts without repeats: the distinct prompts
       `[num_distinct, num_virtual_tokens, token_dim]` and each row's index into them `[batch_size]`, so that
       `prompts.index_select(0, rows)` has `forward`'s values and passes the same gradients to the encoder (the
-      shared-prefix path runs each distinct prompt through the model once);
+      shared-prefix path runs each distinct prompt through the model once), and `num_distinct_prompts` how many
+      there are, without computing them;
     - `adapter_state_dict()` returns what `save_pretrained` writes: always `prompt_embeddings`
       (the prompt inference uses, shaped like `self.embedding.weight`), plus whatever the method
       needs to resume training exactly;
@@ -296,6 +297,11 @@ class TransferPromptEncoder(BasePromptEncoder):
     def distinct_prompts(
         self, batch_size: int, task_ids: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def num_distinct_prompts(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> int:
+        """How many distinct prompts `distinct_prompts` would return, without computing them (the shared-prefix
+        path decides from it whether sharing pays)."""
         raise NotImplementedError
 
     def inference_prompt(self, task: Optional[Union[int, str]] = None) -> torch.Tensor:

@@ -136,7 +136,8 @@ def test_shared_prefix_gives_the_concatenated_loss_logits_and_gradients(arch, me
 def test_auto_shares_in_eval_and_in_training_without_dropout(method):
     _, extra = METHODS[method]
     make_config, _ = METHODS[method]
-    config = make_config(task_type="CAUSAL_LM", num_virtual_tokens=48)  # 3 * 48 positions saved: worth sharing
+    # at least (4 rows - 3 distinct prompts) * 130 positions saved: worth sharing for every method
+    config = make_config(task_type="CAUSAL_LM", num_virtual_tokens=130)
     model = get_peft_model(_base("llama"), config)
     calls = _calls(model)
     with torch.no_grad():
@@ -270,3 +271,26 @@ def test_auto_concatenates_where_sharing_saves_too_little(num_virtual_tokens, ro
         with torch.no_grad():
             model(input_ids=input_ids)
         assert calls == expected, (mode, calls)
+
+
+@pytest.mark.parametrize(
+    "method, task_ids, shares",
+    [
+        ("residual", None, True),  # one prompt: (8 - 1) * 20 = 140 positions saved
+        ("compt", [1] * 8, True),  # one task present: 140
+        ("compt", [0, 1] * 4, False),  # two tasks: (8 - 2) * 20 = 120
+        ("bayesian_source", None, False),  # four particles in training: (8 - 4) * 20 = 80
+    ],
+)
+def test_auto_counts_the_distinct_prompts_of_the_batch(method, task_ids, shares):
+    make_config = (
+        (lambda **kw: BayesianPromptConfig(num_particles=4, **kw))
+        if method == "bayesian_source"
+        else METHODS[method][0]
+    )
+    model = get_peft_model(_base("llama"), make_config(task_type="CAUSAL_LM", num_virtual_tokens=20))
+    calls = _calls(model.train())
+    input_ids = torch.randint(3, VOCAB, (8, 7), generator=torch.Generator().manual_seed(0))
+    extra = {"task_ids": torch.tensor(task_ids)} if task_ids else {}
+    model(input_ids=input_ids, labels=input_ids, **extra)
+    assert len(calls) == (2 if shares else 1), calls

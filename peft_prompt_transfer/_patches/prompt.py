@@ -115,8 +115,10 @@ def _wrap_causal_forward(original):
                     "Remove the cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
                 )
             batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            worth_it = worth_sharing(config.num_virtual_tokens, batch_size, length)
-            concatenate = reason is not None or (config.shared_prefix == "auto" and not worth_it)
+            concatenate = reason is not None
+            if config.shared_prefix == "auto" and not concatenate:
+                distinct = self.prompt_encoder[self.active_adapter].num_distinct_prompts(batch_size, task_ids)
+                concatenate = not worth_sharing(config.num_virtual_tokens, batch_size, length, distinct)
         if concatenate:
             return original(
                 self,

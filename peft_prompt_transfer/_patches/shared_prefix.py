@@ -92,18 +92,19 @@ def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwa
 
 # "auto" concatenates where sharing saves too little to pay for its second call and its copies. Measured on SmolLM2
 # (2 CPU threads, `python -m benchmarks cost shared-prefix`, docs/guides/shared-prefix.md#cost), residual prompt
-# tuning: saving (B-1)·P = 4 positions took 1.55 times the concatenated step, 30 took 1.05, 70 took 0.98-1.02 (a
-# Bayesian source 1.06), 140 took 0.82-0.97 and 700 took 0.55; running 0.93 of the positions (P=10, L=128, B=32)
-# saved nothing (1.00 [0.95, 1.09]).
+# tuning (one distinct prompt): saving (B-U)·P = 4 positions took 1.55 times the concatenated step, 30 took 1.05, 70
+# took 0.98-1.02, 140 took 0.82-0.97 and 700 took 0.55; a Bayesian source (U = 4 particles) saving 40 took 1.06, 80
+# took 0.98-1.02 and 400 took 0.75; running 0.93 of the positions (P=10, L=128, B=32) saved nothing (1.00 [0.95, 1.09]).
 MIN_SAVED_POSITIONS = 128
 MAX_SHARED_FRACTION = 0.9
 
 
-def worth_sharing(num_virtual_tokens: int, batch_size: int, length: int) -> bool:
-    """Whether sharing one prompt saves enough positions, `(B-1)·P`, and a large enough fraction of them (it runs
-    `P + B·L` of the concatenated path's `B·(P+L)`), to be faster than concatenating."""
-    saved = (batch_size - 1) * num_virtual_tokens
-    fraction = (num_virtual_tokens + batch_size * length) / (batch_size * (num_virtual_tokens + length))
+def worth_sharing(num_virtual_tokens: int, batch_size: int, length: int, distinct: int = 1) -> bool:
+    """Whether running the `distinct` prompts once each, not once per row, saves enough positions, `(B-U)·P`, and a
+    large enough fraction of them (it runs `U·P + B·L` of the concatenated path's `B·(P+L)`), to be faster than
+    concatenating."""
+    saved = (batch_size - distinct) * num_virtual_tokens
+    fraction = (distinct * num_virtual_tokens + batch_size * length) / (batch_size * (num_virtual_tokens + length))
     return saved >= MIN_SAVED_POSITIONS and fraction <= MAX_SHARED_FRACTION
 
 

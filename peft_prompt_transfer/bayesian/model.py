@@ -185,6 +185,10 @@ class BayesianPromptEncoder(TransferPromptEncoder):
             prompts = _ScaleGradient.apply(prompts, scale[: prompts.shape[0]].view(-1, 1, 1))
         return prompts, rows
 
+    def num_distinct_prompts(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> int:
+        one_per_particle = self.config.stage == "source" and (self.training or self._one_particle_per_row)
+        return min(batch_size, self.num_particles) if one_per_particle else 1
+
     def _prompts_and_rows(
         self, batch_size: int, task_ids: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -315,6 +315,9 @@ class ComPTEncoder(TransferPromptEncoder):
         tasks, rows = torch.unique(self._batch_task_ids(batch_size, task_ids), return_inverse=True)
         return self.task_prompts().index_select(0, tasks), rows
 
+    def num_distinct_prompts(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> int:
+        return int(torch.unique(self._batch_task_ids(batch_size, task_ids)).numel())
+
     def _batch_task_ids(self, batch_size: int, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
         """The batch's task ids, checked, on the encoder's device (the active task's for calls without them)."""
         if task_ids is None and self.active_task is not None:

@@ -164,6 +164,9 @@ class ResidualPromptEncoder(TransferPromptEncoder):
         prompt = self._single_prompt(task_ids).unsqueeze(0)
         return prompt, torch.zeros(batch_size, dtype=torch.long, device=prompt.device)
 
+    def num_distinct_prompts(self, batch_size: int, task_ids: Optional[torch.Tensor] = None) -> int:
+        return 1
+
     def _single_prompt(self, task_ids: Optional[torch.Tensor]) -> torch.Tensor:
         if task_ids is not None:
             raise ValueError(
