@@ -294,3 +294,62 @@ def test_auto_counts_the_distinct_prompts_of_the_batch(method, task_ids, shares)
     extra = {"task_ids": torch.tensor(task_ids)} if task_ids else {}
     model(input_ids=input_ids, labels=input_ids, **extra)
     assert len(calls) == (2 if shares else 1), calls
+
+
+def _embeds_calls(model) -> list[int]:
+    """The batch size of every base-model call that gets embeddings (generate's decoding steps get token ids)."""
+    sizes = []
+
+    def record(module, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            sizes.append(kwargs["inputs_embeds"].shape[0])
+
+    model.base_model.register_forward_pre_hook(record, with_kwargs=True)
+    return sizes
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "gemma2"])
+def test_generate_prefills_once_per_distinct_prompt_with_the_concatenated_tokens(arch, method):
+    """Greedy, beam search and sampling, batched and left-padded: the same tokens (and beam scores) with the prompt
+    shared at prefill as concatenated; the shared prefill runs the distinct prompts, then the rows (and beams)."""
+    _, extra = METHODS[method]
+    batch = {key: value for key, value in _batch("left").items() if key != "labels"}
+    common = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0, **extra)
+    results, prefill_calls = {}, {}
+    for mode in ("on", "off"):
+        model = _model(arch, method, mode).eval()
+        calls = _embeds_calls(model)
+        with torch.no_grad():
+            greedy = model.generate(**batch, do_sample=False, **common)
+            beams = model.generate(
+                **batch, do_sample=False, num_beams=3, return_dict_in_generate=True, output_scores=True, **common
+            )
+            torch.manual_seed(5)
+            sampled = model.generate(**batch, do_sample=True, top_k=0, **common)
+        results[mode] = (greedy, beams.sequences, beams.sequences_scores, sampled)
+        prefill_calls[mode] = calls
+    for shared, concatenated in zip(results["on"][:2] + results["on"][3:], results["off"][:2] + results["off"][3:]):
+        assert torch.equal(shared, concatenated)
+    torch.testing.assert_close(results["on"][2], results["off"][2], rtol=1e-5, atol=1e-5)
+    distinct = {"residual": 1, "compt": 2, "bayesian_source": 1}[method]  # a Bayesian source in eval: the mean
+    rows = batch["input_ids"].shape[0]
+    assert prefill_calls["on"] == [distinct, rows, distinct, rows * 3, distinct, rows]
+    assert prefill_calls["off"] == [rows, rows * 3, rows]
+
+
+def test_generate_with_output_attentions_concatenates_under_auto_and_on_refuses():
+    batch = {key: value for key, value in _batch("left").items() if key != "labels"}
+    common = dict(
+        max_new_tokens=3, do_sample=False, pad_token_id=0, output_attentions=True, return_dict_in_generate=True
+    )
+    with torch.no_grad():
+        torch.manual_seed(1)  # 48 tokens: (4 - 1) * 48 positions saved, so only output_attentions stops "auto"
+        config = ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=48, bottleneck_size=8)
+        model = get_peft_model(_base("llama"), config).eval()
+        calls = _embeds_calls(model)
+        found = model.generate(**batch, **common)
+        with pytest.raises(ValueError, match="generate cannot share the prompt's keys and values: output_attentions"):
+            _model("llama", "residual", "on").eval().generate(**batch, **common)
+    assert calls == [batch["input_ids"].shape[0]]  # concatenated: the prompt in front of every row
+    assert found.sequences.shape == (batch["input_ids"].shape[0], batch["input_ids"].shape[1] + 3)

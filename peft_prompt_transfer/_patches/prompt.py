@@ -16,7 +16,7 @@ from .._compat import (
     require_feature,
 )
 from .patching import Patch, PatchGroup
-from .shared_prefix import shared_prefix_forward, why_not_shared, worth_sharing
+from .shared_prefix import share_prefill, shared_prefix_forward, why_not_shared, worth_sharing
 
 SEQ2SEQ_FORWARD_FEATURE = "the forward pass of seq2seq models"
 
@@ -140,6 +140,28 @@ def _wrap_causal_forward(original):
     return forward
 
 
+def _wrap_causal_generate(original):
+    def generate(self, *args, **kwargs):
+        config = self.active_peft_config
+        if not is_ours(config) or config.shared_prefix == "off":
+            return original(self, *args, **kwargs)
+        prepare = self.prepare_inputs_for_generation  # peft's (or its cache translation, patch 6)
+
+        # named as peft's (`*args`, `**kwargs`): transformers reads the names to validate generate's arguments
+        def prepare_sharing_the_prompt(*args, task_ids=None, **kwargs):
+            model_inputs = prepare(*args, task_ids=task_ids, **kwargs)
+            return share_prefill(self, model_inputs, task_ids)
+
+        # peft's generate hands `self.prepare_inputs_for_generation` to the base model: this call's, for this call
+        self.prepare_inputs_for_generation = prepare_sharing_the_prompt
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self.prepare_inputs_for_generation
+
+    return generate
+
+
 PROMPT = PatchGroup(
     name=PROMPT_FEATURE,
     kind="correctness",
@@ -181,6 +203,9 @@ SHARED_PREFIX = PatchGroup(
             ("input_ids", "attention_mask", "inputs_embeds", "labels", "task_ids"),
             mirrors="peft 0.21.2's PeftModelForCausalLM.forward, prompt-tuning branch",
         ),
+        # peft's generate prefills with the prompt in front of every row; its prefill step is handed a
+        # prepare_inputs_for_generation that shares the distinct prompts' keys and values instead
+        Patch("peft.peft_model:PeftModelForCausalLM.generate", _wrap_causal_generate),
     ),
     requires=(PROMPT_FEATURE,),
     uses=(

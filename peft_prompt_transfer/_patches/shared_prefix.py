@@ -219,3 +219,39 @@ def shared_prefix_forward(
         loss=loss, logits=logits, hidden_states=hidden_states, **{keyword: getattr(outputs, keyword, None)}
     )
     return result if return_dict is not False else result.to_tuple()
+
+
+def share_prefill(peft_model: nn.Module, model_inputs: dict[str, Any], task_ids: Optional[torch.Tensor]) -> dict:
+    """`generate`'s prefill with each distinct prompt run once: peft's `prepare_inputs_for_generation` has put the
+    prompt in front of every row (`inputs_embeds`, the attention mask extended by P); where sharing applies, the
+    distinct prompts run through the model into `generate`'s own empty cache, their keys and values are gathered to
+    the rows (beams included), and the rows keep only their own embeddings. Decoding steps are left as they are."""
+    config = peft_model.active_peft_config
+    keyword = "cache" if "cache" in model_inputs else "past_key_values"
+    cache, embeds = model_inputs.get(keyword), model_inputs.get("inputs_embeds")
+    if embeds is None or model_inputs.get("input_ids") is not None or cache is None or cache.get_seq_length():
+        return model_inputs  # a decoding step (or a prefill from the caller's own cache)
+    reason = why_not_shared(peft_model, model_inputs.get("output_attentions"), {})
+    if reason is None and not isinstance(cache, DynamicCache):
+        reason = f"generate uses a {type(cache).__name__}, which cannot take a prefix of another batch size"
+    if reason is not None and config.shared_prefix == "on":
+        raise ValueError(
+            f"shared_prefix='on', but generate cannot share the prompt's keys and values: {reason}. Remove the "
+            "cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
+        )
+    num_virtual_tokens = config.num_virtual_tokens
+    batch_size, length = embeds.shape[0], embeds.shape[1] - num_virtual_tokens
+    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+    if reason is not None or (
+        config.shared_prefix == "auto"
+        and not worth_sharing(
+            num_virtual_tokens, batch_size, length, encoder.num_distinct_prompts(batch_size, task_ids)
+        )
+    ):
+        return model_inputs
+    prompts, rows = encoder.distinct_prompts(batch_size, task_ids)
+    base = peft_model.base_model
+    base(inputs_embeds=prompts.to(embeds.dtype), use_cache=True, logits_to_keep=1, **{cache_keyword(base): cache})
+    cache.batch_select_indices(rows.to(embeds.device))
+    model_inputs["inputs_embeds"] = embeds[:, num_virtual_tokens:]
+    return model_inputs
