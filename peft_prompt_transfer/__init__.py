@@ -31,6 +31,7 @@ from .export import export_kv_prefix, export_prompt_tuning
 from .library import CURRENT_PROMPT, LibraryEntry, PromptLibrary
 from .multitask import TaskIdsCollator, check_task_ids, combine_tasks
 from .residual import RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder
+from .sharing import enable_shared_prefix
 
 _patches.install()
 _compat.register_method(RESIDUAL_PROMPT_TUNING, ResidualPromptConfig, ResidualPromptEncoder)
@@ -63,4 +64,5 @@ __all__ = [
     "CURRENT_PROMPT",
     "LibraryEntry",
     "PromptLibrary",
+    "enable_shared_prefix",
 ]

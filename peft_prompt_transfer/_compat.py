@@ -154,6 +154,19 @@ def prompt_tuning_config_like(config: Any, **overrides: Any) -> PromptTuningConf
     return PromptTuningConfig(**fields)
 
 
+# peft's own prompt methods whose prompt is one for every row: `enable_shared_prefix` gives them the shared path
+PEFT_SINGLE_PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
+
+
+def shared_prefix_mode(config: Any) -> str:
+    """How a causal LM's forward runs this adapter's prompt: our config's `shared_prefix`; for peft's
+    `PROMPT_TUNING` and `P_TUNING` what `enable_shared_prefix` set on the config ("off" without that call)."""
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if is_ours(config) or peft_type in PEFT_SINGLE_PROMPT_TYPES:
+        return getattr(config, "shared_prefix", "off")
+    return "off"
+
+
 def cache_keyword(model: torch.nn.Module) -> Optional[str]:
     """The name under which `model.forward` takes a KV cache (`cache` from transformers 5.24, `past_key_values`
     before), or None if it takes none."""

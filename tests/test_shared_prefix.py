@@ -353,3 +353,64 @@ def test_generate_with_output_attentions_concatenates_under_auto_and_on_refuses(
             _model("llama", "residual", "on").eval().generate(**batch, **common)
     assert calls == [batch["input_ids"].shape[0]]  # concatenated: the prompt in front of every row
     assert found.sequences.shape == (batch["input_ids"].shape[0], batch["input_ids"].shape[1] + 3)
+
+
+def _peft_prompt(kind: str, arch: str = "llama"):
+    from peft import PromptEncoderConfig, PromptTuningConfig
+
+    config = (
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS)
+        if kind == "prompt_tuning"
+        else PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS, encoder_hidden_size=16)
+    )
+    base = _base(arch)
+    torch.manual_seed(1)
+    return get_peft_model(base, config)
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "p_tuning"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_enable_shared_prefix_gives_peft_prompt_methods_the_path_with_the_same_results(arch, kind, tmp_path):
+    from peft import PeftModel
+
+    from peft_prompt_transfer import enable_shared_prefix
+
+    batch = _batch("left")
+    plain = _peft_prompt(kind, arch).train()
+    calls = _embeds_calls(plain)
+    concatenated = _run(plain, batch)
+    assert calls == [4]  # without the call, peft's own path
+    shared_model = enable_shared_prefix(_peft_prompt(kind, arch).train(), "on")
+    calls = _embeds_calls(shared_model)
+    _assert_same(_run(shared_model, batch), concatenated)
+    assert calls == [1, 4]  # the one prompt, then the rows
+    generation = {key: value for key, value in batch.items() if key != "labels"}
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=2)
+    with torch.no_grad():
+        assert torch.equal(
+            shared_model.eval().generate(**generation, **common), plain.eval().generate(**generation, **common)
+        )
+    # not saved: the adapter loads with stock peft as before
+    shared_model.save_pretrained(tmp_path / "saved")
+    assert "shared_prefix" not in (tmp_path / "saved" / "adapter_config.json").read_text()
+    loaded = PeftModel.from_pretrained(_base(arch), tmp_path / "saved")
+    assert not hasattr(loaded.active_peft_config, "shared_prefix")
+
+
+def test_enable_shared_prefix_refuses_what_it_cannot_share():
+    from peft import LoraConfig, PromptTuningConfig
+
+    from peft_prompt_transfer import enable_shared_prefix
+
+    with pytest.raises(ValueError, match="adapters choose their path with their config's shared_prefix field"):
+        enable_shared_prefix(_model("llama", "residual", "auto"))
+    lora = get_peft_model(_base("llama"), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="takes peft's PROMPT_TUNING and P_TUNING adapters.*is LORA"):
+        enable_shared_prefix(lora)
+    classifier = get_peft_model(
+        TINY_MODELS["bert"].build(), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=VIRTUAL_TOKENS)
+    )
+    with pytest.raises(ValueError, match="needs a decoder-only causal LM.*is SEQ_CLS"):
+        enable_shared_prefix(classifier)
+    with pytest.raises(ValueError, match=r"mode must be one of \['auto', 'on', 'off'\], got 'yes'"):
+        enable_shared_prefix(_peft_prompt("prompt_tuning"), "yes")

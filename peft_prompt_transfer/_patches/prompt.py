@@ -14,9 +14,16 @@ from .._compat import (
     is_ours,
     prompt_tuning_config_like,
     require_feature,
+    shared_prefix_mode,
 )
 from .patching import Patch, PatchGroup
-from .shared_prefix import share_prefill, shared_prefix_forward, why_not_shared, worth_sharing
+from .shared_prefix import (
+    num_distinct_prompts,
+    share_prefill,
+    shared_prefix_forward,
+    why_not_shared,
+    worth_sharing,
+)
 
 SEQ2SEQ_FORWARD_FEATURE = "the forward pass of seq2seq models"
 
@@ -103,21 +110,22 @@ def _wrap_causal_forward(original):
         **kwargs,
     ):
         config = self.active_peft_config
-        concatenate = not is_ours(config) or config.shared_prefix == "off"
+        mode = shared_prefix_mode(config)
+        concatenate = mode == "off"
         if not concatenate:
             from peft.utils.other import _get_batch_size  # private: imported where used, once `uses` found it
 
             _get_batch_size(input_ids, inputs_embeds)  # peft's check that one of the two is given
             reason = why_not_shared(self, output_attentions, kwargs)
-            if reason is not None and config.shared_prefix == "on":
+            if reason is not None and mode == "on":
                 raise ValueError(
                     f"shared_prefix='on', but this forward cannot share the prompt's keys and values: {reason}. "
                     "Remove the cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
                 )
             batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
             concatenate = reason is not None
-            if config.shared_prefix == "auto" and not concatenate:
-                distinct = self.prompt_encoder[self.active_adapter].num_distinct_prompts(batch_size, task_ids)
+            if mode == "auto" and not concatenate:
+                distinct = num_distinct_prompts(self, batch_size, task_ids)
                 concatenate = not worth_sharing(config.num_virtual_tokens, batch_size, length, distinct)
         if concatenate:
             return original(
@@ -142,8 +150,7 @@ def _wrap_causal_forward(original):
 
 def _wrap_causal_generate(original):
     def generate(self, *args, **kwargs):
-        config = self.active_peft_config
-        if not is_ours(config) or config.shared_prefix == "off":
+        if shared_prefix_mode(self.active_peft_config) == "off":
             return original(self, *args, **kwargs)
         prepare = self.prepare_inputs_for_generation  # peft's (or its cache translation, patch 6)
 

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .._compat import cache_keyword
+from .._compat import cache_keyword, is_ours, shared_prefix_mode
 
 # rope scaling whose frequencies depend on the whole sequence's length: a prefix run alone would see other positions
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -85,6 +85,9 @@ def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwa
     if base.training and torch.is_grad_enabled() and checkpointing:
         return "gradient checkpointing is on (transformers' checkpointed layers drop the cache argument in training)"
     dropout = _active_dropout(base)
+    if dropout is None and not is_ours(peft_model.active_peft_config):
+        # peft's prompt encoders run once per row in the concatenated path, each row with its own dropout mask
+        dropout = _active_dropout(peft_model.prompt_encoder[peft_model.active_adapter])
     if dropout is not None:
         return f"dropout is active in training mode ({dropout}), so rows would share the prompt positions' masks"
     return None
@@ -97,6 +100,24 @@ def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwa
 # took 0.98-1.02 and 400 took 0.75; running 0.93 of the positions (P=10, L=128, B=32) saved nothing (1.00 [0.95, 1.09]).
 MIN_SAVED_POSITIONS = 128
 MAX_SHARED_FRACTION = 0.9
+
+
+def distinct_prompts(
+    peft_model: nn.Module, batch_size: int, task_ids: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's distinct prompts `[U, P, d]` and each row's index into them: our encoder's, or for peft's
+    `PROMPT_TUNING` and `P_TUNING` (after `enable_shared_prefix`) their one prompt, computed once."""
+    if is_ours(peft_model.active_peft_config):
+        return peft_model.prompt_encoder[peft_model.active_adapter].distinct_prompts(batch_size, task_ids)
+    prompt = peft_model.get_prompt(batch_size=1)
+    return prompt, torch.zeros(batch_size, dtype=torch.long, device=prompt.device)
+
+
+def num_distinct_prompts(peft_model: nn.Module, batch_size: int, task_ids: Optional[torch.Tensor]) -> int:
+    """How many prompts `distinct_prompts` gives, without computing them."""
+    if is_ours(peft_model.active_peft_config):
+        return peft_model.prompt_encoder[peft_model.active_adapter].num_distinct_prompts(batch_size, task_ids)
+    return 1
 
 
 def worth_sharing(num_virtual_tokens: int, batch_size: int, length: int, distinct: int = 1) -> bool:
@@ -137,11 +158,10 @@ def shared_prefix_forward(
     """peft's causal-LM prompt-learning forward, computed with each distinct prompt run once (see the module)."""
     base = peft_model.base_model
     keyword = cache_keyword(base)
-    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     if inputs_embeds is None:
         inputs_embeds = peft_model.word_embeddings(input_ids)
     batch_size, length = inputs_embeds.shape[:2]
-    prompts, rows = encoder.distinct_prompts(batch_size, task_ids)
+    prompts, rows = distinct_prompts(peft_model, batch_size, task_ids)
     prompts = prompts.to(inputs_embeds.dtype)
     num_virtual_tokens = prompts.shape[1]
     total = num_virtual_tokens + length
@@ -227,6 +247,7 @@ def share_prefill(peft_model: nn.Module, model_inputs: dict[str, Any], task_ids:
     distinct prompts run through the model into `generate`'s own empty cache, their keys and values are gathered to
     the rows (beams included), and the rows keep only their own embeddings. Decoding steps are left as they are."""
     config = peft_model.active_peft_config
+    mode = shared_prefix_mode(config)
     keyword = "cache" if "cache" in model_inputs else "past_key_values"
     cache, embeds = model_inputs.get(keyword), model_inputs.get("inputs_embeds")
     if embeds is None or model_inputs.get("input_ids") is not None or cache is None or cache.get_seq_length():
@@ -234,22 +255,21 @@ def share_prefill(peft_model: nn.Module, model_inputs: dict[str, Any], task_ids:
     reason = why_not_shared(peft_model, model_inputs.get("output_attentions"), {})
     if reason is None and not isinstance(cache, DynamicCache):
         reason = f"generate uses a {type(cache).__name__}, which cannot take a prefix of another batch size"
-    if reason is not None and config.shared_prefix == "on":
+    if reason is not None and mode == "on":
         raise ValueError(
             f"shared_prefix='on', but generate cannot share the prompt's keys and values: {reason}. Remove the "
             "cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
         )
     num_virtual_tokens = config.num_virtual_tokens
     batch_size, length = embeds.shape[0], embeds.shape[1] - num_virtual_tokens
-    encoder = peft_model.prompt_encoder[peft_model.active_adapter]
     if reason is not None or (
-        config.shared_prefix == "auto"
+        mode == "auto"
         and not worth_sharing(
-            num_virtual_tokens, batch_size, length, encoder.num_distinct_prompts(batch_size, task_ids)
+            num_virtual_tokens, batch_size, length, num_distinct_prompts(peft_model, batch_size, task_ids)
         )
     ):
         return model_inputs
-    prompts, rows = encoder.distinct_prompts(batch_size, task_ids)
+    prompts, rows = distinct_prompts(peft_model, batch_size, task_ids)
     base = peft_model.base_model
     base(inputs_embeds=prompts.to(embeds.dtype), use_cache=True, logits_to_keep=1, **{cache_keyword(base): cache})
     cache.batch_select_indices(rows.to(embeds.device))
