@@ -124,7 +124,8 @@ class TransferPromptLearningConfig(PromptLearningConfig):
         peft_plugin (`dict`): Which package provides this method and how to load it. Filled in automatically.
         base_vocab_size (`int`, *optional*): The vocabulary size of the base model the adapter was made for. Filled
             in automatically; loading onto a model with another vocabulary warns.
-        shared_prefix (`str`): How a causal LM's forward runs the prompt: `"auto"` (default) runs each distinct
+        shared_prefix (`str`): How a decoder's forward (a causal LM's, a decoder classifier's) and `generate`'s
+            prefill run the prompt: `"auto"` (default) runs each distinct
             prompt of a batch through the model once and gives its keys and values to the rows wherever that gives
             the concatenated path's outputs, and concatenates elsewhere; `"on"` always shares, or raises an error
             that says why it cannot; `"off"` always concatenates, as peft's `PROMPT_TUNING` does.
@@ -160,7 +161,8 @@ class TransferPromptLearningConfig(PromptLearningConfig):
         default="auto",
         metadata={
             "help": (
-                "How a causal LM's forward runs the prompt. 'auto' (default): each distinct prompt of a batch runs "
+                "How a decoder's forward (a causal LM's, or transformers' generic decoder classifier's) and generate's "
+                "prefill run the prompt. 'auto' (default): each distinct prompt of a batch runs "
                 "through the model once and its keys and values are shared by the rows (the same outputs as "
                 "peft's concatenation, at a fraction of the cost), wherever that is exact: a decoder-only base "
                 "model whose cache holds only keys and values, no dropout active in training mode, no gradient "
@@ -213,11 +215,11 @@ class TransferPromptLearningConfig(PromptLearningConfig):
             raise ValueError(f"shared_prefix must be one of {list(SHARED_PREFIX_MODES)}, got {self.shared_prefix!r}.")
         task_type = getattr(self.task_type, "value", self.task_type)
         if self.shared_prefix == "on":
-            if task_type != "CAUSAL_LM":
+            if task_type not in ("CAUSAL_LM", "SEQ_CLS"):
                 raise ValueError(
-                    f"shared_prefix='on' needs task_type='CAUSAL_LM' (a decoder-only language model), got "
-                    f"{task_type!r}: only a causal LM's prompt keys and values are independent of the input. Use "
-                    "'auto' or 'off'."
+                    f"shared_prefix='on' needs a decoder-only model (task_type='CAUSAL_LM', or 'SEQ_CLS' on a decoder "
+                    f"classifier), got {task_type!r}: only a decoder's prompt keys and values are independent of the "
+                    "input. Use 'auto' or 'off'."
                 )
             require_feature(SHARED_PREFIX_FEATURE)
 

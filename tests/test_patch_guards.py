@@ -64,6 +64,7 @@ def test_every_patch_is_in_the_table_of_the_patch_layer():
                 mirrored.add(patch.target.split(":")[1])
     assert mirrored == {
         "PeftModelForCausalLM.forward",
+        "PeftModelForSequenceClassification.forward",
         "PeftModelForSeq2SeqLM.forward",
         "PeftModelForSeq2SeqLM.generate",
         "PeftModel.from_pretrained",
@@ -71,7 +72,7 @@ def test_every_patch_is_in_the_table_of_the_patch_layer():
 
 
 def test_the_cache_translation_stands_down_once_peft_reads_cache(monkeypatch):
-    """Patch 6 is gated on two facts: transformers passes `cache`, and peft's own function does not read it."""
+    """Patch 7 is gated on two facts: transformers passes `cache`, and peft's own function does not read it."""
 
     def stand_in(self, *args, task_ids=None, **model_kwargs):  # what a fixed peft would look like
         cache = model_kwargs.get("cache")

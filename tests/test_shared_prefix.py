@@ -240,7 +240,7 @@ def test_auto_falls_back_and_on_refuses_where_sharing_is_not_exact(setup, reason
 
 
 def test_shared_prefix_on_is_refused_for_other_task_types():
-    with pytest.raises(ValueError, match="shared_prefix='on' needs task_type='CAUSAL_LM'"):
+    with pytest.raises(ValueError, match="shared_prefix='on' needs a decoder-only model .* got 'SEQ_2_SEQ_LM'"):
         ResidualPromptConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, shared_prefix="on")
     with pytest.raises(ValueError, match=r"shared_prefix must be one of \['auto', 'on', 'off'\], got 'yes'"):
         ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, shared_prefix="yes")
@@ -414,3 +414,77 @@ def test_enable_shared_prefix_refuses_what_it_cannot_share():
         enable_shared_prefix(classifier)
     with pytest.raises(ValueError, match=r"mode must be one of \['auto', 'on', 'off'\], got 'yes'"):
         enable_shared_prefix(_peft_prompt("prompt_tuning"), "yes")
+
+
+CLASSIFIERS = ("llama", "mistral", "gemma2", "qwen3")
+
+
+def _classifier(arch: str, method: str, shared_prefix: str, num_labels: int = 3):
+    from transformers import AutoModelForSequenceClassification
+
+    make_config, _ = METHODS[method]
+    torch.manual_seed(0)
+    config = DECODERS[arch]()
+    config.num_labels = num_labels
+    base = AutoModelForSequenceClassification.from_config(config)
+    for module in base.modules():  # as _base: the concatenated path's reference has no dropout either
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    torch.manual_seed(1)
+    adapter = make_config(task_type="SEQ_CLS", num_virtual_tokens=VIRTUAL_TOKENS, shared_prefix=shared_prefix)
+    return get_peft_model(base, adapter)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("arch", CLASSIFIERS)
+def test_a_decoder_classifier_shares_the_prefix_with_the_concatenated_results(arch, method):
+    """transformers' generic decoder classifier pools the last position of the embeddings peft gives it: shared or
+    concatenated, the same position, so the same logits, loss and gradients."""
+    _, extra = METHODS[method]
+    batch = {**_batch("left"), "labels": torch.tensor([0, 2, 1, 2])}
+    results = {}
+    for mode in ("on", "off"):
+        model = _classifier(arch, method, mode).train()
+        calls = []  # (rows, positions) of each call of the classifier's body
+        model.base_model.base_model.register_forward_pre_hook(
+            lambda module, args, kwargs: calls.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+        )
+        output = model(**batch, **extra, output_hidden_states=True)
+        output.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[mode] = (output, grads)
+        distinct = {"residual": 1, "compt": 2, "bayesian_source": 3}[method]
+        expected = [(distinct, VIRTUAL_TOKENS), (4, 7)] if mode == "on" else [(4, VIRTUAL_TOKENS + 7)]
+        assert calls == expected, calls
+    (shared, grads), (concatenated, ref_grads) = results["on"], results["off"]
+    torch.testing.assert_close(shared.loss, concatenated.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(shared.logits, concatenated.logits, rtol=1e-5, atol=1e-6)
+    assert len(shared.hidden_states) == len(concatenated.hidden_states)
+    for ours, theirs in zip(shared.hidden_states, concatenated.hidden_states):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        scale = ref_grads[name].abs().max().item()
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_other_classifiers_concatenate_under_auto_and_on_says_why():
+    from transformers import AutoModelForSequenceClassification
+
+    batch = {**_batch("right"), "labels": torch.tensor([0, 1, 1, 0])}
+    gpt2_config = DECODERS["gpt2"]()
+    gpt2_config.pad_token_id = 0
+    gpt2 = AutoModelForSequenceClassification.from_config(gpt2_config)
+    for module in gpt2.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = ResidualPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=48, shared_prefix="on")
+    with pytest.raises(
+        ValueError, match="GPT2ForSequenceClassification is not transformers' generic decoder classifier"
+    ):
+        get_peft_model(gpt2, config)(**batch)
+    bert = TINY_MODELS["bert"].build()
+    model = get_peft_model(bert, ResidualPromptConfig(task_type="SEQ_CLS", num_virtual_tokens=48))
+    calls = _calls(model)
+    assert model(**batch).loss.isfinite()
+    assert calls == [4]  # an encoder: bidirectional, so concatenated

@@ -20,8 +20,10 @@ from .patching import Patch, PatchGroup
 from .shared_prefix import (
     num_distinct_prompts,
     share_prefill,
+    shared_prefix_classify,
     shared_prefix_forward,
     why_not_shared,
+    why_not_shared_classifier,
     worth_sharing,
 )
 
@@ -148,11 +150,66 @@ def _wrap_causal_forward(original):
     return forward
 
 
+def _wrap_classifier_forward(original):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        task_ids=None,
+        **kwargs,
+    ):
+        mode = shared_prefix_mode(self.active_peft_config)
+        reason = None if mode == "off" else why_not_shared_classifier(self, output_attentions, kwargs)
+        if reason is not None and mode == "on":
+            raise ValueError(
+                f"shared_prefix='on', but this forward cannot share the prompt's keys and values: {reason}. Remove "
+                "the cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
+            )
+        if mode != "off" and reason is None:
+            from peft.utils.other import _get_batch_size  # private: imported where used, once `uses` found it
+
+            batch_size = _get_batch_size(input_ids, inputs_embeds)
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            distinct = num_distinct_prompts(self, batch_size, task_ids)
+            if mode == "on" or worth_sharing(self.active_peft_config.num_virtual_tokens, batch_size, length, distinct):
+                self._adjust_prompt_learning_kwargs(self.active_peft_config, kwargs=kwargs)
+                return shared_prefix_classify(
+                    self,
+                    input_ids,
+                    attention_mask,
+                    inputs_embeds,
+                    labels,
+                    output_hidden_states,
+                    return_dict,
+                    task_ids,
+                    kwargs,
+                )
+        return original(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            task_ids=task_ids,
+            **kwargs,
+        )
+
+    return forward
+
+
 def _wrap_causal_generate(original):
     def generate(self, *args, **kwargs):
         if shared_prefix_mode(self.active_peft_config) == "off":
             return original(self, *args, **kwargs)
-        prepare = self.prepare_inputs_for_generation  # peft's (or its cache translation, patch 6)
+        prepare = self.prepare_inputs_for_generation  # peft's (or its cache translation, patch 7)
 
         # named as peft's (`*args`, `**kwargs`): transformers reads the names to validate generate's arguments
         def prepare_sharing_the_prompt(*args, task_ids=None, **kwargs):
@@ -213,6 +270,13 @@ SHARED_PREFIX = PatchGroup(
         # peft's generate prefills with the prompt in front of every row; its prefill step is handed a
         # prepare_inputs_for_generation that shares the distinct prompts' keys and values instead
         Patch("peft.peft_model:PeftModelForCausalLM.generate", _wrap_causal_generate),
+        # a decoder-only classifier's prompt is a prefix too, where its head pools the same position
+        Patch(
+            "peft.peft_model:PeftModelForSequenceClassification.forward",
+            _wrap_classifier_forward,
+            ("input_ids", "attention_mask", "inputs_embeds", "labels", "task_ids"),
+            mirrors="peft 0.21.2's PeftModelForSequenceClassification.forward, prompt-tuning branch",
+        ),
     ),
     requires=(PROMPT_FEATURE,),
     uses=(

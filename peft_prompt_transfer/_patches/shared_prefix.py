@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 from .._compat import cache_keyword, is_ours, shared_prefix_mode
 
@@ -275,3 +275,79 @@ def share_prefill(peft_model: nn.Module, model_inputs: dict[str, Any], task_ids:
     cache.batch_select_indices(rows.to(embeds.device))
     model_inputs["inputs_embeds"] = embeds[:, num_virtual_tokens:]
     return model_inputs
+
+
+def why_not_shared_classifier(peft_model: nn.Module, output_attentions: Optional[bool], kwargs: dict[str, Any]):
+    """Why a sequence classifier's forward cannot take the shared-prefix path, or None: the causal LM's reasons, and
+    a classifier that may not pool the concatenated path's position. transformers' generic decoder classifier
+    (Llama, Mistral, Qwen, Gemma, Phi-3, ...) pools the last position when given embeddings, as peft gives them, so
+    the rows' last position is the concatenated sequence's; other heads are not known to."""
+    reason = why_not_shared(peft_model, output_attentions, kwargs)
+    try:  # the upstream fact this rests on, looked up where used: a transformers without it shares nothing here
+        from transformers.modeling_layers import GenericForSequenceClassification
+    except ImportError:
+        GenericForSequenceClassification = ()  # noqa: N806  (isinstance of an empty tuple: never)
+    if reason is None and not isinstance(peft_model.base_model, GenericForSequenceClassification):
+        reason = (
+            f"{type(peft_model.base_model).__name__} is not transformers' generic decoder classifier, so its pooled "
+            "position is not known to be the concatenated path's"
+        )
+    if reason is None and kwargs.get("token_type_ids") is not None:
+        reason = "token_type_ids were given (a decoder-only model's rows take none)"
+    return reason
+
+
+def shared_prefix_classify(
+    peft_model: nn.Module,
+    input_ids: Optional[torch.Tensor],
+    attention_mask: Optional[torch.Tensor],
+    inputs_embeds: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    output_hidden_states: Optional[bool],
+    return_dict: Optional[bool],
+    task_ids: Optional[torch.Tensor],
+    kwargs: dict[str, Any],
+):
+    """peft's sequence-classification prompt-learning forward on a decoder-only classifier, with each distinct prompt
+    run once through the classifier's body: the rows then run with the prompts' keys and values, and the head pools
+    the rows' last position, the concatenated sequence's last position."""
+    classifier = peft_model.base_model
+    body = classifier.base_model
+    if inputs_embeds is None:
+        inputs_embeds = peft_model.word_embeddings(input_ids)
+    batch_size = inputs_embeds.shape[0]
+    prompts, rows = distinct_prompts(peft_model, batch_size, task_ids)
+    prompts = prompts.to(inputs_embeds.dtype)
+    num_virtual_tokens = prompts.shape[1]
+    cache = DynamicCache(config=classifier.config)
+    prefix = body(
+        inputs_embeds=prompts,
+        use_cache=True,
+        output_hidden_states=output_hidden_states,
+        return_dict=True,
+        **{cache_keyword(body): cache},
+    )
+    rows = rows.to(inputs_embeds.device)
+    cache.batch_select_indices(rows)
+    if attention_mask is not None:
+        attention_mask = torch.cat((attention_mask.new_ones(batch_size, num_virtual_tokens), attention_mask), dim=1)
+    outputs = classifier(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        labels=labels,
+        output_hidden_states=output_hidden_states,
+        return_dict=True,
+        **{cache_keyword(classifier): cache},
+        **kwargs,
+    )
+    hidden_states = None
+    if output_hidden_states:
+        hidden_states = tuple(
+            torch.cat((prompt_layer.index_select(0, rows), row_layer), dim=1)
+            for prompt_layer, row_layer in zip(prefix.hidden_states, outputs.hidden_states)
+        )
+    keyword = cache_keyword(classifier)
+    result = SequenceClassifierOutputWithPast(
+        loss=outputs.loss, logits=outputs.logits, hidden_states=hidden_states, **{keyword: getattr(outputs, keyword)}
+    )
+    return result if return_dict is not False else result.to_tuple()
