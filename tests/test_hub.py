@@ -221,6 +221,26 @@ def test_bayesian_posterior_and_target_from_the_hub(hub, tmp_path):
     )
 
 
+def intercept_pushes(monkeypatch) -> list[tuple[str, dict[str, bytes]]]:
+    """Intercept the Hub calls of a push (`HfApi.create_repo`, `HfApi.create_commit`); returns the list that each
+    commit is appended to, as (repo id, {path in the repo: bytes})."""
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"{constants.ENDPOINT}/{repo_id}", endpoint=constants.ENDPOINT)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        # the files exist only during the call (push_to_hub writes them to a temporary directory)
+        commits.append((repo_id, {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    # Any other Hub request fails instead of leaving the machine. Reading the new repo's model card then finds
+    # none, as on a freshly created repo.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return commits
+
+
 def library_versions(tmp_path: Path) -> tuple[object, list[Path], list[dict[str, torch.Tensor]]]:
     """Versions 1 and 2 of a prompt library of two entries on tiny Llama (random prompts of another seed each),
     saved to tmp_path/library-v1 and -v2; returns the base model, the folders and their prompts."""
@@ -279,17 +299,7 @@ def test_prompt_library_from_the_hub_at_each_revision(hub, tmp_path):
 def test_prompt_library_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
     _, folders, _ = library_versions(tmp_path)
     library = PromptLibrary.from_pretrained(folders[0])
-    commits = []
-
-    def create_repo(self, repo_id, **kwargs):
-        return RepoUrl(f"{constants.ENDPOINT}/{repo_id}", endpoint=constants.ENDPOINT)
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        commits.append((repo_id, {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}))
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # any other request fails instead of leaving the machine
+    commits = intercept_pushes(monkeypatch)
     library.push_to_hub("someone/prompt-library")
     library.save_pretrained(tmp_path / "saved")
     assert [repo_id for repo_id, _ in commits] == ["someone/prompt-library"]  # one commit, to the repo asked for
@@ -337,20 +347,7 @@ def pushed(request, tmp_path, monkeypatch) -> Pushed:
     name, make_config = PUSH_METHODS[request.param]
     tiny = TINY_MODELS[name]
     model = get_peft_model(tiny.saved(tmp_path), make_config(tiny))
-    commits = []
-
-    def create_repo(self, repo_id, **kwargs):
-        return RepoUrl(f"{constants.ENDPOINT}/{repo_id}", endpoint=constants.ENDPOINT)
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        # the files exist only during the call (push_to_hub writes them to a temporary directory)
-        commits.append((repo_id, {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}))
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    # Any other Hub request fails instead of leaving the machine. Reading the new repo's model card then finds
-    # none, as on a freshly created repo.
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    commits = intercept_pushes(monkeypatch)
     model.push_to_hub("someone/pushed-prompt")
     model.save_pretrained(tmp_path / "saved")
     assert [repo_id for repo_id, _ in commits] == ["someone/pushed-prompt"]  # one commit, to the repo asked for

@@ -1,7 +1,9 @@
-"""Prompt set-up and forward: peft builds our encoders, asks them for the prompt, and puts it on seq2seq encoders."""
+"""Prompt set-up and forward: peft builds our encoders, asks them for the prompt, and puts it on seq2seq encoders;
+decoders (causal LMs and decoder classifiers, forward and generate's prefill) share it where `shared_prefix` says."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -98,111 +100,68 @@ def _wrap_seq2seq_forward(original):
     return forward
 
 
-def _wrap_causal_forward(original):
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        labels=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        task_ids=None,
-        **kwargs,
-    ):
-        config = self.active_peft_config
-        mode = shared_prefix_mode(config)
-        concatenate = mode == "off"
-        if not concatenate:
-            from peft.utils.other import _get_batch_size  # private: imported where used, once `uses` found it
+def _takes_shared_path(
+    peft_model, why_not: Callable, input_ids, inputs_embeds, output_attentions, task_ids, kwargs: dict
+) -> bool:
+    """Whether this forward shares the prompt (`shared_prefix` and the rule in `shared_prefix.py`); with "on", an
+    error that says why it cannot."""
+    config = peft_model.active_peft_config
+    mode = shared_prefix_mode(config)
+    if mode == "off":
+        return False
+    from peft.utils.other import _get_batch_size  # private: imported where used, once `uses` found it
 
-            _get_batch_size(input_ids, inputs_embeds)  # peft's check that one of the two is given
-            reason = why_not_shared(self, output_attentions, kwargs)
-            if reason is not None and mode == "on":
-                raise ValueError(
-                    f"shared_prefix='on', but this forward cannot share the prompt's keys and values: {reason}. "
-                    "Remove the cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
-                )
-            batch_size, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            concatenate = reason is not None
-            if mode == "auto" and not concatenate:
-                distinct = num_distinct_prompts(self, batch_size, task_ids)
-                concatenate = not worth_sharing(config.num_virtual_tokens, batch_size, length, distinct)
-        if concatenate:
-            return original(
-                self,
+    batch_size = _get_batch_size(input_ids, inputs_embeds)  # and peft's check that one of the two is given
+    reason = why_not(peft_model, output_attentions, kwargs)
+    if reason is not None and mode == "on":
+        raise ValueError(
+            f"shared_prefix='on', but this forward cannot share the prompt's keys and values: {reason}. Remove the "
+            "cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
+        )
+    if reason is not None or mode == "on":
+        return reason is None
+    length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    distinct = num_distinct_prompts(peft_model, batch_size, task_ids)
+    return worth_sharing(config.num_virtual_tokens, batch_size, length, distinct)
+
+
+def _shared_or_peft_forward(why_not: Callable, shared_forward: Callable) -> Callable:
+    """The wrapper of a peft forward: `shared_forward` where `_takes_shared_path`, peft's own forward elsewhere."""
+
+    def make_wrapper(original):
+        def forward(
+            self,
+            input_ids=None,
+            attention_mask=None,
+            inputs_embeds=None,
+            labels=None,
+            output_attentions=None,
+            output_hidden_states=None,
+            return_dict=None,
+            task_ids=None,
+            **kwargs,
+        ):
+            inputs = dict(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
-                output_attentions=output_attentions,
                 output_hidden_states=output_hidden_states,
                 return_dict=return_dict,
                 task_ids=task_ids,
-                **kwargs,
             )
-        self._adjust_prompt_learning_kwargs(config, kwargs=kwargs)  # peft drops position_ids, with its warning
-        return shared_prefix_forward(
-            self, input_ids, attention_mask, inputs_embeds, labels, output_hidden_states, return_dict, task_ids, kwargs
-        )
+            if _takes_shared_path(self, why_not, input_ids, inputs_embeds, output_attentions, task_ids, kwargs):
+                self._adjust_prompt_learning_kwargs(self.active_peft_config, kwargs=kwargs)  # peft drops position_ids
+                return shared_forward(self, kwargs=kwargs, **inputs)
+            return original(self, output_attentions=output_attentions, **inputs, **kwargs)
 
-    return forward
+        return forward
+
+    return make_wrapper
 
 
-def _wrap_classifier_forward(original):
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        labels=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        task_ids=None,
-        **kwargs,
-    ):
-        mode = shared_prefix_mode(self.active_peft_config)
-        reason = None if mode == "off" else why_not_shared_classifier(self, output_attentions, kwargs)
-        if reason is not None and mode == "on":
-            raise ValueError(
-                f"shared_prefix='on', but this forward cannot share the prompt's keys and values: {reason}. Remove "
-                "the cause, or set shared_prefix='auto' (which then concatenates, as peft does)."
-            )
-        if mode != "off" and reason is None:
-            from peft.utils.other import _get_batch_size  # private: imported where used, once `uses` found it
-
-            batch_size = _get_batch_size(input_ids, inputs_embeds)
-            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            distinct = num_distinct_prompts(self, batch_size, task_ids)
-            if mode == "on" or worth_sharing(self.active_peft_config.num_virtual_tokens, batch_size, length, distinct):
-                self._adjust_prompt_learning_kwargs(self.active_peft_config, kwargs=kwargs)
-                return shared_prefix_classify(
-                    self,
-                    input_ids,
-                    attention_mask,
-                    inputs_embeds,
-                    labels,
-                    output_hidden_states,
-                    return_dict,
-                    task_ids,
-                    kwargs,
-                )
-        return original(
-            self,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-            task_ids=task_ids,
-            **kwargs,
-        )
-
-    return forward
+_wrap_causal_forward = _shared_or_peft_forward(why_not_shared, shared_prefix_forward)
+_wrap_classifier_forward = _shared_or_peft_forward(why_not_shared_classifier, shared_prefix_classify)
 
 
 def _wrap_causal_generate(original):

@@ -144,6 +144,15 @@ def _run(base: nn.Module, keyword: str, cache: DynamicCache, positions: torch.Te
     return base(**inputs, **{keyword: cache}, logits_to_keep=keep)
 
 
+def _joined_hidden_states(prefix: Any, outputs: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each layer's hidden states as the concatenated path has them: the prompts' gathered to the rows, then the
+    rows' own."""
+    return tuple(
+        torch.cat((prompt_layer.index_select(0, rows), row_layer), dim=1)
+        for prompt_layer, row_layer in zip(prefix.hidden_states, outputs.hidden_states)
+    )
+
+
 def shared_prefix_forward(
     peft_model: nn.Module,
     input_ids: Optional[torch.Tensor],
@@ -228,12 +237,7 @@ def shared_prefix_forward(
         )
     if kept.numel() and not torch.equal(order, torch.arange(order.numel(), device=device)):
         logits = logits[:, torch.argsort(order)]  # back to the caller's order of logits_to_keep
-    hidden_states = None
-    if output_hidden_states:
-        hidden_states = tuple(
-            torch.cat((prompt_layer.index_select(0, rows), row_layer), dim=1)
-            for prompt_layer, row_layer in zip(prefix.hidden_states, outputs.hidden_states)
-        )
+    hidden_states = _joined_hidden_states(prefix, outputs, rows) if output_hidden_states else None
     # the output names the cache as the forward does (`cache` from transformers 5.24)
     result = CausalLMOutputWithPast(
         loss=loss, logits=logits, hidden_states=hidden_states, **{keyword: getattr(outputs, keyword, None)}
@@ -340,12 +344,7 @@ def shared_prefix_classify(
         **{cache_keyword(classifier): cache},
         **kwargs,
     )
-    hidden_states = None
-    if output_hidden_states:
-        hidden_states = tuple(
-            torch.cat((prompt_layer.index_select(0, rows), row_layer), dim=1)
-            for prompt_layer, row_layer in zip(prefix.hidden_states, outputs.hidden_states)
-        )
+    hidden_states = _joined_hidden_states(prefix, outputs, rows) if output_hidden_states else None
     keyword = cache_keyword(classifier)
     result = SequenceClassifierOutputWithPast(
         loss=outputs.loss, logits=outputs.logits, hidden_states=hidden_states, **{keyword: getattr(outputs, keyword)}
