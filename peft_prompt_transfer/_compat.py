@@ -94,6 +94,11 @@ def disabled_features() -> dict[str, str]:
     return dict(_DISABLED_FEATURES)
 
 
+def enum_value(value: Any) -> Any:
+    """A peft enum member's string (`PeftType`, `TaskType`), or `value` itself when it is a string already."""
+    return getattr(value, "value", value)
+
+
 def is_ours(config: Any) -> bool:
     """Whether `config` belongs to one of this package's methods."""
     peft_type = getattr(config, "peft_type", None)
@@ -161,8 +166,7 @@ PEFT_SINGLE_PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
 def shared_prefix_mode(config: Any) -> str:
     """How a causal LM's forward runs this adapter's prompt: our config's `shared_prefix`; for peft's
     `PROMPT_TUNING` and `P_TUNING` what `enable_shared_prefix` set on the config ("off" without that call)."""
-    peft_type = getattr(config.peft_type, "value", config.peft_type)
-    if is_ours(config) or peft_type in PEFT_SINGLE_PROMPT_TYPES:
+    if is_ours(config) or enum_value(config.peft_type) in PEFT_SINGLE_PROMPT_TYPES:
         return getattr(config, "shared_prefix", "off")
     return "off"
 

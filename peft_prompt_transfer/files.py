@@ -3,25 +3,42 @@ folder or downloaded from a Hub repo."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import save_file
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
-    """Write `tensors` to `path` through a temporary file renamed into place, so an interrupted save never leaves
-    half a file."""
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """`write(temporary_path)`, then rename the file into place: an interrupted save never leaves half a file."""
     with tempfile.NamedTemporaryFile(dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as tmp:
         tmp_path = tmp.name
     try:
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp_path, metadata={"format": "pt"})
+        write(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Write `tensors` to `path` as safetensors, whole or not at all."""
+    contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    _write_atomically(path, lambda tmp_path: save_file(contiguous, tmp_path, metadata={"format": "pt"}))
+
+
+def save_json(value: Any, path: str) -> None:
+    """Write `value` to `path` as indented JSON, whole or not at all."""
+
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w", encoding="utf-8") as file:
+            json.dump(value, file, indent=1)
+
+    _write_atomically(path, write)
 
 
 def local_or_hub_file(location: str, filename: str, revision: Optional[str], what: str, how_to_fix: str) -> str:
@@ -33,6 +50,8 @@ def local_or_hub_file(location: str, filename: str, revision: Optional[str], wha
         if not os.path.isfile(path):
             raise FileNotFoundError(f"The {what} directory {location!r} has no {filename}. {how_to_fix}")
         return path
+    if os.path.exists(location):
+        raise FileNotFoundError(f"{location!r} is a file, not a {what} directory. {how_to_fix}")
     from huggingface_hub import hf_hub_download
 
     try:

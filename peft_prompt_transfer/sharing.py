@@ -6,7 +6,7 @@ from typing import Optional
 
 from peft import PeftModel
 
-from ._compat import PEFT_SINGLE_PROMPT_TYPES, SHARED_PREFIX_FEATURE, is_ours, require_feature
+from ._compat import PEFT_SINGLE_PROMPT_TYPES, SHARED_PREFIX_FEATURE, enum_value, is_ours, require_feature
 from .base import SHARED_PREFIX_MODES
 
 
@@ -33,7 +33,7 @@ def enable_shared_prefix(model: PeftModel, mode: str = "auto", adapter_name: Opt
     if not isinstance(model, PeftModel) or adapter_name not in (configs or {}):
         raise ValueError(f"enable_shared_prefix takes a PeftModel and one of its adapters, got {type(model).__name__}.")
     config = configs[adapter_name]
-    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    peft_type = enum_value(config.peft_type)
     if is_ours(config):
         raise ValueError(
             f"{peft_type} adapters choose their path with their config's shared_prefix field (default 'auto'); "
@@ -44,7 +44,7 @@ def enable_shared_prefix(model: PeftModel, mode: str = "auto", adapter_name: Opt
             f"enable_shared_prefix takes peft's PROMPT_TUNING and P_TUNING adapters, whose one prompt every row "
             f"shares; adapter {adapter_name!r} is {peft_type}."
         )
-    task_type = getattr(config.task_type, "value", config.task_type)
+    task_type = enum_value(config.task_type)
     if task_type != "CAUSAL_LM":
         raise ValueError(
             f"The shared prefix needs a decoder-only causal LM (task_type='CAUSAL_LM'), whose prompt keys and values "

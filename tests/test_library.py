@@ -151,7 +151,7 @@ def test_an_entry_of_another_length_is_tiled_or_cut_with_a_warning(tmp_path):
     short = torch.randn(3, 32)
     library.add("short", short)
     target = prompt_tuning(tiny, tmp_path, num_virtual_tokens=7)
-    with pytest.warns(UserWarning, match=r"The model's prompt has 7 tokens, but \{'short': 3\}"):
+    with pytest.warns(UserWarning, match=r"The adapter's prompts have 7 tokens, but \{'short': 3\}"):
         written = library.initialize(target, "short")
     assert torch.equal(written, torch.cat([short, short, short[:1]]))
     target = prompt_tuning(tiny, tmp_path, num_virtual_tokens=2)
@@ -350,3 +350,158 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     save_file({"other": weights["a"]}, tmp_path / "damaged" / "prompt_library.safetensors")
     with pytest.raises(ValueError, match="is damaged: prompt_library.json names \\['a'\\]"):
         PromptLibrary.from_pretrained(tmp_path / "damaged")
+    (tmp_path / "damaged" / "prompt_library.json").write_text('{"format": "peft-prompt')
+    with pytest.raises(ValueError, match="is damaged: prompt_library.json is not valid JSON"):
+        PromptLibrary.from_pretrained(tmp_path / "damaged")
+    library.save_pretrained(tmp_path / "truncated")
+    weights_file = tmp_path / "truncated" / "prompt_library.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:40])
+    with pytest.raises(ValueError, match="is damaged: prompt_library.safetensors cannot be read"):
+        PromptLibrary.from_pretrained(tmp_path / "truncated")
+    with pytest.raises(ValueError, match="Example 0 has 3 input_ids but 1 labels"):
+        library.rank(target, [{"input_ids": [3, 4, 5], "labels": [5]}], progress=False)
+    from transformers import AutoModelForMaskedLM, BertConfig
+
+    masked = AutoModelForMaskedLM.from_config(
+        BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
+    with pytest.raises(ValueError, match="this one is a BertForMaskedLM model"):
+        PromptLibrary(masked).rank(masked, examples_with_label(tiny, 5), include_current=False, progress=False)
+
+
+def test_entries_are_the_librarys_own_copies(tmp_path):
+    """Training the source on, or changing what initialize returned, leaves the library's entries as they were."""
+    tiny = TINY_MODELS["llama"]
+    source = get_peft_model(
+        tiny.saved(tmp_path), BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, num_particles=2)
+    )
+    library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"s": source})
+    kept = library["s/particle-0"].prompt.clone()
+    with torch.no_grad():
+        source.prompt_encoder["default"].embedding.weight.mul_(0)
+    prompt = torch.ones(N_TOKENS, 32)
+    library.add("mine", prompt)
+    prompt.mul_(0)
+    written = library.initialize(prompt_tuning(tiny, tmp_path), "s/particle-0")
+    written.mul_(0)
+    assert torch.equal(library["s/particle-0"].prompt, kept)
+    assert torch.equal(library["mine"].prompt, torch.ones(N_TOKENS, 32))
+
+
+def test_rank_pads_examples_of_any_length_and_scores_each_label_token(lm, tmp_path):
+    """Examples of different lengths, batched with padding, score what each example scores alone (the mean over
+    every label token of all examples)."""
+    library = PromptLibrary(lm.saved(tmp_path))
+    library.add("p", torch.randn(N_TOKENS, 32, generator=torch.Generator().manual_seed(0)))
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for length in (3, 9, 5, 6, 4):
+        ids = torch.randint(3, 64, (length,), generator=g).tolist()
+        if lm.kind == "causal":
+            rows.append({"input_ids": ids, "labels": [-100] * (length - 2) + ids[-2:]})
+        else:
+            rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids[: length % 3 + 1]})
+    model = prompt_tuning(lm, tmp_path)
+    score = dict(library.rank(model, rows, include_current=False, batch_size=2, progress=False))["p"]
+    tokens = [sum(label != -100 for label in row["labels"]) for row in rows]
+    alone = [reference_score(lm, tmp_path, library["p"].prompt, [row]) for row in rows]
+    assert score == pytest.approx(sum(s * n for s, n in zip(alone, tokens)) / sum(tokens), rel=1e-5)
+
+
+def test_rank_on_the_shared_prefix_path_scores_as_concatenation(tmp_path):
+    """A 20-token prompt on batches of 8: the scorer shares the prompt's keys and values, and scores as peft's
+    concatenating PROMPT_TUNING does."""
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    library.add("p", torch.randn(20, 32, generator=torch.Generator().manual_seed(0)))
+    rows = examples_with_label(tiny, 5, count=8)
+    model = prompt_tuning(tiny, tmp_path, num_virtual_tokens=20)
+    calls = []
+    model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    score = dict(library.rank(model, rows, include_current=False, batch_size=8, progress=False))["p"]
+    assert calls == [1, 8]  # the prompt once, then the rows
+    assert score == pytest.approx(reference_score(tiny, tmp_path, library["p"].prompt, rows), rel=1e-5)
+
+
+def test_rank_restores_every_module_mode_and_adds_no_hooks_under_gradient_checkpointing(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    model = prompt_tuning(tiny, tmp_path)
+    base = model.get_base_model()
+    base.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    model.train()
+    base.model.layers[0].eval()  # a model partly in eval mode comes back as it was
+    modes = {name: module.training for name, module in base.named_modules()}
+    hooks = len(base.get_input_embeddings()._forward_hooks)
+    library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": prompt_tuning(tiny, tmp_path, seed=4)})
+    for _ in range(3):
+        library.rank(model, examples_with_label(tiny, 5), progress=False)
+    assert {name: module.training for name, module in base.named_modules()} == modes
+    assert len(base.get_input_embeddings()._forward_hooks) == hooks
+
+
+def test_compt_concat_ranks_and_initializes_its_source_prompts_length(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    library.add("p", torch.randn(8, 32))
+    compt = get_peft_model(
+        tiny.saved(tmp_path),
+        ComPTConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=8, task_names=["t"], num_source_prompts=2, composition="concat"
+        ),
+    )
+    # the source prompts have 4 tokens: rank scores, and initialize writes, the entry's first 4
+    with pytest.warns(UserWarning, match=r"The adapter's prompts have 4 tokens, but \{'p': 8\}"):
+        library.rank(compt, examples_with_label(tiny, 5), task="t", progress=False)
+    with pytest.warns(UserWarning, match="have 4 tokens"):
+        written = library.initialize(compt, "p")
+    assert torch.equal(written, library["p"].prompt[:4])
+    sources = compt.prompt_encoder["default"].embedding.weight.detach().view(2, 4, 32)
+    assert torch.equal(sources[0], library["p"].prompt[:4])
+
+
+def test_a_decomposed_bayesian_target_starts_from_the_entry(tmp_path):
+    """initialize sets S and puts U V back to ones: the prompt the model sees is the entry, even after training."""
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    for name in ("p0", "p1"):
+        library.add(name, torch.randn(N_TOKENS, 32), task_type="CAUSAL_LM")
+    posterior = library.save_as_posterior(["p0", "p1"], tmp_path / "posterior")
+    target = get_peft_model(
+        tiny.saved(tmp_path),
+        BayesianPromptConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=N_TOKENS,
+            stage="target",
+            posterior=posterior,
+            target_prompt="decomposed",
+            decomposition_rank=2,
+        ),
+    )
+    encoder = target.prompt_encoder["default"]
+    with torch.no_grad():  # as training would leave them
+        encoder.task_cols.add_(0.3)
+        encoder.task_rows.add_(0.2)
+    library.initialize(target, "p1")
+    torch.testing.assert_close(encoder.inference_prompt(), library["p1"].prompt)
+
+
+def test_metadata_goes_to_the_adapters_entries_and_an_entrys_own_wins(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    compt = get_peft_model(
+        tiny.saved(tmp_path),
+        ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, task_names=["a", "b"], num_source_prompts=2),
+    )
+    library = PromptLibrary.from_adapters(
+        tiny.saved(tmp_path),
+        {"compt": compt},
+        metadata={"compt": {"template": "T: {text}"}, "compt/b": {"template": "B: {text}", "label_words": [" x"]}},
+    )
+    assert library["compt/a"].template == "T: {text}" and library["compt/a"].label_words is None
+    assert library["compt/b"].template == "B: {text}" and library["compt/b"].label_words == [" x"]
+    with pytest.raises(ValueError, match=r"metadata\['compt'\] has \['labels'\]; an entry records"):
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"compt": compt}, metadata={"compt": {"labels": [1]}})
+    with pytest.raises(ValueError, match=r"metadata names \['other'\], which are neither adapters"):
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"compt": compt}, metadata={"other": {"template": "x"}})

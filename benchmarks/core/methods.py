@@ -478,7 +478,7 @@ METHODS: dict[str, Method] = {
         ),
         compt_method(
             "library_compt",
-            f"library: ComPT from the top {LIBRARY_TOP_K} by rank",
+            f"library: ComPT, source prompts from the top {LIBRARY_TOP_K} by rank",
             build=build_library_compt,
             claim="library",
             compared_with=("prompt_tuning", "library_best"),

@@ -11,28 +11,45 @@ training moves embeddings by more.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from ..base import full_tensor
 
 FINGERPRINT_TOKENS = 32
 FINGERPRINT_DIMS = 16
 FINGERPRINT_TOLERANCE = 0.02
 
 
-def input_embeddings(model: torch.nn.Module) -> torch.Tensor:
-    """The input embedding matrix `[vocab_size, hidden_size]` of a transformers model or a `PeftModel`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_input_embeddings().weight
+def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a `PeftModel`, or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def whole_input_embeddings(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """The input embedding matrix `[vocab_size, hidden_size]`, whole also when it is sharded: gathered under
+    DeepSpeed ZeRO-3 (a collective there, as under FSDP2: every rank must call it)."""
+    weight = base_model_of(model).get_input_embeddings().weight
+    if hasattr(weight, "ds_shape") and weight.numel() == 0:  # a ZeRO-3 partition
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(weight):
+            yield weight.detach()
+    else:
+        yield full_tensor(weight.detach())
 
 
 def describe_base_model(model: torch.nn.Module) -> dict[str, Any]:
     """The record of `model` a library keeps: name, vocabulary and hidden size, and the embedding fingerprint."""
-    weight = input_embeddings(model).detach()
-    vocab_size, hidden_size = weight.shape
-    token_ids = torch.linspace(0, vocab_size - 1, min(FINGERPRINT_TOKENS, vocab_size)).round().long()
-    sample = weight[token_ids.to(weight.device), : min(FINGERPRINT_DIMS, hidden_size)].float().cpu()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with whole_input_embeddings(model) as weight:
+        vocab_size, hidden_size = weight.shape
+        token_ids = torch.linspace(0, vocab_size - 1, min(FINGERPRINT_TOKENS, vocab_size)).round().long()
+        sample = weight[token_ids.to(weight.device), : min(FINGERPRINT_DIMS, hidden_size)].float().cpu()
+    base = base_model_of(model)
     return {
         "name_or_path": getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None),
         "vocab_size": int(vocab_size),

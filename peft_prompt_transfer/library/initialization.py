@@ -10,6 +10,10 @@ from collections.abc import Sequence
 import torch
 from peft import PeftModel
 
+from .._compat import enum_value
+from ..base import gathered_parameters
+from ..bayesian.decomposition import initial_task_factors
+
 
 def fit_length(prompt: torch.Tensor, num_virtual_tokens: int) -> torch.Tensor:
     """`prompt` cut or tiled to `num_virtual_tokens` tokens, as peft's TEXT initialisation fits its text: a longer
@@ -20,14 +24,15 @@ def fit_length(prompt: torch.Tensor, num_virtual_tokens: int) -> torch.Tensor:
     return prompt.repeat(math.ceil(num_virtual_tokens / length), 1)[:num_virtual_tokens]
 
 
-def warn_on_length(names_and_lengths: dict[str, int], num_virtual_tokens: int) -> None:
-    """Warn, once per call, about entries whose length is not the model's and will be cut or tiled."""
-    other = {name: length for name, length in names_and_lengths.items() if length != num_virtual_tokens}
+def warn_on_length(names_and_lengths: dict[str, int], length: int) -> None:
+    """Warn, once per call, about entries whose length is not the adapter's prompt length and will be cut or tiled."""
+    other = {name: tokens for name, tokens in names_and_lengths.items() if tokens != length}
     if other:
         warnings.warn(
-            f"The model's prompt has {num_virtual_tokens} tokens, but {other} (entry: tokens) do not: they are cut to "
-            "their first tokens or repeated and cut, as peft's TEXT initialisation fits a text. Give the adapter the "
-            "entries' length (num_virtual_tokens) to use them whole.",
+            f"The adapter's prompts have {length} tokens, but {other} (entry: tokens) do not: they are cut to their "
+            "first tokens or repeated and cut, as peft's TEXT initialisation fits a text. Give the adapter prompts of "
+            "the entries' length (num_virtual_tokens; for ComPT with composition='concat', twice it) to use them "
+            "whole.",
             stacklevel=3,
         )
 
@@ -43,12 +48,12 @@ def mean_prompt(prompts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _kind(model: PeftModel, adapter_name: str) -> str:
-    peft_type = model.peft_config[adapter_name].peft_type
-    return getattr(peft_type, "value", peft_type)
+    return enum_value(model.peft_config[adapter_name].peft_type)
 
 
 def prompt_length(model: PeftModel, adapter_name: str) -> int:
-    """How many tokens each prompt that `write_prompts` writes has (ComPT: its source prompts' length)."""
+    """How many tokens each prompt that `write_prompts` writes has: the adapter's `num_virtual_tokens`, or for ComPT
+    its source prompts' length (half of it with `composition="concat"`)."""
     config = model.peft_config[adapter_name]
     return config.prompt_length if _kind(model, adapter_name) == "COMPT" else config.num_virtual_tokens
 
@@ -67,12 +72,18 @@ def write_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[torch.T
     prompt.
 
     One prompt: peft `PROMPT_TUNING` (exactly the prompt the model sees), residual (the MLP's input, as the paper
-    initialises it: the model sees `MLP(P) + P`) and a Bayesian target (its prompt, or a decomposed target's `S`,
-    which is the prompt while `U V` is all ones). One per entry (`one_prompt_per_entry`): ComPT's first source
-    prompts, a Bayesian source's particles."""
+    initialises it: the model sees `MLP(P) + P`) and a Bayesian target (its prompt; a decomposed target's `S`, with
+    `U V` reset to all ones so that the prompt is `S`). One per entry (`one_prompt_per_entry`): ComPT's first source
+    prompts, a Bayesian source's particles. Sharded (FSDP2) prompts are written whole."""
+    with gathered_parameters(model.prompt_encoder[adapter_name]):
+        _write_whole_prompts(model, adapter_name, prompts)
+
+
+def _write_whole_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[torch.Tensor]) -> None:
     config = model.peft_config[adapter_name]
     kind = _kind(model, adapter_name)
-    weight = model.prompt_encoder[adapter_name].embedding.weight
+    encoder = model.prompt_encoder[adapter_name]
+    weight = encoder.embedding.weight
     prompts = [prompt.to(device=weight.device, dtype=weight.dtype) for prompt in prompts]
     if kind == "COMPT":
         if config.num_frozen_tasks:
@@ -104,6 +115,10 @@ def write_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[torch.T
             )
         (prompt,) = prompts
         weight.copy_(prompt)
+        if getattr(encoder, "task_cols", None) is not None:  # a decomposed target: U V back to ones, so P = S
+            cols, rows = initial_task_factors(config.num_virtual_tokens, config.token_dim, config.decomposition_rank)
+            encoder.task_cols.copy_(cols)
+            encoder.task_rows.copy_(rows)
     else:
         raise ValueError(
             f"initialize writes a prompt the adapter trains directly; a {kind} adapter makes its prompt another way. "

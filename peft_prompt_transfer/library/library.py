@@ -13,14 +13,15 @@ from typing import Any, Optional, Union
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 from peft import PeftModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .._compat import PACKAGE_NAME
 from .._version import __version__
 from ..bayesian.config import BayesianPromptConfig
 from ..bayesian.posterior import ADAPTER_WEIGHTS_NAME, PARTICLES_KEY
-from ..files import local_or_hub_file, save_safetensors
-from .fingerprint import check_base_model, describe_base_model
+from ..files import local_or_hub_file, save_json, save_safetensors
+from .fingerprint import base_model_of, check_base_model, describe_base_model
 from .initialization import fit_length, mean_prompt, one_prompt_per_entry, prompt_length, warn_on_length, write_prompts
 from .ranking import PromptScorer
 from .reading import NamedPrompt, current_prompt, live_adapter_prompts, saved_adapter_prompts
@@ -29,6 +30,8 @@ LIBRARY_CONFIG_NAME = "prompt_library.json"
 LIBRARY_WEIGHTS_NAME = "prompt_library.safetensors"
 LIBRARY_FORMAT = "peft-prompt-transfer prompt library"
 LIBRARY_FORMAT_VERSION = 1
+# what an entry records beside its prompt, length, task type and origin
+ENTRY_METADATA = ("template", "label_words")
 # the name `rank` gives the model's own prompt: starting without transfer is a candidate too
 CURRENT_PROMPT = "<current prompt>"
 AdapterSource = Union[str, os.PathLike, PeftModel]
@@ -123,17 +126,20 @@ class PromptLibrary:
                 id, or a `PeftModel` (its active adapter, as it is now). peft `PROMPT_TUNING` adapters give their
                 prompt; residual its folded prompt; ComPT one entry per task, `name/task`; a Bayesian source one per
                 particle, `name/particle-i`; a Bayesian target its prompt.
-            metadata (`dict`, *optional*): name -> `{"template": ..., "label_words": [...]}`, recorded with the
-                entries that name gives.
+            metadata (`dict`, *optional*): an adapter's or an entry's name (`name/task`) -> `{"template": ...,
+                "label_words": [...]}`, recorded with the entries that name gives (an entry's own over its adapter's).
             revision (`str`, *optional*): The Hub revision of every repo id in `adapters`.
         """
         library = cls(base_model)
-        metadata = dict(metadata or {})
-        unknown = set(metadata) - set(adapters)
-        if unknown:
-            raise ValueError(f"metadata names {sorted(unknown)}, which are not in adapters ({sorted(adapters)}).")
-        word_embeddings = base_model.get_base_model() if isinstance(base_model, PeftModel) else base_model
-        word_embeddings = word_embeddings.get_input_embeddings()
+        metadata = {name: dict(fields) for name, fields in (metadata or {}).items()}
+        for name, fields in metadata.items():
+            unknown = set(fields) - set(ENTRY_METADATA)
+            if unknown:
+                raise ValueError(
+                    f"metadata[{name!r}] has {sorted(unknown)}; an entry records {list(ENTRY_METADATA)} (the prompt "
+                    "length, task type and origin are read from the adapter)."
+                )
+        word_embeddings = base_model_of(base_model).get_input_embeddings()
         for name, source in adapters.items():
             prompts: Iterator[NamedPrompt] = (
                 live_adapter_prompts(name, source)
@@ -141,13 +147,15 @@ class PromptLibrary:
                 else saved_adapter_prompts(name, source, word_embeddings, revision)
             )
             for named in prompts:
-                library.add(
-                    named.name,
-                    named.prompt,
-                    task_type=named.task_type,
-                    origin=named.origin,
-                    **dict(metadata.get(name, {})),
-                )
+                # an adapter's metadata applies to each of its entries; an entry's own (`name/task`) overrides it
+                fields = {**metadata.get(name, {}), **metadata.get(named.name, {})}
+                library.add(named.name, named.prompt, task_type=named.task_type, origin=named.origin, **fields)
+        unused = set(metadata) - set(adapters) - set(library.names)
+        if unused:
+            raise ValueError(
+                f"metadata names {sorted(unused)}, which are neither adapters ({sorted(adapters)}) nor entries "
+                f"({library.names})."
+            )
         return library
 
     def add(
@@ -173,7 +181,7 @@ class PromptLibrary:
             )
         entry = LibraryEntry(
             name,
-            prompt.detach().float().cpu().contiguous(),
+            prompt.detach().to("cpu", torch.float32, copy=True),  # the library's own: the source may train on
             task_type=task_type,
             origin=dict(origin or {}),
             template=template,
@@ -229,13 +237,17 @@ class PromptLibrary:
         """Rank entries for a new task: best first, as `(name, score)` pairs.
 
         An entry's score is the frozen model's mean negative log-likelihood per label token on `examples` with the
-        entry in front of every example (SPoT's choice without training), fitted to the model's prompt length as
-        [`~PromptLibrary.initialize`] would fit it. With `include_current`, the model's own prompt is ranked too,
-        as `CURRENT_PROMPT` ("<current prompt>"): the start without transfer.
+        entry in front of every example, as a plain prompt (SPoT's choice without training), fitted to the length
+        [`~PromptLibrary.initialize`] writes. That is the start of a peft `PROMPT_TUNING` or Bayesian target prompt;
+        a residual adapter starts from `MLP(P) + P` and ComPT composes its source prompts with a private one, so
+        for them the score ranks the entries as prompts, not the model's exact start. With `include_current`, the
+        model's own prompt (what it uses now) is ranked too, as `CURRENT_PROMPT` ("<current prompt>"): the start
+        without transfer.
 
         It costs one forward pass of the examples per entry (N entries x K examples); on a decoder-only model the
-        prompt runs once per batch (the shared-prefix path), so the cost is about that of the examples alone.
-        Sequence classifiers are refused: their head is new, so a loss before training ranks nothing.
+        prompt runs once per batch where that pays (the shared-prefix path: at batch 8, prompts of 19 tokens or
+        more), which costs about what the examples alone cost. Sequence classifiers are refused: their head is new,
+        so a loss before training ranks nothing.
 
         Args:
             model (`torch.nn.Module`): The model to train: a `PeftModel` (peft `PROMPT_TUNING` or one of this
@@ -252,7 +264,8 @@ class PromptLibrary:
         check_base_model(self.base_model_record, model, "This prompt library")
         scorer = PromptScorer(model, examples, batch_size)
         entries = self._chosen(self.names if names is None else names)
-        length = self._model_prompt_length(model)
+        adapter = getattr(model, "active_adapter", None)
+        length = prompt_length(model, adapter) if adapter in getattr(model, "prompt_encoder", {}) else None
         candidates = {}
         if include_current:
             candidates[CURRENT_PROMPT] = current_prompt(model, task)
@@ -263,12 +276,6 @@ class PromptLibrary:
             candidates[entry.name] = fit_length(entry.prompt, length) if length else entry.prompt
         scores = scorer.score_all(candidates, progress=progress)
         return sorted(scores.items(), key=lambda item: item[1])
-
-    @staticmethod
-    def _model_prompt_length(model: torch.nn.Module) -> Optional[int]:
-        if isinstance(model, PeftModel) and model.active_adapter in getattr(model, "prompt_encoder", {}):
-            return model.peft_config[model.active_adapter].num_virtual_tokens
-        return None
 
     def prompt(self, names: Union[str, Sequence[str]], num_virtual_tokens: Optional[int] = None) -> torch.Tensor:
         """One entry's prompt, or several entries' mean scaled to their mean token norm (see
@@ -316,7 +323,7 @@ class PromptLibrary:
         if not one_prompt_per_entry(model, adapter_name):
             prompts = [prompts[0] if len(prompts) == 1 else mean_prompt(prompts)]
         write_prompts(model, adapter_name, prompts)
-        return torch.stack(prompts) if len(prompts) > 1 else prompts[0]
+        return (torch.stack(prompts) if len(prompts) > 1 else prompts[0]).clone()
 
     def save_as_posterior(
         self, names: Sequence[str], save_directory: Union[str, os.PathLike], task_type: Optional[str] = None
@@ -369,8 +376,7 @@ class PromptLibrary:
             "base_model": self.base_model_record,
             "entries": [entry.metadata() for entry in self],
         }
-        with open(os.path.join(save_directory, LIBRARY_CONFIG_NAME), "w", encoding="utf-8") as file:
-            json.dump(record, file, indent=1)
+        save_json(record, os.path.join(save_directory, LIBRARY_CONFIG_NAME))
         self._model_card().save(os.path.join(save_directory, "README.md"))
 
     def _model_card(self) -> ModelCard:
@@ -398,8 +404,16 @@ class PromptLibrary:
     def from_pretrained(cls, location: Union[str, os.PathLike], revision: Optional[str] = None) -> PromptLibrary:
         """Load a library from a folder `save_pretrained` wrote or a Hub repo id (at `revision`)."""
         location = os.fspath(location)
-        with open(_library_file(location, LIBRARY_CONFIG_NAME, revision), encoding="utf-8") as file:
-            record = json.load(file)
+        if not os.path.isdir(location):
+            revision = _pinned_revision(location, revision)  # both files from one commit, even if a push lands between
+        try:
+            with open(_library_file(location, LIBRARY_CONFIG_NAME, revision), encoding="utf-8") as file:
+                record = json.load(file)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"The library at {location!r} is damaged: {LIBRARY_CONFIG_NAME} is not valid JSON ({exc}). Save it "
+                "again with save_pretrained."
+            ) from exc
         if record.get("format") != LIBRARY_FORMAT:
             raise ValueError(
                 f"{location!r} holds a {LIBRARY_CONFIG_NAME} that is not a prompt library's (format "
@@ -411,7 +425,13 @@ class PromptLibrary:
                 f"{PACKAGE_NAME} {record.get('package', {}).get('version')}; this version reads format "
                 f"{LIBRARY_FORMAT_VERSION}. Upgrade: pip install -U {PACKAGE_NAME}."
             )
-        prompts = load_file(_library_file(location, LIBRARY_WEIGHTS_NAME, revision))
+        try:
+            prompts = load_file(_library_file(location, LIBRARY_WEIGHTS_NAME, revision))
+        except SafetensorError as exc:
+            raise ValueError(
+                f"The library at {location!r} is damaged: {LIBRARY_WEIGHTS_NAME} cannot be read ({exc}). Save it "
+                "again with save_pretrained."
+            ) from exc
         named = {entry["name"] for entry in record["entries"]}
         if named != set(prompts):
             raise ValueError(
@@ -441,7 +461,9 @@ class PromptLibrary:
         """Upload the library (what `save_pretrained` writes) to a Hub model repo, created if missing, in one
         commit. Returns the commit's URL."""
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # the namespace filled in
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
             operations = [
@@ -452,6 +474,15 @@ class PromptLibrary:
                 repo_id, operations, commit_message=commit_message, revision=revision, repo_type="model"
             )
         return str(commit)
+
+
+def _pinned_revision(repo_id: str, revision: Optional[str]) -> Optional[str]:
+    """The commit a Hub revision points at now; the revision itself when the Hub cannot be asked (offline, with the
+    files cached: they then come from one download anyway)."""
+    try:
+        return HfApi().model_info(repo_id, revision=revision).sha or revision
+    except Exception:  # offline, unknown repo: `_library_file` says what is missing
+        return revision
 
 
 def _library_file(location: str, filename: str, revision: Optional[str]) -> str:

@@ -3,9 +3,9 @@
 This is SPoT's choice of a source prompt without training (the lowest loss before the first step). Every prompt is
 scored through this package's own forward: a residual adapter in inference mode holds nothing but a fixed prompt,
 so a scorer is one such adapter over the model's base model, its prompt replaced by each candidate in turn. On a
-decoder-only model that forward runs the prompt once per batch and shares its keys and values with the rows
-(`shared_prefix`, docs/guides/shared-prefix.md), so scoring N prompts on K examples costs about N·K forward passes
-of the examples alone.
+decoder-only model that forward runs the prompt once per batch and shares its keys and values with the rows where
+that pays (`shared_prefix="auto"`: at batch 8, prompts of 19 tokens or more; docs/guides/shared-prefix.md), so
+scoring N prompts on K examples costs about N·K forward passes of the examples alone.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import torch
 from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 from tqdm.auto import tqdm
 
+from .._compat import enum_value
 from ..residual import ResidualPromptConfig
+from .fingerprint import base_model_of
 
 SCORER_ADAPTER = "prompt_library_scorer"
 SCORED_TASK_TYPES = {"CAUSAL_LM": PeftModelForCausalLM, "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM}
@@ -27,26 +29,25 @@ SCORED_TASK_TYPES = {"CAUSAL_LM": PeftModelForCausalLM, "SEQ_2_SEQ_LM": PeftMode
 def task_type_of(model: torch.nn.Module) -> str:
     """`CAUSAL_LM` or `SEQ_2_SEQ_LM` for a language model (or a `PeftModel` around one); a clear error otherwise."""
     peft_config = getattr(model, "peft_config", None)
+    base = base_model_of(model)
     if isinstance(peft_config, Mapping) and getattr(model, "active_adapter", None) in peft_config:
-        task_type = getattr(peft_config[model.active_adapter].task_type, "value", None)
-        task_type = task_type or peft_config[model.active_adapter].task_type
-    else:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        task_type = enum_value(peft_config[model.active_adapter].task_type)
+    elif base.can_generate():
         task_type = "SEQ_2_SEQ_LM" if getattr(base.config, "is_encoder_decoder", False) else "CAUSAL_LM"
-        if not hasattr(base, "get_output_embeddings") or base.get_output_embeddings() is None:
-            task_type = None
+    else:
+        task_type = type(base).__name__
     if task_type not in SCORED_TASK_TYPES:
         raise ValueError(
             f"rank scores a prompt by the frozen model's loss on the labels, which needs a causal or seq2seq language "
-            f"model; this one is a {task_type or type(model).__name__} model. A sequence classifier's head is new, so "
-            "its loss before training says nothing about how well a source prompt fits: rank with the language "
-            "model the classifier is built on and the task phrased as text (a template and label words), then "
-            "initialize the classifier's prompt from the winner."
+            f"model; this one is a {task_type} model. A sequence classifier's head is new, so its loss before "
+            "training says nothing about how well a source prompt fits: rank with the language model the classifier "
+            "is built on and the task phrased as text (a template and label words), then initialize the "
+            "classifier's prompt from the winner."
         )
     return task_type
 
 
-def _rows(examples: Any) -> list[dict[str, list[int]]]:
+def _rows(examples: Any, causal: bool) -> list[dict[str, list[int]]]:
     """The examples as lists of token ids, checked: `input_ids` and `labels` (and optionally `attention_mask`)."""
     rows = []
     for index, example in enumerate(examples):
@@ -67,6 +68,11 @@ def _rows(examples: Any) -> list[dict[str, list[int]]]:
         }
         if not any(label != -100 for label in row["labels"]):
             raise ValueError(f"Example {index} has no label token to score (every label is -100).")
+        if causal and len(row["labels"]) != len(row["input_ids"]):
+            raise ValueError(
+                f"Example {index} has {len(row['input_ids'])} input_ids but {len(row['labels'])} labels; a causal LM's "
+                "labels are aligned with its input_ids (the tokens to score, -100 elsewhere)."
+            )
         rows.append(row)
     if not rows:
         raise ValueError("rank needs at least one example.")
@@ -101,9 +107,10 @@ class PromptScorer:
 
     def __init__(self, model: torch.nn.Module, examples: Any, batch_size: int = 8):
         self.task_type = task_type_of(model)
-        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.base = base_model_of(model)
         pad = getattr(self.base.config, "pad_token_id", None)
-        self.batches = _batches(_rows(examples), batch_size, pad if isinstance(pad, int) else 0)
+        rows = _rows(examples, causal=self.task_type == "CAUSAL_LM")
+        self.batches = _batches(rows, batch_size, pad if isinstance(pad, int) else 0)
         self._scorers: dict[int, torch.nn.Module] = {}
 
     def _scorer(self, num_virtual_tokens: int) -> torch.nn.Module:
@@ -111,24 +118,33 @@ class PromptScorer:
             config = ResidualPromptConfig(
                 task_type=self.task_type, num_virtual_tokens=num_virtual_tokens, inference_mode=True
             )
+            # under gradient checkpointing peft's constructor hooks the input embeddings to require gradients; the
+            # user's model has its own such hook, and the scorer needs none
+            embeddings = self.base.get_input_embeddings()
+            hooks, require_grads_hook = set(embeddings._forward_hooks), getattr(self.base, "_require_grads_hook", None)
             with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
                 warnings.simplefilter("ignore", FutureWarning)
                 self._scorers[num_virtual_tokens] = SCORED_TASK_TYPES[self.task_type](
                     self.base, config, adapter_name=SCORER_ADAPTER
                 )
+            for key in set(embeddings._forward_hooks) - hooks:
+                del embeddings._forward_hooks[key]
+            if require_grads_hook is not None:
+                self.base._require_grads_hook = require_grads_hook
         return self._scorers[num_virtual_tokens]
 
     def score_all(self, prompts: Mapping[str, torch.Tensor], progress: bool = True) -> dict[str, float]:
         """The score of each prompt (lower fits better), with a progress bar over prompts x batches."""
         flags = {name: p.requires_grad for name, p in self.base.named_parameters()}
-        was_training = self.base.training
+        modes = {name: module.training for name, module in self.base.named_modules()}
         try:
             with tqdm(total=len(prompts) * len(self.batches), desc="ranking prompts", disable=not progress) as bar:
                 return {name: self._score(prompt, bar) for name, prompt in prompts.items()}
         finally:
             for name, parameter in self.base.named_parameters():
                 parameter.requires_grad_(flags[name])
-            self.base.train(was_training)
+            for name, module in self.base.named_modules():
+                module.training = modes[name]
 
     @torch.no_grad()
     def _score(self, prompt: torch.Tensor, bar: tqdm) -> float:
@@ -144,10 +160,8 @@ class PromptScorer:
                 logits = scorer(**batch).logits[:, prompt.shape[0] - 1 : -1]  # position t predicts token t
             else:
                 logits = scorer(**batch, labels=labels).logits
-            losses = torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-            )
-            total += losses.item()
-            count += int((labels != -100).sum())
+            scored = labels != -100  # only the label positions go to float32, not the whole vocabulary everywhere
+            total += torch.nn.functional.cross_entropy(logits[scored].float(), labels[scored], reduction="sum").item()
+            count += int(scored.sum())
             bar.update()
         return total / count

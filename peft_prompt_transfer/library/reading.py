@@ -21,7 +21,8 @@ import torch
 from peft import PeftConfig, PeftModel
 from peft.utils import load_peft_weights
 
-from .._compat import encoder_class, is_ours
+from .._compat import encoder_class, enum_value, is_ours
+from ..base import gathered_parameters
 
 PROMPT_TUNING = "PROMPT_TUNING"
 ACCEPTED = "peft PROMPT_TUNING adapters (export_prompt_tuning writes them too) and this package's adapters"
@@ -37,13 +38,9 @@ class NamedPrompt:
     origin: dict[str, Any] = field(default_factory=dict)
 
 
-def _value(enum_or_str: Any) -> Optional[str]:
-    return getattr(enum_or_str, "value", enum_or_str)
-
-
 def _encoder_prompts(name: str, encoder: torch.nn.Module, config: PeftConfig, origin: dict) -> Iterator[NamedPrompt]:
     """The prompts of one of this package's encoders (see the module)."""
-    task_type, peft_type = _value(config.task_type), _value(config.peft_type)
+    task_type, peft_type = enum_value(config.task_type), enum_value(config.peft_type)
     origin = dict(origin, peft_type=peft_type)
     with torch.no_grad():
         if peft_type == "COMPT":
@@ -54,16 +51,19 @@ def _encoder_prompts(name: str, encoder: torch.nn.Module, config: PeftConfig, or
         elif peft_type == "BAYESIAN_PROMPT_TUNING" and config.stage == "source":
             for index, particle in enumerate(encoder.particles):
                 yield NamedPrompt(
-                    f"{name}/particle-{index}", particle.detach().float().cpu(), task_type, dict(origin, particle=index)
+                    f"{name}/particle-{index}",
+                    particle.detach().float().cpu().clone(),
+                    task_type,
+                    dict(origin, particle=index),
                 )
         else:
             yield NamedPrompt(name, encoder.inference_prompt().float().cpu(), task_type, origin)
 
 
 def _check_prompt_tuning(name: str, config: PeftConfig) -> None:
-    if _value(config.peft_type) != PROMPT_TUNING and not is_ours(config):
+    if enum_value(config.peft_type) != PROMPT_TUNING and not is_ours(config):
         raise ValueError(
-            f"Adapter {name!r} is a {_value(config.peft_type)} adapter; a prompt library takes {ACCEPTED}. Export "
+            f"Adapter {name!r} is a {enum_value(config.peft_type)} adapter; a prompt library takes {ACCEPTED}. Export "
             "a prompt another method makes as a PROMPT_TUNING adapter first, or leave it out."
         )
     if (config.num_transformer_submodules or 1) != 1:
@@ -81,11 +81,13 @@ def live_adapter_prompts(name: str, model: PeftModel, adapter_name: Optional[str
     _check_prompt_tuning(name, config)
     origin = {"source": f"PeftModel adapter {adapter_name!r}"}
     encoder = model.prompt_encoder[adapter_name]
-    if is_ours(config):
-        yield from _encoder_prompts(name, encoder, config, origin)
-    else:
-        prompt = encoder.embedding.weight.detach().float().cpu().clone()
-        yield NamedPrompt(name, prompt, _value(config.task_type), dict(origin, peft_type=PROMPT_TUNING))
+    with gathered_parameters(encoder):  # whole prompts also under FSDP2 (every rank must build the library)
+        if is_ours(config):
+            prompts = list(_encoder_prompts(name, encoder, config, origin))
+        else:
+            prompt = encoder.embedding.weight.detach().float().cpu().clone()
+            prompts = [NamedPrompt(name, prompt, enum_value(config.task_type), dict(origin, peft_type=PROMPT_TUNING))]
+    yield from prompts
 
 
 def saved_adapter_prompts(
@@ -103,10 +105,14 @@ def saved_adapter_prompts(
     try:
         config = PeftConfig.from_pretrained(location, **hub)
     except Exception as exc:
+        where = (
+            "the folder holds no readable adapter_config.json"
+            if os.path.isdir(location)
+            else "it is not a folder, and no Hub repo of that name could be read"
+        )
         raise FileNotFoundError(
-            f"Cannot read the adapter {name!r} from {location!r}: it is not a folder holding adapter_config.json, "
-            f"and no Hub repo of that name could be read ({type(exc).__name__}: {exc}). Pass the folder "
-            "save_pretrained wrote, a reachable Hub repo id, or the PeftModel itself."
+            f"Cannot read the adapter {name!r} from {location!r}: {where} ({type(exc).__name__}: {exc}). Pass the "
+            "folder save_pretrained wrote, a reachable Hub repo id, or the PeftModel itself."
         ) from exc
     _check_prompt_tuning(name, config)
     weights = load_peft_weights(location, device="cpu", **hub)
@@ -118,7 +124,7 @@ def saved_adapter_prompts(
                 f"{sorted(weights)[:8]}); the file is damaged. Save it again with save_pretrained."
             )
         prompt = weights["prompt_embeddings"].float()
-        yield NamedPrompt(name, prompt, _value(config.task_type), dict(origin, peft_type=PROMPT_TUNING))
+        yield NamedPrompt(name, prompt, enum_value(config.task_type), dict(origin, peft_type=PROMPT_TUNING))
         return
     config.inference_mode = True  # the saved prompts are all that is needed; no posterior, no prompt MLP
     encoder = encoder_class(config)(config, word_embeddings)
@@ -137,7 +143,7 @@ def current_prompt(model: torch.nn.Module, task: Optional[Union[int, str]] = Non
     config = model.peft_config[model.active_adapter]
     _check_prompt_tuning("the model's own", config)
     encoder = model.prompt_encoder[model.active_adapter]
-    with torch.no_grad():
+    with torch.no_grad(), gathered_parameters(encoder):
         if is_ours(config):
-            return encoder.inference_prompt(task).detach().float().cpu()
+            return encoder.inference_prompt(task).detach().float().cpu().clone()
         return encoder.embedding.weight.detach().float().cpu().clone()
