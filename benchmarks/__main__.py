@@ -36,6 +36,7 @@ STUDIES = {
     "prompt-steps": "benchmarks.studies.prompt_steps",
     "svgd-assignment": "benchmarks.studies.svgd_assignment",
     "transfer-inits": "benchmarks.studies.transfer_inits",
+    "shared-prefix-reproduction": "benchmarks.studies.shared_prefix_reproduction",
 }
 
 

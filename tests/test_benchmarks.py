@@ -589,3 +589,14 @@ def test_the_shared_prefix_grid_parses_cells_and_states_the_token_bound():
 def test_an_unknown_study_is_refused_with_the_names_there_are(capsys):
     assert main(["study", "nope"]) == 2
     assert "transfer-inits" in capsys.readouterr().err
+
+
+def test_the_reproduction_study_finds_its_recorded_runs_and_compares_loss_curves():
+    from benchmarks.studies import shared_prefix_reproduction as study
+
+    for method, task, lr in study.DEFAULT_RUNS:
+        record = study.recorded_run(method, task, lr)
+        assert record["losses"] and record["metric"] > 0
+    assert study.max_relative_difference([1.0, 2.2], [1.0, 2.0]) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="No recorded SmolLM2 run of residual on mr"):
+        study.recorded_run("residual", "mr", 0.01)
