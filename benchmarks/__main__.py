@@ -8,7 +8,7 @@
     python -m benchmarks cost svgd-scaling [...] # SVGD source-stage step time vs the number of particles
     python -m benchmarks cost shared-prefix [...] # the shared prefix's step time against concatenation, on a grid
     python -m benchmarks study NAME [...]        # a one-off measurement behind the docs: prompt-steps,
-                                                 # svgd-assignment or transfer-inits
+                                                 # svgd-assignment, transfer-inits or shared-prefix-reproduction
 
 Each finished run appends one JSON record to `<results-dir>/<suite>/runs.jsonl` (method, model, tasks, seed,
 hyperparameters, metrics, times, package versions). A killed suite continues where it stopped: runs that already
