@@ -30,6 +30,7 @@ from benchmarks.core.specs import (
     RunSpec,
     SourceSpec,
 )
+from benchmarks.core.tasks import TASKS
 from benchmarks.core.training import prompt_and_head_optimizer
 
 # (backbone, spec, base model, encoded training set) -> (the model to train, details recorded with the run)
@@ -125,9 +126,11 @@ LIBRARY_TOP_K = 3
 
 
 def prompt_library(backbone: Backbone, spec: RunSpec, base: torch.nn.Module) -> ppt.PromptLibrary:
-    """The library of the run's source prompts: one entry per source task of its prompt tuning source stage."""
+    """The library of the run's source prompts: one entry per source task of its prompt tuning source stage, with
+    the template and label words it was trained with."""
     folder = ensure_source(backbone, spec.source("prompt_tuning"))
-    return ppt.PromptLibrary.from_adapters(base, {task: folder / task for task in spec.sources})
+    phrasing = {t: {"template": TASKS[t].template, "label_words": list(TASKS[t].label_words)} for t in spec.sources}
+    return ppt.PromptLibrary.from_adapters(base, {t: folder / t for t in spec.sources}, metadata=phrasing)
 
 
 def ranked_entries(library: ppt.PromptLibrary, model, train_set, **rank_options) -> tuple[list[str], dict]:
