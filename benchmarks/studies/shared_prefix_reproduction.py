@@ -9,7 +9,8 @@ transformers 5.24.0; a reproduction on another release may differ from the recor
 the two paths are compared with each other on the same release.
 
 The training times are paired ratios of the two paths on the same machine and load, and are set against the
-recorded time (measured by a suite worker sharing 2 cores with another).
+recorded time (measured by a suite worker sharing 2 cores with another). The study resumes: runs already in
+`--output` are kept, and each new one is recorded with its command, threads and versions.
 
     python -m benchmarks study shared-prefix-reproduction --output benchmarks/results/shared_prefix_reproduction.json
 """
@@ -78,6 +79,31 @@ def max_relative_difference(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
+def first_batch_difference(spec: RunSpec, backbone: Backbone) -> dict:
+    """The relative differences of the loss and of the prompt's gradient on the first 8 training examples, shared
+    against concatenated, before any step: the paths' exactness on the real model, apart from training's dynamics."""
+    train_split, _ = runner.training_data(spec.tasks[0], spec)
+    train_set = backbone.encode(train_split, spec.tasks[0], train=True)
+    batch = backbone.collator()([train_set[i] for i in range(spec.batch_size)])
+    found = {}
+    for mode in ("off", "on"):
+        original = METHODS[spec.method]
+        with_shared_prefix(spec.method, mode)
+        try:
+            model, _ = runner.build_model(backbone, spec, train_set)
+        finally:
+            METHODS[spec.method] = original
+        loss = model(**batch).loss
+        loss.backward()
+        gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        found[mode] = (loss.detach(), gradient)
+    (loss_on, grad_on), (loss_off, grad_off) = found["on"], found["off"]
+    return {
+        "loss": ((loss_on - loss_off).abs() / loss_off.abs()).item(),
+        "gradient": ((grad_on - grad_off).norm() / grad_off.norm()).item(),
+    }
+
+
 def reproduce(method: str, task: str, lr: float, backbone: Backbone) -> dict:
     record = recorded_run(method, task, lr)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(record["key"]).items()}
@@ -103,6 +129,7 @@ def reproduce(method: str, task: str, lr: float, backbone: Backbone) -> dict:
         "on_vs_off_losses": max_relative_difference(on["losses"], off["losses"]),
         "off_vs_recorded_losses": max_relative_difference(off["losses"], record["losses"]),
         "on_vs_recorded_losses": max_relative_difference(on["losses"], record["losses"]),
+        "first_batch": first_batch_difference(spec, backbone),
         "on_over_off_seconds": on["train_seconds"] / off["train_seconds"],
         "on_over_recorded_seconds": on["train_seconds"] / record["train_seconds"],
     }
@@ -110,13 +137,16 @@ def reproduce(method: str, task: str, lr: float, backbone: Backbone) -> dict:
 
 def table(report: dict) -> str:
     lines = [
-        "| run | losses: on vs off | off vs recorded | test: recorded / off / on | dev: recorded / off / on | "
-        "train s: on / off (recorded) |",
-        "|---|---:|---:|---|---|---|",
+        "| run | first batch: loss, gradient, on vs off | losses: on vs off | off vs recorded | "
+        "test: recorded / off / on | dev: recorded / off / on | train s: on / off (recorded) |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
     for r in report["results"]:
+        first = r.get("first_batch", {})
         lines.append(
-            f"| {r['method']} {r['task']} lr {r['lr']:g} | {r['on_vs_off_losses']:.1e} | "
+            f"| {r['method']} {r['task']} lr {r['lr']:g} | "
+            f"{first.get('loss', float('nan')):.1e}, {first.get('gradient', float('nan')):.1e} | "
+            f"{r['on_vs_off_losses']:.1e} | "
             f"{r['off_vs_recorded_losses']:.1e} | "
             f"{r['recorded']['metric']:.3f} / {r['off']['metric']:.3f} / {r['on']['metric']:.3f} | "
             f"{r['recorded']['dev_metric']:.3f} / {r['off']['dev_metric']:.3f} / {r['on']['dev_metric']:.3f} | "
@@ -136,16 +166,28 @@ def main(argv=None) -> dict:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # resumable: runs already in the output are kept, the others run and are added
+    output = Path(args.output)
+    earlier = json.loads(output.read_text()) if output.exists() else {"results": []}
+    results = [  # a report of the first format gave every run the command, threads and versions of the report
+        {key: earlier[key] for key in ("command", "threads", "versions") if key in earlier} | result
+        for result in earlier["results"]
+    ]
+    done = {(r["method"], r["task"], r["lr"]) for r in results}
+    command = "python -m benchmarks study shared-prefix-reproduction " + " ".join(argv or [])
     backbone = Backbone.load("smollm2")
-    results = []
+    report = {"results": results}
+    for result in results:  # runs measured before the first-batch comparison existed get it now
+        if "first_batch" not in result:
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(result["key"]).items()}
+            result["first_batch"] = first_batch_difference(RunSpec(**fields), backbone)
+            write_report(report, args.output, table)
     for run in args.runs:
         method, task, lr = run.split(":")
-        results.append(reproduce(method, task, float(lr), backbone))
-        report = {
-            "command": "python -m benchmarks study shared-prefix-reproduction " + " ".join(argv or []),
-            "threads": args.threads,
-            "versions": versions(),
-            "results": results,
-        }
+        if (method, task, float(lr)) in done:
+            continue
+        result = reproduce(method, task, float(lr), backbone)
+        results.append({**result, "command": command, "threads": args.threads, "versions": versions()})
+        report = {"results": results}
         write_report(report, args.output, table)  # after each run: a killed study keeps what it measured
     return report
