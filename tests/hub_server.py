@@ -187,7 +187,9 @@ def _client(spec_path: str) -> None:
       fields starts from this prompt, which is also its regulariser's anchor; or
     - `target_config` and `expected_error`: building it raises FileNotFoundError matching this regex; or
     - `library`, `revision` and `expected_prompts`: PromptLibrary.from_pretrained(library, revision=revision) holds
-      these entries (name -> prompt), in this order, and ranks them on `examples` as `expected_ranking` says.
+      these entries (name -> prompt), in this order, and ranks them on `examples` as `expected_ranking` says; or
+    - `library_adapters`, `revision` and `expected_prompts`: PromptLibrary.from_adapters(base, library_adapters,
+      revision=revision) (entry name -> Hub repo id) holds these entries.
     """
     import re
 
@@ -199,7 +201,13 @@ def _client(spec_path: str) -> None:
 
     for check in torch.load(spec_path):
         base = getattr(transformers, check["auto_class"]).from_pretrained(check["base"]).eval()
-        if "library" in check:
+        if "library_adapters" in check:
+            library = PromptLibrary.from_adapters(base, check["library_adapters"], revision=check["revision"])
+            assert library.names == list(check["expected_prompts"]), f"{check['name']}: {library.names}"
+            for name, prompt in check["expected_prompts"].items():
+                torch.testing.assert_close(library[name].prompt, prompt, rtol=0, atol=1e-6)
+                assert library[name].origin["source"] == check["library_adapters"][name]
+        elif "library" in check:
             library = PromptLibrary.from_pretrained(check["library"], revision=check["revision"])
             assert library.names == list(check["expected_prompts"]), f"{check['name']}: {library.names}"
             for name, prompt in check["expected_prompts"].items():

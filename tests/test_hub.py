@@ -296,6 +296,31 @@ def test_prompt_library_from_the_hub_at_each_revision(hub, tmp_path):
     )
 
 
+def test_prompt_library_from_adapters_on_the_hub_at_a_revision(hub, tmp_path):
+    """from_adapters reads a residual adapter from a Hub repo id at the revision asked for: its folded prompt."""
+    tiny = TINY_MODELS["gpt2"]
+    prompts = []
+
+    def make_model(version):
+        model = get_peft_model(
+            tiny.saved(tmp_path),
+            ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, bottleneck_size=16),
+        )
+        prompts.append(model.prompt_encoder["default"].inference_prompt())
+        return model
+
+    folders, _ = save_versions(tmp_path, "residual-library", make_model, inputs_for(tiny))
+    hub.publish("org/residual-library", folders)
+    check = dict(client_base(tiny, tmp_path), library_adapters={"res": "org/residual-library"})
+    hub.check(
+        [
+            dict(check, name="library from the adapter at v1", revision="v1", expected_prompts={"res": prompts[0]}),
+            dict(check, name="library from the adapter at main", revision=None, expected_prompts={"res": prompts[1]}),
+        ],
+        tmp_path,
+    )
+
+
 def test_prompt_library_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
     _, folders, _ = library_versions(tmp_path)
     library = PromptLibrary.from_pretrained(folders[0])
