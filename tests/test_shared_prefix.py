@@ -309,7 +309,7 @@ def _embeds_calls(model) -> list[int]:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral", "gemma2"])
+@pytest.mark.parametrize("arch", sorted(DECODERS))
 def test_generate_prefills_once_per_distinct_prompt_with_the_concatenated_tokens(arch, method):
     """Greedy, beam search and sampling, batched and left-padded: the same tokens (and beam scores) with the prompt
     shared at prefill as concatenated; the shared prefill runs the distinct prompts, then the rows (and beams)."""
