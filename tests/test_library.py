@@ -505,3 +505,16 @@ def test_metadata_goes_to_the_adapters_entries_and_an_entrys_own_wins(tmp_path):
         PromptLibrary.from_adapters(tiny.saved(tmp_path), {"compt": compt}, metadata={"compt": {"labels": [1]}})
     with pytest.raises(ValueError, match=r"metadata names \['other'\], which are neither adapters"):
         PromptLibrary.from_adapters(tiny.saved(tmp_path), {"compt": compt}, metadata={"other": {"template": "x"}})
+
+
+def test_prompt_gives_an_entry_or_the_rescaled_mean_fitted_to_a_length(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    library.add("a", torch.randn(3, 32, generator=g))
+    library.add("b", 2 * torch.randn(3, 32, generator=g))
+    assert torch.equal(library.prompt("a"), library["a"].prompt)
+    assert torch.equal(library.prompt("a", num_virtual_tokens=5), torch.cat([library["a"].prompt] * 2)[:5])
+    mean = library.prompt(["a", "b"])
+    expected_norm = torch.stack([library["a"].prompt, library["b"].prompt]).norm(dim=-1).mean()
+    assert mean.norm(dim=-1).mean() == pytest.approx(expected_norm.item(), rel=1e-5)
