@@ -584,6 +584,35 @@ def test_the_shared_prefix_grid_parses_cells_and_states_the_token_bound():
     assert token_bound(1, 100, 64, 8) == pytest.approx((100 + 512) / (8 * 164))
     assert [distinct_prompts(m, 8) for m in ("RESIDUAL_PROMPT_TUNING", "COMPT", "BAYESIAN_PROMPT_TUNING")] == [1, 2, 4]
     assert distinct_prompts("BAYESIAN_PROMPT_TUNING", 2) == 2
+    # in evaluation a Bayesian source runs its posterior mean: one prompt
+    assert distinct_prompts("BAYESIAN_PROMPT_TUNING", 8, training=False) == 1
+
+
+def test_the_shared_prefix_grid_keeps_each_measure_apart_and_resumes_its_cells(monkeypatch, tmp_path):
+    from benchmarks.cost import shared_prefix
+
+    measured = []
+
+    def fake_cell(args, num_virtual_tokens, length, batch_size):
+        measured.append((args.measure, num_virtual_tokens, length, batch_size))
+        return [
+            {"method": m, "num_virtual_tokens": num_virtual_tokens, "seq_len": length, "batch_size": batch_size}
+            for m in args.methods
+        ]
+
+    monkeypatch.setattr(shared_prefix, "MEASURE_CELLS", {m: fake_cell for m in shared_prefix.MEASURE_CELLS})
+    monkeypatch.setattr(shared_prefix, "_show", lambda measure, record: "")
+    output = tmp_path / "shared_prefix.json"
+    common = ["--methods", "RESIDUAL_PROMPT_TUNING", "--output", str(output)]
+    shared_prefix.main(["--cells", "10,64,8", *common])
+    shared_prefix.main(["--measure", "scoring", "--cells", "10,64,8", "20,64,8", *common])
+    # an interrupted grid run again measures only the cells it lacks, and other measures' records stay
+    shared_prefix.main(["--cells", "10,64,8", "100,64,8", *common])
+    assert measured == [("step", 10, 64, 8), ("scoring", 10, 64, 8), ("scoring", 20, 64, 8), ("step", 100, 64, 8)]
+    saved = json.loads(output.read_text())
+    assert [r["num_virtual_tokens"] for r in saved["records"]] == [10, 100]
+    assert [r["num_virtual_tokens"] for r in saved["scoring"]] == [10, 20]
+    assert saved["scoring"][0]["command"].startswith("python -m benchmarks cost shared-prefix --measure scoring")
 
 
 def test_an_unknown_study_is_refused_with_the_names_there_are(capsys):

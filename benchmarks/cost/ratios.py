@@ -12,7 +12,7 @@ stage, whose step includes the SVGD gradient transform).
   `PeftModel.from_pretrained`, and its export to plain PROMPT_TUNING, which should be 1.00x) is timed the same way.
 - **Peak training memory** is measured in a separate process per method, so that the peak is its own: on CUDA
   `torch.cuda.max_memory_allocated`, on CPU the growth of the process's peak resident set size (ru_maxrss) over
-  its size after the model is loaded.
+  its size after the model is loaded and its weights read (they are memory-mapped: a first read pages them in).
 
 `--model minilm` times sequence classification (all-MiniLM-L6-v2), `--model smollm2` a causal LM (SmolLM2-135M,
 language-modelling loss over the whole sequence).
@@ -137,13 +137,18 @@ def training(method: str, args, config=None):
     return model, train_step
 
 
-def measure_memory(method: str, args) -> dict:
-    """Run in a fresh process: the peak memory of training one method."""
+def measure_memory(method: str, args, config=None) -> dict:
+    """Run in a fresh process: the peak memory of training one method (`config` as for `training`)."""
     import torch
 
     torch.set_num_threads(args.threads)
     device = _device(args)
-    model, train_step = training(method, args)
+    model, train_step = training(method, args, config)
+    # the weights are memory-mapped from their file and paged in when first read: read them all now, so that the
+    # growth below is the training step's and not the model's size (which would dilute every ratio towards 1)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
     rss_before = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -154,7 +159,12 @@ def measure_memory(method: str, args) -> dict:
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
-    return {"method": method, "trainable_params": model.get_nb_trainable_parameters()[0], "peak_training_mb": peak_mb}
+    return {
+        "method": method,
+        "trainable_params": model.get_nb_trainable_parameters()[0],
+        "peak_training_mb": peak_mb,
+        "vocab_size": model.config.vocab_size,
+    }
 
 
 def interleaved_seconds(calls: dict, rounds: int, warmup: int) -> dict:

@@ -22,3 +22,83 @@ def svgd_scaling_table(report: dict) -> str:
             f"{replicated['median_s'] * 1e3:.1f} | {replicated['ratio_to_prompt_tuning']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def _interval(ratio: dict) -> str:
+    return f"{ratio['median']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"
+
+
+def _by_cell(records: list) -> list:
+    """Records in grid order: P, then L, then B, then the method as measured."""
+    return sorted(records, key=lambda r: (r["num_virtual_tokens"], r["seq_len"], r["batch_size"]))
+
+
+def shared_prefix_tables(report: dict) -> list[str]:
+    """The shared-prefix grid (`shared_prefix.json`) as Markdown sections: training step, peak memory, scoring and
+    `generate`, each measure that has records, with the commands that measured them."""
+    sections = {
+        "records": (
+            "Training step (forward, backward, AdamW step) of each method with its prompt shared and concatenated, "
+            "next to peft PROMPT_TUNING with the same prompt length: the median over interleaved rounds of the paired "
+            'ratio, with its 95% bootstrap interval; "positions" is the token bound (U·P + B·L) / (B·(P+L)).',
+            "| P | L | B | method | positions | shared / concatenated | shared / PROMPT_TUNING | concatenated / PROMPT_TUNING |",
+            lambda r: [
+                f"{r['token_bound']:.2f}",
+                _interval(r["shared_over_concatenated"]),
+                _interval(r["shared_over_prompt_tuning"]),
+                _interval(r["concatenated_over_prompt_tuning"]),
+            ],
+        ),
+        "memory": (
+            "Peak training memory (each model in a fresh process: the growth of the peak resident set over the size "
+            "after loading and reading the weights, on CPU), and the logits' share of it: the forward returns B·(P+L) rows of the vocabulary "
+            "in float32 on either path.",
+            "| P | L | B | method | positions | shared MB | concatenated MB | PROMPT_TUNING MB | shared / concatenated | shared / PROMPT_TUNING | logits MB (share of shared, concatenated) |",
+            lambda r: [
+                f"{r['token_bound']:.2f}",
+                f"{r['shared_mb']:.0f}",
+                f"{r['concatenated_mb']:.0f}",
+                f"{r['prompt_tuning_mb']:.0f}",
+                f"{r['shared_over_concatenated']:.2f}",
+                f"{r['shared_over_prompt_tuning']:.2f}",
+                f"{r['logits_mb']:.0f} ({r['logits_mb'] / r['shared_mb']:.2f}, {r['logits_mb'] / r['concatenated_mb']:.2f})",
+            ],
+        ),
+        "scoring": (
+            "Scoring: an evaluation forward with labels and without gradients, shared and concatenated, and the "
+            "`export_kv_prefix` adapter loaded in stock peft (PREFIX_TUNING: only the input's positions run; its bound "
+            "is L / (P+L)), against peft PROMPT_TUNING; medians of paired ratios over interleaved rounds [95% interval].",
+            "| P | L | B | method | positions | shared / concatenated | shared / PROMPT_TUNING | export bound | export / PROMPT_TUNING |",
+            lambda r: [
+                f"{r['token_bound']:.2f}",
+                _interval(r["shared_over_concatenated"]),
+                _interval(r["shared_over_prompt_tuning"]),
+                f"{r['exported_token_bound']:.2f}",
+                _interval(r["exported_over_prompt_tuning"]),
+            ],
+        ),
+        "generate": (
+            "`generate`: greedy, the prefill and 16 new tokens, shared and concatenated, against peft PROMPT_TUNING's "
+            "`generate`; the export where stock peft's prefix `generate` gives the shared path's tokens on these "
+            'versions ("wrong tokens" where it does not).',
+            "| P | L | B | method | prefill positions | shared / concatenated | shared / PROMPT_TUNING | export / PROMPT_TUNING |",
+            lambda r: [
+                f"{r['prefill_token_bound']:.2f}",
+                _interval(r["shared_over_concatenated"]),
+                _interval(r["shared_over_prompt_tuning"]),
+                _interval(r["exported_over_prompt_tuning"]) if r["exported_over_prompt_tuning"] else "wrong tokens",
+            ],
+        ),
+    }
+    lines = []
+    for key, (text, header, cells) in sections.items():
+        records = report.get(key)
+        if not records:
+            continue
+        lines += [text, "", *sorted({f"- `{r['command']}`" for r in records}), "", header]
+        lines.append("|" + "---:|" * 3 + "---|" + "---:|" * (header.count("|") - 5))
+        for r in _by_cell(records):
+            row = [str(r["num_virtual_tokens"]), str(r["seq_len"]), str(r["batch_size"]), r["method"], *cells(r)]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines

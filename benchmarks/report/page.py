@@ -11,7 +11,7 @@ from typing import Optional
 
 from benchmarks.core import selection
 from benchmarks.core.harness import load_records
-from benchmarks.cost.tables import svgd_scaling_table
+from benchmarks.cost.tables import shared_prefix_tables, svgd_scaling_table
 from benchmarks.report import causal, minilm
 from benchmarks.report.common import records_frame
 from benchmarks.suites.budgets import CausalBudget, suite_budget
@@ -69,27 +69,13 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
         lines.append("")
     shared_path = results_dir / "shared_prefix.json"
     if shared_path.exists():
-        shared = json.loads(shared_path.read_text())
         lines += [
-            "## The shared prefix: training-step time against concatenation",
+            "## The shared prefix: cost against concatenation and peft PROMPT_TUNING",
             "",
-            "SmolLM2-135M, one training step (forward, backward, AdamW step) of each method with its prompt shared and "
-            "concatenated, next to peft PROMPT_TUNING with the same prompt length: the median over interleaved rounds "
-            'of the paired ratio, with its 95% bootstrap interval; "positions" is the token bound (U·P + B·L) / '
-            "(B·(P+L)). Commands:",
+            "SmolLM2-135M, 2 CPU threads (`benchmarks/results/shared_prefix.json`).",
             "",
-            *sorted({f"- `{r['command']}`" for r in shared["records"]}),
-            "",
-            "| P | L | B | method | positions | shared / concatenated | shared / PROMPT_TUNING | concatenated / PROMPT_TUNING |",
-            "|---:|---:|---:|---|---:|---:|---:|---:|",
+            *shared_prefix_tables(json.loads(shared_path.read_text())),
         ]
-        for r in shared["records"]:
-            lines.append(
-                f"| {r['num_virtual_tokens']} | {r['seq_len']} | {r['batch_size']} | {r['method']} | "
-                f"{r['token_bound']:.2f} | {_ratio(r['shared_over_concatenated'])} | "
-                f"{_ratio(r['shared_over_prompt_tuning'])} | {_ratio(r['concatenated_over_prompt_tuning'])} |"
-            )
-        lines.append("")
     scaling_path = results_dir / "svgd_scaling.json"
     if scaling_path.exists():
         scaling = json.loads(scaling_path.read_text())
