@@ -11,7 +11,9 @@ import textwrap
 
 import pytest
 import torch
+import transformers
 from conftest import GENERATIVE_MODELS, TINY_MODELS, greedy_reference
+from packaging.version import Version
 from peft import PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma2Config
 
@@ -51,26 +53,27 @@ def decode(model, input_ids, mask):
     return out[:, -NEW_TOKENS:], generated[:, -NEW_TOKENS:]
 
 
-results = {}
+results, own_results = {}, {}
 for case in json.load(open("cases.json")):
     base = AutoModelForCausalLM.from_pretrained(case["base"]).eval()
     model = PeftModel.from_pretrained(base, case["adapter"]).eval()
     assert model.peft_config["default"].peft_type == "PREFIX_TUNING"
     expected = torch.load(case["expected"])
-    input_ids, mask = expected["input_ids"], expected["attention_mask"]
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
-    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
-    by_forward, generated = decode(model, input_ids, mask)
-    assert torch.equal(by_forward, expected["tokens"]), case["name"]
-    results[case["name"]] = torch.equal(generated, expected["tokens"])
-# peft's own PREFIX_TUNING on the same kind of model: does its generate give its own forward's greedy tokens?
-torch.manual_seed(0)
-own = get_peft_model(AutoModelForCausalLM.from_pretrained(case["base"]).eval(),
-                     PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-by_forward, generated = decode(own, input_ids, mask)
-print("PEFT_OWN", json.dumps(torch.equal(generated, by_forward)))
-print("RESULTS", json.dumps(results))
+    for padding in ("left", "none"):
+        input_ids, mask = expected[padding]["input_ids"], expected[padding]["attention_mask"]
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        torch.testing.assert_close(logits, expected[padding]["logits"], rtol=1e-5, atol=1e-5)
+        by_forward, generated = decode(model, input_ids, mask)
+        assert torch.equal(by_forward, expected[padding]["tokens"]), case["name"]
+        results[f"{case['name']}/{padding}"] = torch.equal(generated, expected[padding]["tokens"])
+        # peft's own PREFIX_TUNING on the same model and inputs: does its generate give its forward's greedy tokens?
+        torch.manual_seed(0)
+        own = get_peft_model(AutoModelForCausalLM.from_pretrained(case["base"]).eval(),
+                             PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+        by_forward, generated = decode(own, input_ids, mask)
+        own_results[f"{case['name']}/{padding}"] = torch.equal(generated, by_forward)
+print("RESULTS", json.dumps({"export": results, "peft_own": own_results}))
 """.replace("NEW_TOKENS", str(NEW_TOKENS))
 
 
@@ -89,15 +92,16 @@ def test_the_export_serves_the_plugins_logits_and_tokens_in_stock_peft(tmp_path)
             saved = json.loads((tmp_path / name / "adapter_config.json").read_text())
             assert saved["peft_type"] == "PREFIX_TUNING" and "peft_plugin" not in saved
             input_ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
-            attention_mask = torch.ones_like(input_ids)
-            attention_mask[0, :2] = 0  # left padding
-            with torch.no_grad():
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 4:]  # input positions
-            tokens = greedy_reference(model, {"input_ids": input_ids, "attention_mask": attention_mask}, NEW_TOKENS)
-            torch.save(
-                {"input_ids": input_ids, "attention_mask": attention_mask, "logits": logits, "tokens": tokens},
-                tmp_path / f"{name}.pt",
-            )
+            expected = {}
+            for padding in ("left", "none"):
+                attention_mask = torch.ones_like(input_ids)
+                if padding == "left":
+                    attention_mask[0, :2] = 0
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+                with torch.no_grad():
+                    logits = model(**inputs).logits[:, 4:]  # input positions
+                expected[padding] = {**inputs, "logits": logits, "tokens": greedy_reference(model, inputs, NEW_TOKENS)}
+            torch.save(expected, tmp_path / f"{name}.pt")
             base_path = os.path.join(str(tmp_path), f"base-{tiny.name}-32")
             cases.append({"name": name, "base": base_path, "adapter": str(tmp_path / name), "expected": f"{name}.pt"})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -113,11 +117,16 @@ def test_the_export_serves_the_plugins_logits_and_tokens_in_stock_peft(tmp_path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # the logits and the greedy tokens of stock peft's forward passes matched the plugin's for every case
-    generated_same = json.loads(result.stdout.split("RESULTS", 1)[1])
-    peft_own_consistent = json.loads(result.stdout.split("PEFT_OWN", 1)[1].split("RESULTS")[0])
-    # stock peft's prefix `generate` does not reproduce its own forward passes, for its own PREFIX_TUNING too (on
-    # peft 0.20.0 / transformers 5.17 and peft 0.21.2 / transformers 5.25): the export inherits that, no more
-    assert not peft_own_consistent and not all(generated_same.values()), (peft_own_consistent, generated_same)
+    generated = json.loads(result.stdout.split("RESULTS", 1)[1])
+    generated_same, peft_own = generated["export"], generated["peft_own"]
+    # where stock peft's prefix `generate` gives its own PREFIX_TUNING's forward tokens, it gives the export's the
+    # plugin's tokens: the export inherits peft's generate, no more
+    assert all(generated_same[case] for case, right in peft_own.items() if right), generated
+    if Version(transformers.__version__) >= Version("5.24"):
+        # peft's prefix `generate` loses the cache under transformers' new keyword: wrong for its own PREFIX_TUNING
+        assert not any(peft_own.values()), generated
+    else:  # right without padding, as the docs say (left padding shifts its positions)
+        assert all(right for case, right in peft_own.items() if case.endswith("/none")), generated
 
 
 def test_export_kv_prefix_refuses_what_a_prefix_cannot_hold(tmp_path):
