@@ -80,7 +80,9 @@ def shared_prefix_tables(report: dict) -> list[str]:
         "generate": (
             "`generate`: greedy, the prefill and 16 new tokens, shared and concatenated, against peft PROMPT_TUNING's "
             "`generate`; the export where stock peft's prefix `generate` gives the shared path's tokens on these "
-            'versions ("wrong tokens" where it does not).',
+            'versions ("wrong tokens" where it does not). On transformers 5.24 and later peft 0.21.2 prepends its own '
+            "PROMPT_TUNING prompt again at every cached decoding step (docs/supported-versions.md), so that reference "
+            "is wrong and slow there: the concatenated path is the one to compare with.",
             "| P | L | B | method | prefill positions | shared / concatenated | shared / PROMPT_TUNING | export / PROMPT_TUNING |",
             lambda r: [
                 f"{r['prefill_token_bound']:.2f}",
