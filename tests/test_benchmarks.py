@@ -588,6 +588,15 @@ def test_the_shared_prefix_grid_parses_cells_and_states_the_token_bound():
     assert distinct_prompts("BAYESIAN_PROMPT_TUNING", 8, training=False) == 1
 
 
+def test_a_ratio_needs_two_rounds_for_its_interval():
+    from benchmarks.cost.ratios import ratio_with_interval
+
+    ratio = ratio_with_interval([1.0, 2.0, 1.5], [2.0, 2.0, 2.0])
+    assert ratio["median"] == pytest.approx(0.75) and ratio["low"] <= 0.75 <= ratio["high"]
+    with pytest.raises(ValueError, match="run at least 2"):
+        ratio_with_interval([1.0], [2.0])
+
+
 def test_the_shared_prefix_grid_keeps_each_measure_apart_and_resumes_its_cells(monkeypatch, tmp_path):
     from benchmarks.cost import shared_prefix
 
@@ -600,7 +609,7 @@ def test_the_shared_prefix_grid_keeps_each_measure_apart_and_resumes_its_cells(m
             for m in args.methods
         ]
 
-    monkeypatch.setattr(shared_prefix, "MEASURE_CELLS", {m: fake_cell for m in shared_prefix.MEASURE_CELLS})
+    monkeypatch.setattr(shared_prefix, "MEASURE_CELLS", dict.fromkeys(shared_prefix.MEASURE_CELLS, fake_cell))
     monkeypatch.setattr(shared_prefix, "_show", lambda measure, record: "")
     output = tmp_path / "shared_prefix.json"
     common = ["--methods", "RESIDUAL_PROMPT_TUNING", "--output", str(output)]

@@ -189,6 +189,10 @@ def ratio_with_interval(seconds: list, reference: list) -> dict:
     import numpy as np
     from scipy.stats import bootstrap
 
+    if len(seconds) < 2:
+        raise ValueError(
+            f"a ratio's interval is a bootstrap over rounds: run at least 2 (--rounds), got {len(seconds)}"
+        )
     ratios = np.asarray(seconds) / np.asarray(reference)
     interval = bootstrap(
         (ratios,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile", random_state=0

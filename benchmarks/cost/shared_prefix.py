@@ -108,12 +108,19 @@ def _configs(args, cell_args) -> dict:
     return configs
 
 
-def _cell_record(method: str, num_virtual_tokens: int, length: int, batch_size: int, **values) -> dict:
+def _cell_record(
+    method: str, cell: tuple[int, int, int], training: bool = True, bound_name: str = "token_bound", **values
+) -> dict:
+    """A record of `method` in the cell `(P, L, B)`, led by the token bound of its distinct prompts there (in training
+    or in evaluation), as `bound_name`."""
+    num_virtual_tokens, length, batch_size = cell
+    bound = token_bound(distinct_prompts(method, batch_size, training), num_virtual_tokens, length, batch_size)
     return {
         "method": method,
         "num_virtual_tokens": num_virtual_tokens,
         "seq_len": length,
         "batch_size": batch_size,
+        bound_name: bound,
         **values,
     }
 
@@ -143,14 +150,7 @@ def measure_cell(args, num_virtual_tokens: int, length: int, batch_size: int) ->
     del steps
     gc.collect()
     return [
-        _cell_record(
-            method,
-            num_virtual_tokens,
-            length,
-            batch_size,
-            token_bound=token_bound(distinct_prompts(method, batch_size), num_virtual_tokens, length, batch_size),
-            **_timed_ratios(seconds, method),
-        )
+        _cell_record(method, (num_virtual_tokens, length, batch_size), **_timed_ratios(seconds, method))
         for method in args.methods
     ]
 
@@ -194,10 +194,7 @@ def memory_cell(args, num_virtual_tokens: int, length: int, batch_size: int) -> 
         records.append(
             _cell_record(
                 method,
-                num_virtual_tokens,
-                length,
-                batch_size,
-                token_bound=token_bound(distinct_prompts(method, batch_size), num_virtual_tokens, length, batch_size),
+                (num_virtual_tokens, length, batch_size),
                 shared_mb=shared,
                 concatenated_mb=concatenated,
                 prompt_tuning_mb=reference,
@@ -254,12 +251,8 @@ def scoring_cell(args, num_virtual_tokens: int, length: int, batch_size: int) ->
     return [
         _cell_record(
             method,
-            num_virtual_tokens,
-            length,
-            batch_size,
-            token_bound=token_bound(
-                distinct_prompts(method, batch_size, training=False), num_virtual_tokens, length, batch_size
-            ),
+            (num_virtual_tokens, length, batch_size),
+            training=False,
             exported_token_bound=length / (num_virtual_tokens + length),
             **_timed_ratios(seconds, method),
             exported_seconds=statistics.median(seconds[f"{method}/exported"]),
@@ -313,13 +306,10 @@ def generate_cell(args, num_virtual_tokens: int, length: int, batch_size: int) -
         records.append(
             _cell_record(
                 method,
-                num_virtual_tokens,
-                length,
-                batch_size,
+                (num_virtual_tokens, length, batch_size),
+                training=False,
+                bound_name="prefill_token_bound",
                 new_tokens=NEW_TOKENS,
-                prefill_token_bound=token_bound(
-                    distinct_prompts(method, batch_size, training=False), num_virtual_tokens, length, batch_size
-                ),
                 **_timed_ratios(seconds, method),
                 exported_generates_shared_tokens=exported_correct[method],
                 exported_over_prompt_tuning=None
