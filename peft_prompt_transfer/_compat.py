@@ -2,7 +2,8 @@
 
 - The supported peft and transformers ranges (the one copy; a test checks that `pyproject.toml` declares the same)
   and the warning for a version outside them.
-- The upstream facts the package reads without patching: peft's `BasePromptEncoder` save/load hooks (peft >= 0.21).
+- The upstream facts the package reads without patching: peft's `BasePromptEncoder` save/load hooks (peft >= 0.21),
+  and FSDP2's choice of its root module (`settle_fsdp_root`).
 - The registry of our methods: the extension of peft's closed `PeftType` enum, `register_method` (peft's public
   `register_peft_method`) and `is_ours`, which every patch asks before it acts.
 - The features that are off because a patch could not be installed (`disable_feature`, `require_feature`): the
@@ -176,3 +177,23 @@ def cache_keyword(model: torch.nn.Module) -> Optional[str]:
     before), or None if it takes none."""
     parameters = inspect.signature(model.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def settle_fsdp_root(root: torch.nn.Module) -> None:
+    """Make the FSDP2-sharded `root` the root of its FSDP2 modules now, as its first forward would.
+
+    FSDP2 chooses its root lazily: the first sharded module to run forward becomes the root (torch's private
+    `FSDPState._lazy_init`). Code that runs a module inside a sharded model by itself before the model's first
+    forward (the prompt library's scorer runs the base model) would make a transformer block the root, and the
+    model's own forward would then fail ("FSDP state has already been lazily initialized"). Where torch no longer has
+    that method this raises, saying what to do, instead of letting a model break.
+    """
+    get_state = getattr(root, "_get_fsdp_state", None)
+    lazy_init = getattr(get_state(), "_lazy_init", None) if callable(get_state) else None
+    if not callable(lazy_init):
+        raise RuntimeError(
+            f"This torch ({torch.__version__}) sets up FSDP2 in a way {PACKAGE_NAME} does not know, so it cannot run "
+            "part of this sharded model by itself without risking its next forward. Call it before sharding the "
+            "model (before trainer.train() or accelerator.prepare), or on an unsharded copy."
+        )
+    lazy_init()

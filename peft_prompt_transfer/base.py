@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 from peft import PromptLearningConfig
 from peft.tuners.prompt_tuning import PromptEmbedding, PromptTuningInit
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ._compat import (
@@ -20,6 +21,7 @@ from ._compat import (
     SHARED_PREFIX_FEATURE,
     BasePromptEncoder,
     require_feature,
+    settle_fsdp_root,
 )
 from ._version import __version__
 
@@ -73,6 +75,32 @@ def gathered_parameters(
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def unsharded_around(model: torch.nn.Module, inner: torch.nn.Module) -> Iterator[None]:
+    """Within this context `inner`, a module inside `model`, can run forward by itself while `model` is sharded with
+    FSDP2 (an FSDP2 root gathers its own parameters, such as the embeddings and the head, only in its own forward).
+
+    The FSDP2 modules of `model` that hold `inner` keep their parameters whole until the context ends; those inside
+    `inner` (a transformer's blocks) gather and free theirs in their own forward, as in training. `model` must be
+    the sharded model's root (what the Trainer and accelerate shard); it need not have run forward yet. Every rank
+    must enter the context; outside FSDP2 it does nothing.
+    """
+    holders = [
+        module
+        for module in model.modules()
+        if isinstance(module, FSDPModule) and any(sub is inner for sub in module.modules())
+    ]
+    if holders:
+        settle_fsdp_root(holders[0])  # the outermost: the first of modules()
+    for module in holders:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in holders:
+            module.reshard()
+
+
 def load_module_state(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """`module.load_state_dict(state_dict, strict=True)` done by copying each value into the module's own tensor.
 

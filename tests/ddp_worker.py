@@ -5,12 +5,16 @@ Used by tests/test_distributed.py: the same global batch (4 examples per step) i
 the losses, the trained adapter state (state.safetensors) and the package it imported (run.json); every rank takes
 part in `save_pretrained` into DIR/adapter and in `Trainer.save_model` into DIR/trainer. With --save-steps N the
 Trainer also writes its checkpoints (DIR/checkpoint-N, ...), and --resume-from DIR/checkpoint-N continues such a run
-in a fresh launch, with `trainer.train(resume_from_checkpoint=...)`.
+in a fresh launch, with `trainer.train(resume_from_checkpoint=...)`. With --library begin|end every rank also builds a
+prompt library from the model, ranks it and initialises the adapter from it (`library_steps`), when training begins
+(sharded, before any forward) or after it ends; rank 0 saves the library (DIR/library), the ranking (run.json) and
+the adapter state after `initialize` (DIR/initialized.safetensors).
 
     python tests/ddp_worker.py --method compt --out DIR --per-device-batch 4
     torchrun --nproc_per_node 2 tests/ddp_worker.py --method compt --out DIR --per-device-batch 2 [--fsdp fsdp2]
     torchrun ... --fsdp fsdp2-sharded --save-steps 2 --out DIR
     torchrun ... --fsdp fsdp2-sharded --save-steps 2 --out DIR2 --resume-from DIR/checkpoint-2
+    torchrun ... --fsdp fsdp2 --library begin --out DIR
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import peft_prompt_transfer  # noqa: E402
-from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, ResidualPromptConfig  # noqa: E402
+from peft_prompt_transfer import BayesianPromptConfig, ComPTConfig, PromptLibrary, ResidualPromptConfig  # noqa: E402
 
 # shared_prefix="on": the batches are too small for "auto" to share, and the shared path must survive DDP and FSDP2
 CONFIGS = {
@@ -95,6 +99,38 @@ def dataset(method: str) -> ListDataset:
     return ListDataset(batch)
 
 
+# what `library_steps` initialises each method from: one entry, or one per source prompt or particle
+INITIAL_ENTRIES = {
+    "residual": ["trained"],
+    "compt": ["trained/c", "trained/a"],
+    "bayesian": ["trained/particle-1", "trained/particle-0"],
+}
+
+
+def library_steps(model, method: str, out: str, is_main: bool) -> dict:
+    """On every rank of a (possibly FSDP2-sharded) model: build a prompt library from it, rank the library on the
+    training examples, and initialise the adapter from entries. Rank 0 saves the library to OUT/library; returns the
+    ranking and the adapter state after `initialize`."""
+    library = PromptLibrary.from_adapters(model, {"trained": model})
+    if is_main:
+        library.save_pretrained(os.path.join(out, "library"))
+    examples = [{key: value.tolist() for key, value in row.items() if key != "task_ids"} for row in dataset(method)]
+    ranking = library.rank(model, examples, task=0 if method == "compt" else None, batch_size=2, progress=False)
+    library.initialize(model, INITIAL_ENTRIES[method])
+    state = {k: v.contiguous() for k, v in model.prompt_encoder["default"].whole_adapter_state_dict().items()}
+    return {"ranking": ranking, "initialized": state}
+
+
+class LibraryAtTrainBegin(TrainerCallback):
+    """`library_steps` when training begins: under FSDP2 the model is sharded then and has not run forward yet."""
+
+    def __init__(self, method: str, out: str):
+        self.method, self.out, self.result = method, out, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.result = library_steps(model, self.method, self.out, state.is_world_process_zero)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=sorted(CONFIGS), required=True)
@@ -104,6 +140,9 @@ def main() -> None:
     parser.add_argument("--fsdp", choices=sorted(FSDP_CONFIGS), help="shard the model with FSDP2 instead of DDP")
     parser.add_argument("--save-steps", type=int, help="write a Trainer checkpoint every this many steps")
     parser.add_argument("--resume-from", help="a Trainer checkpoint to resume from (resume_from_checkpoint)")
+    parser.add_argument(
+        "--library", choices=("begin", "end"), help="run `library_steps` on the model when training begins or ends"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -136,12 +175,13 @@ def main() -> None:
         # with DDP instead; presenting the CPU process group as a GPU one makes it shard, on the CPU, with gloo
         PartialState().distributed_type = DistributedType.MULTI_GPU
     steps_taken = CountSteps()
+    library_at_begin = LibraryAtTrainBegin(args.method, args.out)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset(args.method),
         data_collator=stack_collator,
-        callbacks=[steps_taken],
+        callbacks=[steps_taken] + ([library_at_begin] if args.library == "begin" else []),
     )
     trainer.train(resume_from_checkpoint=args.resume_from)
     # every rank takes part: under FSDP2 the adapter's parameters are sharded and saving gathers them
@@ -149,8 +189,13 @@ def main() -> None:
     model.save_pretrained(os.path.join(args.out, "adapter"), is_main_process=trainer.is_world_process_zero())
     # under FSDP2: a full state dict, saved by rank 0 only (with SHARDED_STATE_DICT the Trainer writes no model here)
     trainer.save_model(os.path.join(args.out, "trainer"))
+    library = library_at_begin.result
+    if args.library == "end":
+        library = library_steps(model, args.method, args.out, trainer.is_world_process_zero())
     if trainer.is_world_process_zero():
         save_file(state, os.path.join(args.out, "state.safetensors"))
+        if library:
+            save_file(library["initialized"], os.path.join(args.out, "initialized.safetensors"))
         # a resumed run's history starts with the checkpoint's: `steps` says which step each loss was logged at
         logged = [entry for entry in trainer.state.log_history if "loss" in entry]
         with open(os.path.join(args.out, "run.json"), "w") as f:
@@ -160,6 +205,7 @@ def main() -> None:
                 "steps_taken": steps_taken.count,
                 "world_size": trainer.args.world_size,
                 "package": peft_prompt_transfer.__file__,
+                "ranking": library and library["ranking"],
             }
             json.dump(run, f)
     if torch.distributed.is_initialized():

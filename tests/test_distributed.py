@@ -13,6 +13,10 @@ A Trainer checkpoint written at step 2 of a 4-step FSDP2 run, resumed with `resu
 2-process launch, ends at the uninterrupted run's adapter state and losses exactly (tolerance 0): with sharded
 checkpoints (`state_dict_type: SHARDED_STATE_DICT`) for all three methods; a full-state-dict checkpoint (the default)
 fails to load (a torch limitation, see test_fsdp2_full_state_dict_checkpoint) unless its alias entry is removed.
+
+A prompt library built from an FSDP2-sharded model, ranked on it and written into it (on every rank, after training
+and, in a Trainer callback, before the sharded model's first forward) equals the one-process run's library, ranking
+and initialised adapter to 1e-5.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from conftest import TINY_MODELS, stack_collator
 from ddp_worker import dataset
 from peft import PeftModel
 from safetensors.torch import load_file
+
+from peft_prompt_transfer import PromptLibrary
 
 pytestmark = pytest.mark.distributed
 
@@ -86,13 +92,14 @@ def _launch(
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
-    """One-process reference runs, once per method."""
+    """One-process reference runs, once per method and time of the library steps (`--library`)."""
     cache = {}
 
-    def get(method: str) -> dict:
-        if method not in cache:
-            cache[method] = _launch([sys.executable], method, tmp_path_factory.mktemp(f"single-{method}"), 4)
-        return cache[method]
+    def get(method: str, library: str = "end") -> dict:
+        if (method, library) not in cache:
+            out = tmp_path_factory.mktemp(f"single-{method}-{library}")
+            cache[method, library] = _launch([sys.executable], method, out, 4, "--library", library)
+        return cache[method, library]
 
     return get
 
@@ -148,14 +155,14 @@ def _assert_same_training(distributed: dict, reference: dict) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory):
-    """Two-process FSDP2 runs with the Trainer's default full-state-dict checkpoints (at steps 2 and 4), once per
-    method."""
+    """Two-process FSDP2 runs with the Trainer's default full-state-dict checkpoints (at steps 2 and 4) and the
+    library steps after training, once per method."""
     cache = {}
 
     def get(method: str) -> dict:
         if method not in cache:
             out = tmp_path_factory.mktemp(f"fsdp2-{method}")
-            fsdp = ("--fsdp", "fsdp2", "--save-steps", "2")
+            fsdp = ("--fsdp", "fsdp2", "--save-steps", "2", "--library", "end")
             cache[method] = _launch(LAUNCHERS["torchrun"](_free_port()), method, out, 2, *fsdp)
         return cache[method]
 
@@ -180,6 +187,51 @@ def test_fsdp2_matches_one_process(method, single_process, fsdp2_run):
             with torch.no_grad():
                 logits.append(model(**inputs).logits)
         torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0, msg=folder)
+
+
+def _assert_same_library(distributed: dict, reference: dict) -> None:
+    """The library saved, the ranking and the adapter state after `initialize` agree to 1e-5."""
+    libraries = [PromptLibrary.from_pretrained(run["out"] / "library") for run in (distributed, reference)]
+    assert libraries[0].base_model_record == libraries[1].base_model_record  # the embeddings gathered whole
+    assert libraries[0].names == libraries[1].names
+    for name in libraries[1].names:
+        torch.testing.assert_close(libraries[0][name].prompt, libraries[1][name].prompt, atol=1e-5, rtol=0, msg=name)
+    assert dict(distributed["ranking"]) == pytest.approx(dict(reference["ranking"]), abs=1e-5)
+    initialized = [load_file(run["out"] / "initialized.safetensors") for run in (distributed, reference)]
+    assert initialized[0].keys() == initialized[1].keys()
+    for key, value in initialized[1].items():
+        torch.testing.assert_close(initialized[0][key], value, atol=1e-5, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fsdp2_prompt_library(method, single_process, fsdp2_run):
+    """A prompt library built from a trained FSDP2-sharded model, ranked on it and written into it, on every rank,
+    equals the one-process run's: `from_adapters` reads the prompts and the embeddings' fingerprint whole, `rank` runs
+    the base model outside the sharded root (its embeddings and head kept gathered for the call), and `initialize`
+    writes each rank's shard. The library read from the live sharded model equals the one read from the adapter the
+    run saved."""
+    reference, distributed = single_process(method), fsdp2_run(method)
+    _assert_same_library(distributed, reference)
+    live = PromptLibrary.from_pretrained(distributed["out"] / "library")
+    saved = PromptLibrary.from_adapters(TINY_MODELS["gpt2"].build(), {"trained": distributed["out"] / "adapter"})
+    assert saved.names == live.names and saved.base_model_record == live.base_model_record
+    for name in live.names:
+        torch.testing.assert_close(saved[name].prompt, live[name].prompt, atol=1e-6, rtol=0, msg=name)
+
+
+def test_fsdp2_prompt_library_before_first_forward(single_process, tmp_path):
+    """The library steps in a callback at `on_train_begin`: the model is sharded and has not run forward, so FSDP2
+    has not chosen its root yet. Ranking runs a part of the model first, which must not make a transformer block the
+    root (the training forward would then fail); it settles the root first. Training from the initialised prompt
+    then matches one process. ComPT: mixed-task batches, its composed task prompts as entries."""
+    reference = single_process("compt", "begin")
+    distributed = _launch(
+        LAUNCHERS["torchrun"](_free_port()), "compt", tmp_path, 2, "--fsdp", "fsdp2", "--library", "begin"
+    )
+    _assert_same_training(distributed, reference)
+    _assert_same_library(distributed, reference)
+    # `initialize` changed the prompt the training started from
+    assert distributed["losses"][0] != pytest.approx(single_process("compt")["losses"][0], abs=1e-3)
 
 
 def _assert_resumed_exactly(resumed: dict, uninterrupted: dict) -> None:

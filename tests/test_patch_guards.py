@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModelForCausalLM
 
 from peft_prompt_transfer import _compat, _patches
@@ -268,3 +269,16 @@ from peft_prompt_transfer import ResidualPromptConfig
 def test_nothing_is_disabled_on_the_supported_versions():
     assert _patches.disabled_groups() == {}
     assert _compat.disabled_features() == {}
+
+
+def test_settling_an_fsdp2_root_without_torchs_lazy_init_refuses():
+    """`settle_fsdp_root` reads torch's private `FSDPState._lazy_init`; where that is gone (here: a module that FSDP2
+    never set up) it raises, saying to rank before sharding, rather than letting a block become the root."""
+
+    class MovedFSDPModule(torch.nn.Linear):
+        def _get_fsdp_state(self):
+            return object()  # a state without `_lazy_init`
+
+    for module in (MovedFSDPModule(2, 2), torch.nn.Linear(2, 2)):
+        with pytest.raises(RuntimeError, match=r"Call it before sharding the model \(before trainer.train\(\)"):
+            _compat.settle_fsdp_root(module)

@@ -19,6 +19,7 @@ from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 from tqdm.auto import tqdm
 
 from .._compat import enum_value
+from ..base import unsharded_around
 from ..residual import ResidualPromptConfig
 from .fingerprint import base_model_of
 
@@ -107,6 +108,7 @@ class PromptScorer:
 
     def __init__(self, model: torch.nn.Module, examples: Any, batch_size: int = 8):
         self.task_type = task_type_of(model)
+        self.model = model
         self.base = base_model_of(model)
         pad = getattr(self.base.config, "pad_token_id", None)
         rows = _rows(examples, causal=self.task_type == "CAUSAL_LM")
@@ -138,7 +140,10 @@ class PromptScorer:
         flags = {name: p.requires_grad for name, p in self.base.named_parameters()}
         modes = {name: module.training for name, module in self.base.named_modules()}
         try:
-            with tqdm(total=len(prompts) * len(self.batches), desc="ranking prompts", disable=not progress) as bar:
+            with (
+                unsharded_around(self.model, self.base),  # under FSDP2 the scorer runs the base model outside its root
+                tqdm(total=len(prompts) * len(self.batches), desc="ranking prompts", disable=not progress) as bar,
+            ):
                 return {name: self._score(prompt, bar) for name, prompt in prompts.items()}
         finally:
             for name, parameter in self.base.named_parameters():
