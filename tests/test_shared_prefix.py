@@ -239,6 +239,34 @@ def test_auto_falls_back_and_on_refuses_where_sharing_is_not_exact(setup, reason
             assert calls == [4]  # concatenated: one call with every row
 
 
+def test_the_rule_follows_what_changes_after_the_first_forward():
+    """The architecture is read once per model (a cache); train()/eval(), gradient checkpointing, `output_attentions`
+    and the dropout rates, set after the first forward, are read at every forward."""
+    config = ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS, shared_prefix="on")
+    model = get_peft_model(_base("llama"), config).train()
+    calls, batch = _calls(model), _batch("left")
+    model(**batch)
+    assert calls == [1, 4]  # shared
+
+    def refuses(reason: str, **kwargs) -> None:
+        with pytest.raises(ValueError, match=f"shared_prefix='on', but .*{reason}"):
+            model(**batch, **kwargs)
+
+    attention = model.base_model.model.layers[0].self_attn
+    attention.attention_dropout = 0.1  # the rate Llama's attention passes to its kernel
+    refuses(r"dropout is active in training mode \(model.layers.0.self_attn.attention_dropout=0.1\)")
+    model.eval()(**batch)  # no dropout in eval
+    attention.attention_dropout = 0.0
+    model.train()
+    model.base_model.gradient_checkpointing_enable()
+    refuses("gradient checkpointing is on")
+    model.base_model.gradient_checkpointing_disable()
+    refuses("output_attentions=True", output_attentions=True)
+    calls.clear()
+    model(**batch)
+    assert calls == [1, 4]  # shared again
+
+
 def test_shared_prefix_on_is_refused_for_other_task_types():
     with pytest.raises(ValueError, match="shared_prefix='on' needs a decoder-only model .* got 'SEQ_2_SEQ_LM'"):
         ResidualPromptConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4, shared_prefix="on")

@@ -16,6 +16,7 @@ including the first input token, which the last prompt position predicts.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional, Union
 
 import torch
@@ -30,18 +31,49 @@ from .._compat import cache_keyword, is_ours, shared_prefix_mode
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
+# What the rule reads from a model is found once per model (its architecture, and which of its modules hold a dropout
+# rate or a checkpointing flag: a walk over every module, about 2 ms per forward on SmolLM2), and the values that
+# change while it runs (train()/eval(), gradient_checkpointing_enable(), a dropout's rate) are read at every call.
+_ARCHITECTURE_REASONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DROPOUT_HOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CHECKPOINTABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _dropout_holders(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """`(module name, module, attribute)` for every dropout rate in `model`: a `nn.Dropout`'s `p`, and each number
+    attribute of a module named like a dropout rate (attention layers pass `self.attention_dropout` to the kernel)."""
+    if model not in _DROPOUT_HOLDERS:
+        _DROPOUT_HOLDERS[model] = [
+            (name, module, attribute)
+            for name, module in model.named_modules()
+            for attribute in (["p"] if isinstance(module, nn.Dropout) else [])
+            + [
+                attribute
+                for attribute, value in vars(module).items()
+                if "dropout" in attribute and isinstance(value, (int, float)) and not isinstance(value, bool)
+            ]
+        ]
+    return _DROPOUT_HOLDERS[model]
+
+
 def _active_dropout(model: nn.Module) -> Optional[str]:
     """A dropout that is active in `model` (training mode), named, or None: a `nn.Dropout` with p > 0, or a module's
-    float attribute named like a dropout rate (attention layers pass `self.attention_dropout` to the kernel)."""
+    float attribute named like a dropout rate, above 0."""
     if not model.training:
         return None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout) and module.p > 0:
-            return f"{name} (p={module.p})"
-        for attribute, value in vars(module).items():
-            if "dropout" in attribute and isinstance(value, float) and value > 0:
-                return f"{name}.{attribute}={value}"
+    for name, module, attribute in _dropout_holders(model):
+        value = getattr(module, attribute, None)
+        if isinstance(value, float) and value > 0:
+            return f"{name} (p={value})" if attribute == "p" else f"{name}.{attribute}={value}"
     return None
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """transformers' `is_activation_checkpointing` (`is_gradient_checkpointing` before 5.25): a module of `model`
+    with its `gradient_checkpointing` flag on; the modules that have the flag are found once."""
+    if model not in _CHECKPOINTABLE:
+        _CHECKPOINTABLE[model] = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
+    return any(module.gradient_checkpointing for module in _CHECKPOINTABLE[model])
 
 
 def _rope_type(config: Any) -> Optional[str]:
@@ -52,37 +84,45 @@ def _rope_type(config: Any) -> Optional[str]:
     return rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
 
 
+def _architecture_reason(base: nn.Module) -> Optional[str]:
+    """Why `base`'s architecture cannot share the prompt, or None; found once per model (see `why_not_shared`)."""
+    if base not in _ARCHITECTURE_REASONS:
+        config = base.config
+        rope = _rope_type(config.get_text_config())
+        reason = None
+        if getattr(config, "is_encoder_decoder", False):
+            reason = "the base model is an encoder-decoder"
+        elif cache_keyword(base) is None:
+            reason = f"{type(base).__name__}.forward takes no KV cache"
+        elif rope in _LENGTH_DEPENDENT_ROPE:
+            reason = f"its rope scaling ({rope!r}) depends on the total sequence length"
+        else:
+            layers = DynamicCache(config=config).layers
+            odd_layers = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, DynamicLayer)})
+            if odd_layers:
+                reason = f"its cache has layers that are not key/value layers ({', '.join(odd_layers)})"
+        _ARCHITECTURE_REASONS[base] = reason
+    return _ARCHITECTURE_REASONS[base]
+
+
 def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwargs: dict[str, Any]) -> Optional[str]:
     """Why this forward of a causal LM cannot take the shared-prefix path, or None if it can.
 
     The rule reads the model and its config: an encoder-decoder, a forward without a KV cache, a cache whose layers
     are not plain or sliding-window key/value layers (recurrent state), rope scaling that depends on the total
-    length, dropout active in training mode (rows would share the dropout masks of the prompt positions), gradient
-    checkpointing in training (transformers' checkpointed layers drop the cache argument), `output_attentions`, and
-    a cache passed by the caller.
+    length (these four, the architecture, are read once per model), dropout active in training mode (rows would share
+    the dropout masks of the prompt positions), gradient checkpointing in training (transformers' checkpointed layers
+    drop the cache argument), `output_attentions`, and a cache passed by the caller.
     """
     base = peft_model.base_model
-    config = base.config
-    if getattr(config, "is_encoder_decoder", False):
-        return "the base model is an encoder-decoder"
-    keyword = cache_keyword(base)
-    if keyword is None:
-        return f"{type(base).__name__}.forward takes no KV cache"
-    if kwargs.get(keyword) is not None or kwargs.get("past_key_values") is not None:
+    reason = _architecture_reason(base)
+    if reason is not None:
+        return reason
+    if kwargs.get(cache_keyword(base)) is not None or kwargs.get("past_key_values") is not None:
         return "a KV cache was passed to forward"
-    if output_attentions or getattr(config, "output_attentions", False):
+    if output_attentions or getattr(base.config, "output_attentions", False):
         return "output_attentions=True (the rows' attention maps would lack the prompt positions)"
-    rope = _rope_type(config.get_text_config())
-    if rope in _LENGTH_DEPENDENT_ROPE:
-        return f"its rope scaling ({rope!r}) depends on the total sequence length"
-    layers = DynamicCache(config=config).layers
-    odd_layers = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, DynamicLayer)})
-    if odd_layers:
-        return f"its cache has layers that are not key/value layers ({', '.join(odd_layers)})"
-    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.25's name
-    if checkpointing is None:
-        checkpointing = getattr(base, "is_gradient_checkpointing", False)
-    if base.training and torch.is_grad_enabled() and checkpointing:
+    if base.training and torch.is_grad_enabled() and _checkpointing(base):
         return "gradient checkpointing is on (transformers' checkpointed layers drop the cache argument in training)"
     dropout = _active_dropout(base)
     if dropout is None and not is_ours(peft_model.active_peft_config):
