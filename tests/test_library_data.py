@@ -7,8 +7,16 @@ import datasets
 import pytest
 
 from benchmarks.core import library_data
-from benchmarks.core.library_data import dedup_report, held_out_texts, normalise, source_training_set
+from benchmarks.core.library_data import (
+    SOURCE_DATA_VERSION,
+    dedup_report,
+    held_out_texts,
+    kept_rows_digest,
+    normalise,
+    source_training_set,
+)
 from benchmarks.core.tasks import TASKS, data_dir, load_split
+from benchmarks.suites.budgets import suite_budget
 
 TARGETS = ("mr", "subj", "trec", "cr")
 
@@ -140,6 +148,7 @@ def test_a_constructed_overlap_is_removed_and_counted(monkeypatch):
         "fragments": 1,  # "reviewwhosemiddlepart": 21 letters inside a held-out text
         "after": 2,
         "overlaps": {"mr": 2},
+        "digest": kept_rows_digest(data),
     }
     data, counts = source_training_set("rte", ["mr"])
     assert data["text"] == ["ok"] and counts["data"] == "train" and counts["held_out"] == 1
@@ -147,3 +156,33 @@ def test_a_constructed_overlap_is_removed_and_counted(monkeypatch):
     assert report["qnli"]["overlap_mr"] == 2 and report["rte"]["after"] == 1
     with pytest.raises(ValueError, match="also a target"):
         source_training_set("mr", ["mr"])
+
+
+# the rows each source of the smollm2-library suite keeps, at each SOURCE_DATA_VERSION (`kept_rows_digest`)
+KEPT_ROWS = {
+    1: {
+        "sst2": "5d793526d74e",
+        "cola": "bc6d094d10e6",
+        "rte": "d1aab70a7617",
+        "qnli": "11ea10c205c2",
+        "mnli": "3d94d125ce45",
+        "snli": "8838fcace18a",
+        "qqp": "723d84c69782",
+        "mpqa": "131dfe390727",
+    }
+}
+
+
+@needs_data
+def test_the_library_sources_keep_the_rows_of_their_data_version():
+    """The cached source stages and the recorded runs of the library suite are keyed by SOURCE_DATA_VERSION, not by
+    the rows: a change to the held-out rule, the pooling or the shared data that changes what a source keeps must come
+    with a new version, or the suite would reuse prompts trained on other rows and mix their runs with new ones."""
+    budget = suite_budget("smollm2-library")
+    found = {
+        source: row["digest"] for source, row in dedup_report(budget.library_sources, budget.library_targets).items()
+    }
+    assert found == KEPT_ROWS[SOURCE_DATA_VERSION], (
+        "The rows the library sources keep have changed: bump SOURCE_DATA_VERSION in benchmarks/core/library_data.py "
+        f"and record these digests under the new version here: {found}"
+    )

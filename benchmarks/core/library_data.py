@@ -10,11 +10,13 @@ prompt see what it is scored on, so `source_training_set` drops it. Texts are co
 - `source_training_set(task, targets)`: the source's full `train` split where it has one, otherwise its k-shot
   `train` and `dev` files of all five seeds pooled, less the held-out texts and the pieces of them (a source text
   of at least `MIN_FRAGMENT` letters and digits found inside a held-out text), with the counts of what was removed;
-- `dedup_report(sources, targets)`: those counts for several sources, one flat row per source.
+- `dedup_report(sources, targets)`: those counts for several sources, one flat row per source;
+- `kept_rows_digest(data)`: a digest of the rows a source keeps, which `SOURCE_DATA_VERSION` answers for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from collections.abc import Iterable
 from typing import Optional
@@ -22,6 +24,20 @@ from typing import Optional
 import datasets
 
 from benchmarks.core.tasks import KSHOT_SEEDS, TASKS, load_split
+
+# The version of the rows the sources keep (this module's rule and the shared data it reads). Source stages and runs
+# that hold targets out are keyed by it (`SourceSpec.data_version`, `RunSpec.source_data_version`), so that sources
+# trained on other rows are trained anew and their runs recorded anew, never mixed with the old ones. Bump it with
+# any change to what a source keeps: tests/test_library_data.py pins the library suite's kept rows at this version.
+SOURCE_DATA_VERSION = 1
+
+
+def kept_rows_digest(data: datasets.Dataset) -> str:
+    """A short digest of a source training set's rows (text, pair and label, in order)."""
+    rows = "\n".join(
+        f"{text}\t{pair}\t{label}" for text, pair, label in zip(data["text"], data["text_pair"], data["label"])
+    )
+    return hashlib.sha1(rows.encode()).hexdigest()[:12]
 
 
 def normalise(text: str) -> str:
@@ -131,7 +147,9 @@ def _without_held_out(
         "after": len(keep),
         "overlaps": overlaps,
     }
-    return data.select(keep), counts
+    kept = data.select(keep)
+    counts["digest"] = kept_rows_digest(kept)
+    return kept, counts
 
 
 def source_training_set(
@@ -153,8 +171,9 @@ def source_training_set(
     Returns:
         The examples (columns `text`, `text_pair`, `label`) and their counts: `data` (which files), `before` (rows
         read), `duplicates` (exact duplicates across seeds removed), `held_out` (removed as held-out texts),
-        `fragments` (removed as pieces of held-out texts), `after`, and `overlaps` (per target, how many of the deduplicated examples share a text with it; an example
-        can overlap several targets).
+        `fragments` (removed as pieces of held-out texts), `after`, `overlaps` (per target, how many of the
+        deduplicated examples share a text with it; an example can overlap several targets) and `digest` (the kept
+        rows' `kept_rows_digest`).
     """
     return _without_held_out(task, _held_out_by_target(targets, root), root)
 

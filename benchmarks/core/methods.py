@@ -11,6 +11,7 @@ their methods themselves (`benchmarks.suites.plans`).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -136,9 +137,10 @@ def prompt_library(backbone: Backbone, spec: RunSpec, base: torch.nn.Module) -> 
 def ranked_entries(library: ppt.PromptLibrary, model, train_set, **rank_options) -> tuple[list[str], dict]:
     """The library's entries best first by `rank` on the target's training examples (the model's own prompt is
     ranked as well and recorded, but never chosen: these methods transfer), and the details to record."""
+    start = time.perf_counter()
     ranking = library.rank(model, train_set, progress=False, **rank_options)
     entries = [name for name, _ in ranking if name != ppt.CURRENT_PROMPT]
-    return entries, {"ranking": ranking}
+    return entries, {"ranking": ranking, "rank_seconds": time.perf_counter() - start}
 
 
 def build_library_top(backbone: Backbone, spec: RunSpec, base: torch.nn.Module, train_set, top: int = 1) -> tuple:
@@ -459,7 +461,7 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "library_top3",
-            f"library: mean of the top {LIBRARY_TOP_K} by rank",
+            f"library: mean of the top {LIBRARY_TOP_K} by rank, at their token norm",
             build=partial(build_library_top, top=LIBRARY_TOP_K),
             claim="library",
             compared_with=("prompt_tuning", "library_best"),
@@ -481,7 +483,7 @@ METHODS: dict[str, Method] = {
         ),
         compt_method(
             "library_compt",
-            f"library: ComPT, source prompts from the top {LIBRARY_TOP_K} by rank",
+            f"library: ComPT, source prompts from the top {LIBRARY_TOP_K} by rank (and a private prompt)",
             build=build_library_compt,
             claim="library",
             compared_with=("prompt_tuning", "library_best"),

@@ -2,7 +2,7 @@
 
 A method's learning rate is chosen on dev splits (the k-shot dev sets, or examples held out of the training set),
 never on the test set: the LR with the best dev metric averaged over the seeds that ran every LR, ties broken by the
-lower mean dev loss (a 16-shot dev set has 32 examples, so accuracies tie often). Every seed reports its test metric
+lower mean dev loss (a 16-shot dev set has 16 examples per class, so accuracies tie often). Every seed reports its test metric
 at that LR; a suite's later seeds run only that LR (`CausalBudget.sweep_seeds`). Two methods are compared seed by
 seed at their chosen LRs; the mean difference gets a 95% Student-t interval over seeds, and a difference counts as
 shown only when its interval excludes 0.

@@ -40,8 +40,9 @@ RUN_FIELDS_ADDED_LATER: dict[str, Any] = {
     "source_init": "random",
     "held_out": (),
     "init_source": "",
+    "source_data_version": 1,
 }
-SOURCE_FIELDS_ADDED_LATER: dict[str, Any] = {"init": "random", "held_out": ()}
+SOURCE_FIELDS_ADDED_LATER: dict[str, Any] = {"init": "random", "held_out": (), "data_version": 1}
 # the oracle of the library suite fine-tunes each source prompt on the target at one learning rate, the source
 # stages' own (`SOURCE_LR`), the middle of the prompt sweep
 ORACLE_LR = 1e-2
@@ -91,6 +92,8 @@ class SourceSpec:
     # the target tasks whose test and dev texts (and pieces of them) the sources' training sets leave out, and whose
     # k-shot-only sources pool their k-shot files (`benchmarks.core.library_data`); () reads the training sets whole
     held_out: tuple[str, ...] = ()
+    # with `held_out`: the version of the rows the sources keep (`benchmarks.core.library_data.SOURCE_DATA_VERSION`)
+    data_version: int = 1
 
     def folder(self) -> Path:
         digest = hashlib.sha1(identity(asdict(self), SOURCE_FIELDS_ADDED_LATER).encode()).hexdigest()[:12]
@@ -118,6 +121,7 @@ class RunSpec:
     source_init: str = "random"  # the source stages' prompt initialisation (`SourceSpec.init`)
     held_out: tuple[str, ...] = ()  # the source stages' held-out targets (`SourceSpec.held_out`)
     init_source: str = ""  # the library oracle: the one source whose prompt this run fine-tunes
+    source_data_version: int = 1  # the source stages' `SourceSpec.data_version`
 
     def key(self) -> str:
         return identity(asdict(self), RUN_FIELDS_ADDED_LATER)
@@ -138,4 +142,5 @@ class RunSpec:
             lr=SOURCE_LR[self.model],
             init=self.source_init,
             held_out=self.held_out,
+            data_version=self.source_data_version,
         )

@@ -16,7 +16,7 @@ import pandas as pd
 
 from benchmarks.core.methods import LABELS, METHODS, claim_methods
 from benchmarks.core.selection import best_on_test, chosen_on_dev, describe, for_every_seed, paired, verdict
-from benchmarks.core.specs import BAYESIAN_PARTICLES, FULL_DATA_DEV_EXAMPLES, ORACLE_LR, SOURCE_LR
+from benchmarks.core.specs import BAYESIAN_PARTICLES, FULL_DATA_DEV_EXAMPLES, ORACLE_LR, SOURCE_LR, SourceSpec
 from benchmarks.report.common import bar_plot, mean_std, routing_heatmap
 from benchmarks.suites.plans import WAITING_LR
 
@@ -306,7 +306,7 @@ def _multitask_section(frame: pd.DataFrame, budget, figures: Path, rel, verdicts
 
 # ----------------------------------------------------------------------------------------- the library claim ---
 
-ORACLE = "oracle: every source fine-tuned, the best on dev"
+ORACLE = f"oracle: every source fine-tuned at lr {ORACLE_LR:g}, the best on dev"
 LIBRARY_METHODS = ("zero_shot", "prompt_tuning", *claim_methods("library"))
 
 
@@ -317,11 +317,13 @@ def _column(rows: pd.DataFrame, name: str, default) -> pd.Series:
     return rows[name].map(lambda value: default if not isinstance(value, (list, tuple, str)) else value)
 
 
-def oracle_runs(rows: pd.DataFrame) -> pd.DataFrame:
-    """The oracle's runs of one target: every source fine-tuned on it, one row per (seed, source)."""
+def oracle_runs(rows: pd.DataFrame, sources: tuple[str, ...]) -> pd.DataFrame:
+    """The oracle's runs of one target: every source fine-tuned on it, one row per (seed, source), for the seeds
+    whose runs cover all `sources` (a seed still running would pick the best of a part of the library)."""
     oracle = rows[rows.method == "oracle_source"].copy()
     oracle["source"] = _column(oracle, "init_source", "")
-    return oracle
+    complete = oracle.groupby("seed")["source"].transform(lambda done: set(done) == set(sources))
+    return oracle[complete.astype(bool)] if not oracle.empty else oracle
 
 
 def oracle_scores(oracle: pd.DataFrame) -> pd.DataFrame:
@@ -338,7 +340,7 @@ def ranking_agreement(rows: pd.DataFrame, oracle: pd.DataFrame) -> list[str]:
     before training) agrees with the oracle's order by dev metric: top-1 agreement and Spearman's rho."""
     from scipy import stats
 
-    lines = []
+    lines, agreed, rhos = [], [], []
     ranked = rows[rows.method == "library_best"].drop_duplicates("seed").set_index("seed")
     for seed, runs in oracle.groupby("seed"):
         if seed not in ranked.index:
@@ -362,11 +364,15 @@ def ranking_agreement(rows: pd.DataFrame, oracle: pd.DataFrame) -> list[str]:
             f"| {seed} | {rank_top} | {oracle_top} | {'yes' if rank_top == oracle_top else 'no'} | "
             f"{'-' if rho != rho else f'{rho:+.2f}'}{beaten} |"
         )
+        agreed.append(rank_top == oracle_top)
+        rhos += [] if rho != rho else [rho]
     if not lines:
         return []
+    mean_rho = f"mean ρ {sum(rhos) / len(rhos):+.2f} over {len(rhos)} seeds" if rhos else "no ρ (dev scores all tied)"
     return [
         "How `rank` (the frozen model's loss with each source, before training) agrees with the oracle (each source "
-        "fine-tuned, ordered by dev metric):",
+        f"fine-tuned, ordered by dev metric): the same first source on {sum(agreed)} of {len(agreed)} seeds, "
+        f"{mean_rho}.",
         "",
         "| seed | rank's first | oracle's first | top-1 agrees | Spearman ρ (sources) |",
         "|---:|---|---|---|---:|",
@@ -377,24 +383,27 @@ def ranking_agreement(rows: pd.DataFrame, oracle: pd.DataFrame) -> list[str]:
 
 def deduplication_table(budget) -> list[str]:
     """How many source examples the library's sources lost to the targets' held-out text (computed from the data)."""
-    from benchmarks.core.library_data import dedup_report
+    from benchmarks.core.library_data import SOURCE_DATA_VERSION, dedup_report
 
     report = dedup_report(budget.library_sources, budget.library_targets)
     targets = budget.library_targets
+    steps, batch = budget.source_steps, SourceSpec.batch_size
     lines = [
         f"Source training sets, without the test and dev texts of {', '.join(targets)} "
-        "(`benchmarks.core.library_data`: texts compared by their letters and digits; a source text of 20 or more "
-        "found inside a held-out text is removed as a piece of it):",
+        "(`benchmarks.core.library_data`, rows of data version "
+        f"{SOURCE_DATA_VERSION}: texts compared by their letters and digits; a source text of 20 or more letters and "
+        "digits found inside a held-out text is removed as a piece of it). Each source prompt trains on "
+        f"{steps} × {batch} = {steps * batch:,} of its kept rows. An overlap is a source example whose whole text is "
+        "one of the target's held-out texts:",
         "",
-        "| source | data | examples | duplicates across seeds | held-out texts removed | pieces removed | kept | "
-        + " | ".join(f"overlaps {t}" for t in targets)
-        + " |",
-        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(targets),
+        "| source | data | examples | duplicates across seeds | held-out texts removed | pieces removed | kept | kept "
+        "rows' digest | " + " | ".join(f"overlaps {t}" for t in targets) + " |",
+        "|---|---|---:|---:|---:|---:|---:|---|" + "---:|" * len(targets),
     ]
     for source, row in report.items():
         lines.append(
             f"| {source} | {row['data']} | {row['before']:,} | {row['duplicates']:,} | {row['held_out']:,} | "
-            f"{row['fragments']:,} | {row['after']:,} | "
+            f"{row['fragments']:,} | {row['after']:,} | `{row['digest']}` | "
             + " | ".join(f"{row[f'overlap_{t}']:,}" for t in targets)
             + " |"
         )
@@ -413,7 +422,7 @@ def library_sections(frame: pd.DataFrame, budget, figures: Path, rel, verdicts: 
         if rows.empty:
             continue
         rows = rows[_column(rows, "sources", ()).map(lambda s: tuple(s) in ((), sources)).astype(bool)]
-        oracle = oracle_runs(rows)
+        oracle = oracle_runs(rows, sources)
         methods = _by_method(rows[rows.method != "oracle_source"], LIBRARY_METHODS, budget)
         picks = oracle_scores(oracle)
         if not picks.empty:
@@ -431,6 +440,14 @@ def library_sections(frame: pd.DataFrame, budget, figures: Path, rel, verdicts: 
         # against the oracle (its seeds only), in the section but not among the verdicts at a glance
         against_oracle = [comparison(methods, LABELS[m], ORACLE) for m in ("prompt_tuning", *claim_methods("library"))]
         lines += section + [f"- {found[0]}" for found in against_oracle if found]
+        if any(against_oracle):
+            lines += [
+                "",
+                f"The oracle ran on {budget.oracle_seeds} seeds, so an interval against it has "
+                f"{budget.oracle_seeds - 1} degree(s) of freedom and rarely excludes 0; it fine-tunes every source at "
+                f"one LR ({ORACLE_LR:g}) while the methods choose theirs on dev, so it is a strong reference, not an "
+                "upper bound.",
+            ]
         lines += [""] + ranking_agreement(rows, oracle)
     if lines:
         lines = deduplication_table(budget) + lines
@@ -530,7 +547,17 @@ def time_profile(frame: pd.DataFrame) -> str:
         f"{name}: {row.train_seconds:.0f} s training + {row.eval_seconds:.0f} s scoring"
         for name, row in stats.iterrows()
     ]
-    return (
+    line = (
         "Where a run's time goes (mean per run, one worker of two on 2 CPU cores; loading the model takes under a "
         "second): " + "; ".join(cells) + "."
     )
+    ranked = frame["details"].map(lambda d: isinstance(d, dict) and "ranking" in d) if "details" in frame else None
+    if ranked is not None and ranked.any():
+        timed = frame.loc[ranked, "details"].map(lambda d: d.get("rank_seconds")).dropna()
+        line += (
+            f" A library run also ranks the library before training, outside both times: {timed.mean():.0f} s on "
+            f"average ({len(timed)} of {int(ranked.sum())} such runs timed)."
+            if len(timed)
+            else " A library run also ranks the library before training, outside both times (not timed in these runs)."
+        )
+    return line

@@ -10,8 +10,11 @@ from benchmarks.core.methods import LABELS
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
-    """The records without errors as a frame, with a `task` column (tasks joined by "+") and the method's `label`."""
-    rows = [r for r in records if "error" not in r]
+    """The records without errors as a frame, with a `task` column (tasks joined by "+") and the method's `label`.
+
+    A run recorded twice (two invocations of a suite that ran it at once, or a rerun by hand) counts once, by its
+    last record, as the suite's planner reads it."""
+    rows = list({r.get("key", index): r for index, r in enumerate(records) if "error" not in r}.values())
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame

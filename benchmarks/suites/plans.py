@@ -13,6 +13,7 @@ from typing import Optional
 
 import pandas as pd
 
+from benchmarks.core.library_data import SOURCE_DATA_VERSION
 from benchmarks.core.methods import METHODS, claim_methods
 from benchmarks.core.selection import choose_lr
 from benchmarks.core.specs import ORACLE_LR, RunSpec
@@ -231,6 +232,7 @@ def causal_runs(budget: CausalBudget, claim: str, seed: int, chosen_lr: Optional
                 source_steps=budget.source_steps,
                 source_init=base.init,
                 held_out=budget.library_targets,
+                source_data_version=SOURCE_DATA_VERSION,
             )
             runs += _causal_sweep(budget, chosen_lr, replace(base, tasks=(task,)))  # no transfer
             for method in claim_methods("library"):
