@@ -246,8 +246,9 @@ class PromptLibrary:
 
         It costs one forward pass of the examples per entry (N entries x K examples); on a decoder-only model the
         prompt runs once per batch where that pays (the shared-prefix path: at batch 8, prompts of 19 tokens or
-        more), which costs about what the examples alone cost. Sequence classifiers are refused: their head is new,
-        so a loss before training ranks nothing.
+        more): on SmolLM2 at batch 8, 0.93 of the concatenated forward's time for 20-token entries and 0.60 for
+        100-token ones (docs/guides/prompt-library.md). Sequence classifiers are refused: their head is new, so a
+        loss before training ranks nothing.
 
         Args:
             model (`torch.nn.Module`): The model to train: a `PeftModel` (peft `PROMPT_TUNING` or one of this

@@ -5,7 +5,8 @@ scored through this package's own forward: a residual adapter in inference mode 
 so a scorer is one such adapter over the model's base model, its prompt replaced by each candidate in turn. On a
 decoder-only model that forward runs the prompt once per batch and shares its keys and values with the rows where
 that pays (`shared_prefix="auto"`: at batch 8, prompts of 19 tokens or more; docs/guides/shared-prefix.md), so
-scoring N prompts on K examples costs about N·K forward passes of the examples alone.
+scoring N prompts on K examples costs N·K forward passes of the examples and, per batch, one of each prompt (on
+SmolLM2 at batch 8: 0.93 of the concatenated forward's time for 20-token prompts, 0.60 for 100-token ones).
 """
 
 from __future__ import annotations
