@@ -638,3 +638,31 @@ def test_the_reproduction_study_finds_its_recorded_runs_and_compares_loss_curves
     assert study.max_relative_difference([1.0, 2.2], [1.0, 2.0]) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="No recorded SmolLM2 run of residual on mr"):
         study.recorded_run("residual", "mr", 0.01)
+
+
+def test_saved_for_backward_counts_what_a_step_keeps_by_kind_without_the_weights(monkeypatch):
+    """`cost shared-prefix --measure saved`: the loss reads B·(P+L) vocabulary rows concatenated and B·(L+1) shared
+    (the rows' positions and the last prompt position, which predicts the first token)."""
+    from conftest import TINY_MODELS, VOCAB
+    from peft import get_peft_model
+
+    from benchmarks.cost.shared_prefix import SAVED_KINDS, saved_for_backward
+    from peft_prompt_transfer import ResidualPromptConfig
+
+    P, B, L = 12, 4, 6
+    input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+    saved = {}
+    for mode in ("on", "off"):
+        config = ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, shared_prefix=mode)
+        model = get_peft_model(TINY_MODELS["llama"].build(hidden=48), config).train()  # 48: no dim equals VOCAB
+        saved[mode] = saved_for_backward(model, inputs)
+        assert list(saved[mode]) == list(SAVED_KINDS) and saved[mode]["attention"] > 0
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # it ran the backward
+    row_mb = VOCAB * 4 / 2**20
+    assert saved["off"]["vocabulary"] == pytest.approx(B * (P + L) * row_mb)
+    assert saved["on"]["vocabulary"] == pytest.approx(B * (L + 1) * row_mb)
+    assert saved["on"]["other"] < saved["off"]["other"]  # the layers' activations of U·P + B·L positions
+    # the weights the layers keep for their input gradients are left out: counted, they add to the rest
+    monkeypatch.setattr(model, "parameters", lambda: iter(()))
+    assert saved_for_backward(model, inputs)["other"] > saved["off"]["other"]

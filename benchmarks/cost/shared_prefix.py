@@ -14,6 +14,11 @@ grid of prompt lengths P, input lengths L and batch sizes B. `--measure` picks w
   score), of each method shared and concatenated and of its `export_kv_prefix` loaded in stock peft
   (`PeftModel.from_pretrained`, a `PREFIX_TUNING` adapter, which runs only the input's positions), next to peft's
   PROMPT_TUNING.
+- `saved`: what a training step's forward keeps for its backward pass, the largest part of its peak: the tensors
+  `torch.autograd.graph.saved_tensors_hooks` sees, each storage once and the model's weights left out, in three
+  kinds: the rows of vocabulary size the loss reads (`vocabulary`), the attention's keys and values (`attention`,
+  `[B, heads, positions, head_dim]`, the rows' over the prompt's positions too) and the rest (`other`). It counts
+  bytes, so it does not depend on the machine's load.
 - `generate`: greedy `generate` of 16 new tokens (`min_new_tokens` too, so every call decodes 16 steps) after the
   prefill, shared and concatenated, next to PROMPT_TUNING's; the export's too where stock peft's prefix `generate`
   gives the tokens of the plugin's shared path on the versions installed, and otherwise a record that says it does
@@ -27,7 +32,7 @@ export's bound is `L / (P+L)`: its prompt positions are never run.
 Cells already in `--output` are kept and skipped, so an interrupted grid resumes where it stopped; each record names
 the command that measured it.
 
-    python -m benchmarks cost shared-prefix [--measure step|memory|scoring|generate] [--cells 100,64,8 20,64,8 ...]
+    python -m benchmarks cost shared-prefix [--measure step|memory|saved|scoring|generate] [--cells 100,64,8 20,64,8 ...]
                                             [--methods RESIDUAL_PROMPT_TUNING ...] [--rounds 10] [--threads 2]
                                             [--output benchmarks/results/shared_prefix.json]
 """
@@ -61,7 +66,8 @@ DEFAULT_CELLS = tuple(f"{p},{length},{b}" for p in (10, 20, 100) for length in (
 NUM_PARTICLES = 4  # ratios.peft_config's Bayesian source stage
 NEW_TOKENS = 16  # generate: new tokens after the prefill
 # each measure's records in --output ("records" is the step's, the first measured)
-RECORD_KEYS = {"step": "records", "memory": "memory", "scoring": "scoring", "generate": "generate"}
+RECORD_KEYS = {"step": "records", "memory": "memory", "saved": "saved", "scoring": "scoring", "generate": "generate"}
+SAVED_KINDS = ("vocabulary", "attention", "other")
 
 
 def distinct_prompts(method: str, batch_size: int, training: bool = True) -> int:
@@ -206,6 +212,60 @@ def memory_cell(args, num_virtual_tokens: int, length: int, batch_size: int) -> 
     return records
 
 
+def saved_for_backward(model, inputs: dict) -> dict[str, float]:
+    """MB of the tensors one training forward of `model` keeps for its backward pass, by kind (`SAVED_KINDS`), each
+    storage counted once and the model's parameters left out."""
+    import torch
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    kinds: dict[int, tuple[str, int]] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            if tensor.dim() and tensor.shape[-1] == config.vocab_size:
+                kind = "vocabulary"
+            elif tensor.dim() == 4 and tensor.shape[-1] == head_dim:
+                kind = "attention"
+            else:
+                kind = "other"
+            kinds.setdefault(storage.data_ptr(), (kind, storage.nbytes()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**inputs).loss
+    loss.backward()
+    return {kind: sum(n for k, n in kinds.values() if k == kind) / 2**20 for kind in SAVED_KINDS}
+
+
+def saved_cell(args, num_virtual_tokens: int, length: int, batch_size: int) -> list[dict]:
+    """The records of one cell: the tensors every method's training forward keeps for backward, shared and
+    concatenated (one model at a time)."""
+    cell_args = _cell_args(args, num_virtual_tokens, length, batch_size)
+    device = _device(cell_args)
+    saved = {}
+    for name, (method, config) in _configs(args, cell_args).items():
+        if name != "PROMPT_TUNING":
+            model = training(method, cell_args, config)[0]
+            saved[name] = saved_for_backward(model, _inputs(method, cell_args, model.config.vocab_size, device))
+            del model
+    records = []
+    for method in args.methods:
+        shared, concatenated = saved[f"{method}/on"], saved[f"{method}/off"]
+        records.append(
+            _cell_record(
+                method,
+                (num_virtual_tokens, length, batch_size),
+                shared_mb=shared,
+                concatenated_mb=concatenated,
+                shared_over_concatenated=sum(shared.values()) / sum(concatenated.values()),
+            )
+        )
+    return records
+
+
 def _inference_models(args, cell_args, folder: str) -> dict:
     """name -> (model in eval mode, its inputs): PROMPT_TUNING, each method shared and concatenated, and each
     method's `export_kv_prefix` (its first task for ComPT) loaded in stock peft, as `name/exported`."""
@@ -320,12 +380,25 @@ def generate_cell(args, num_virtual_tokens: int, length: int, batch_size: int) -
     return records
 
 
-MEASURE_CELLS = {"step": measure_cell, "memory": memory_cell, "scoring": scoring_cell, "generate": generate_cell}
+MEASURE_CELLS = {
+    "step": measure_cell,
+    "memory": memory_cell,
+    "saved": saved_cell,
+    "scoring": scoring_cell,
+    "generate": generate_cell,
+}
 
 
 def _show(measure: str, record: dict) -> str:
     cell = f"P={record['num_virtual_tokens']} L={record['seq_len']} B={record['batch_size']} {record['method']:<24}"
     ratio = record["shared_over_concatenated"]
+    if measure == "saved":
+        kinds = ", ".join(
+            f"{kind} {record['shared_mb'][kind]:.0f}/{record['concatenated_mb'][kind]:.0f}" for kind in SAVED_KINDS
+        )
+        return (
+            f"{cell} saved for backward shared/concatenated {ratio:.2f} (bound {record['token_bound']:.2f}); MB {kinds}"
+        )
     if measure == "memory":
         return (
             f"{cell} peak memory shared/concatenated {ratio:.2f} (bound {record['token_bound']:.2f}), "

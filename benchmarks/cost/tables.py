@@ -64,6 +64,18 @@ def shared_prefix_tables(report: dict) -> list[str]:
                 f"{r['logits_mb']:.0f} ({r['logits_mb'] / r['shared_mb']:.2f}, {r['logits_mb'] / r['concatenated_mb']:.2f})",
             ],
         ),
+        "saved": (
+            "What a training step's forward keeps for its backward pass (`--measure saved`: the tensors "
+            "`torch.autograd.graph.saved_tensors_hooks` sees, each storage once, the weights left out), MB shared / "
+            "concatenated: the rows of vocabulary size the loss reads, the attention's keys and values, and the rest. "
+            "Counted in bytes, so independent of the machine's load.",
+            "| P | L | B | method | positions | shared / concatenated | vocabulary rows | attention keys and values | other |",
+            lambda r: [
+                f"{r['token_bound']:.2f}",
+                f"{r['shared_over_concatenated']:.2f}",
+                *(f"{mb:.0f} / {r['concatenated_mb'][kind]:.0f}" for kind, mb in r["shared_mb"].items()),
+            ],
+        ),
         "scoring": (
             "Scoring: an evaluation forward with labels and without gradients, shared and concatenated, and the "
             "`export_kv_prefix` adapter loaded in stock peft (PREFIX_TUNING: only the input's positions run; its bound "
