@@ -194,19 +194,30 @@ def memory_cell(args, num_virtual_tokens: int, length: int, batch_size: int) -> 
     reference = peaks["PROMPT_TUNING"]["peak_training_mb"]
     # the logits the forward returns: B·(P+L) rows of the vocabulary in float32, on either path
     logits_mb = batch_size * (num_virtual_tokens + length) * peaks["PROMPT_TUNING"]["vocab_size"] * 4 / 2**20
+    records = _paired_records(
+        args,
+        (num_virtual_tokens, length, batch_size),
+        {name: peak["peak_training_mb"] for name, peak in peaks.items()},
+        prompt_tuning_mb=reference,
+        logits_mb=logits_mb,
+    )
+    return [{**record, "shared_over_prompt_tuning": record["shared_mb"] / reference} for record in records]
+
+
+def _paired_records(args, cell: tuple[int, int, int], measured: dict, total=lambda mb: mb, **values) -> list[dict]:
+    """A record per method of `cell`: its shared and concatenated MB (`measured["METHOD/on"]`, `"METHOD/off"`), the
+    ratio of their `total`s, and `values`."""
     records = []
     for method in args.methods:
-        shared, concatenated = peaks[f"{method}/on"]["peak_training_mb"], peaks[f"{method}/off"]["peak_training_mb"]
+        shared, concatenated = measured[f"{method}/on"], measured[f"{method}/off"]
         records.append(
             _cell_record(
                 method,
-                (num_virtual_tokens, length, batch_size),
+                cell,
                 shared_mb=shared,
                 concatenated_mb=concatenated,
-                prompt_tuning_mb=reference,
-                logits_mb=logits_mb,
-                shared_over_concatenated=shared / concatenated,
-                shared_over_prompt_tuning=shared / reference,
+                **values,
+                shared_over_concatenated=total(shared) / total(concatenated),
             )
         )
     return records
@@ -251,19 +262,9 @@ def saved_cell(args, num_virtual_tokens: int, length: int, batch_size: int) -> l
             model = training(method, cell_args, config)[0]
             saved[name] = saved_for_backward(model, _inputs(method, cell_args, model.config.vocab_size, device))
             del model
-    records = []
-    for method in args.methods:
-        shared, concatenated = saved[f"{method}/on"], saved[f"{method}/off"]
-        records.append(
-            _cell_record(
-                method,
-                (num_virtual_tokens, length, batch_size),
-                shared_mb=shared,
-                concatenated_mb=concatenated,
-                shared_over_concatenated=sum(shared.values()) / sum(concatenated.values()),
-            )
-        )
-    return records
+    return _paired_records(
+        args, (num_virtual_tokens, length, batch_size), saved, total=lambda kinds: sum(kinds.values())
+    )
 
 
 def _inference_models(args, cell_args, folder: str) -> dict:
