@@ -74,7 +74,6 @@ def gathered_parameters(
                 parameter.copy_(reshard_like(whole.detach(), parameter))
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def unsharded_around(model: torch.nn.Module, inner: torch.nn.Module) -> Iterator[None]:
     """Within this context `inner`, a module inside `model`, can run forward by itself while `model` is sharded with
@@ -101,6 +100,7 @@ def unsharded_around(model: torch.nn.Module, inner: torch.nn.Module) -> Iterator
             module.reshard()
 
 
+@torch.no_grad()
 def load_module_state(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """`module.load_state_dict(state_dict, strict=True)` done by copying each value into the module's own tensor.
 
