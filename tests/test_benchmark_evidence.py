@@ -31,7 +31,7 @@ from benchmarks.core.selection import best_on_test, choose_lr, chosen_on_dev, fo
 from benchmarks.core.specs import POSTERIOR_KINDS, SourceSpec
 from benchmarks.core.tasks import KSHOT_SEEDS, TASKS, load_split, register_tasks
 from benchmarks.core.training import LabelWordTrainer
-from benchmarks.report.causal import causal_sections, method_table
+from benchmarks.report.causal import causal_sections, method_table, time_profile
 from benchmarks.report.common import records_frame
 from benchmarks.report.page import render
 from benchmarks.suites.budgets import CLAIMS, SUITES, with_tasks
@@ -672,3 +672,19 @@ def test_the_library_report_sets_rank_against_the_oracle(tmp_path, oracle_done):
         (True, True) if oracle_done == "every source" else (False, False)
     )
     assert "| sst2 | train | 67,349 |" in text  # the deduplication counts
+
+
+def test_the_time_profile_adds_the_library_runs_ranking_time_where_recorded():
+    run = {"method": "prompt_tuning", "tasks": ["mr"], "data": "kshot", "steps": 40, "eval_seconds": 10.0}
+    ranked = {**run, "method": "library_best", "train_seconds": 100.0}
+    frame = records_frame(
+        [
+            {**run, "key": "a", "train_seconds": 100.0, "details": {}},
+            {**ranked, "key": "b", "details": {"ranking": [], "rank_seconds": 30.0}},
+            {**ranked, "key": "c", "details": {"ranking": []}},  # recorded before `rank_seconds` existed
+        ]
+    )
+    line = time_profile(frame)
+    assert "kshot, 40 steps: 100 s training + 10 s scoring." in line
+    assert "ranks the library before training, outside both times: 30 s on average (1 of 2 such runs timed)." in line
+    assert "not timed" in time_profile(frame[frame.key != "b"])

@@ -34,7 +34,7 @@ _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 # What the rule reads from a model is found once per model (its architecture, and which of its modules hold a dropout
 # rate or a checkpointing flag: a walk over every module, about 2 ms per forward on SmolLM2), and the values that
 # change while it runs (train()/eval(), gradient_checkpointing_enable(), a dropout's rate) are read at every call.
-_ARCHITECTURE_REASONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ARCHITECTURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DROPOUT_HOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CHECKPOINTABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -84,15 +84,16 @@ def _rope_type(config: Any) -> Optional[str]:
     return rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
 
 
-def _architecture_reason(base: nn.Module) -> Optional[str]:
-    """Why `base`'s architecture cannot share the prompt, or None; found once per model (see `why_not_shared`)."""
-    if base not in _ARCHITECTURE_REASONS:
+def _architecture(base: nn.Module) -> tuple[Optional[str], Optional[str]]:
+    """`base`'s cache keyword (`cache_keyword`) and why its architecture cannot share the prompt (None if it can);
+    found once per model (see `why_not_shared`)."""
+    if base not in _ARCHITECTURES:
         config = base.config
-        rope = _rope_type(config.get_text_config())
+        keyword, rope = cache_keyword(base), _rope_type(config.get_text_config())
         reason = None
         if getattr(config, "is_encoder_decoder", False):
             reason = "the base model is an encoder-decoder"
-        elif cache_keyword(base) is None:
+        elif keyword is None:
             reason = f"{type(base).__name__}.forward takes no KV cache"
         elif rope in _LENGTH_DEPENDENT_ROPE:
             reason = f"its rope scaling ({rope!r}) depends on the total sequence length"
@@ -101,8 +102,8 @@ def _architecture_reason(base: nn.Module) -> Optional[str]:
             odd_layers = sorted({type(layer).__name__ for layer in layers if not isinstance(layer, DynamicLayer)})
             if odd_layers:
                 reason = f"its cache has layers that are not key/value layers ({', '.join(odd_layers)})"
-        _ARCHITECTURE_REASONS[base] = reason
-    return _ARCHITECTURE_REASONS[base]
+        _ARCHITECTURES[base] = (keyword, reason)
+    return _ARCHITECTURES[base]
 
 
 def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwargs: dict[str, Any]) -> Optional[str]:
@@ -115,10 +116,10 @@ def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwa
     drop the cache argument), `output_attentions`, and a cache passed by the caller.
     """
     base = peft_model.base_model
-    reason = _architecture_reason(base)
+    keyword, reason = _architecture(base)
     if reason is not None:
         return reason
-    if kwargs.get(cache_keyword(base)) is not None or kwargs.get("past_key_values") is not None:
+    if kwargs.get(keyword) is not None or kwargs.get("past_key_values") is not None:
         return "a KV cache was passed to forward"
     if output_attentions or getattr(base.config, "output_attentions", False):
         return "output_attentions=True (the rows' attention maps would lack the prompt positions)"
