@@ -7,6 +7,7 @@
     python -m benchmarks cost [...]              # step time, memory and inference ratios to PROMPT_TUNING
     python -m benchmarks cost svgd-scaling [...] # SVGD source-stage step time vs the number of particles
     python -m benchmarks cost shared-prefix [...] # the shared prefix's step time against concatenation, on a grid
+    python -m benchmarks cost rank [...]         # PromptLibrary.rank against a peft PROMPT_TUNING scoring loop
     python -m benchmarks study NAME [...]        # a one-off measurement behind the docs: prompt-steps,
                                                  # svgd-assignment, transfer-inits or shared-prefix-reproduction
 
@@ -31,6 +32,7 @@ COST = {
     "ratios": "benchmarks.cost.ratios",
     "svgd-scaling": "benchmarks.cost.svgd_scaling",
     "shared-prefix": "benchmarks.cost.shared_prefix",
+    "rank": "benchmarks.cost.rank",
 }
 STUDIES = {
     "prompt-steps": "benchmarks.studies.prompt_steps",

@@ -11,9 +11,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model_state_dict
 from peft import utils as peft_utils
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
-from transformers import DynamicCache
 
 from ._compat import PACKAGE_NAME, cache_keyword, is_ours, prompt_tuning_config_like
+from ._patches.shared_prefix import prompt_cache
 from .files import save_safetensors
 from .model_card import loading_snippet
 
@@ -100,15 +100,13 @@ def export_kv_prefix(
             "would not load as it was written. Use export_prompt_tuning for this model."
         )
     prompt = model.prompt_encoder[adapter_name].inference_prompt(task)
-    cache = DynamicCache(config=base.config)
-    keyword = cache_keyword(base)
-    if keyword is None:
+    if cache_keyword(base) is None:
         raise ValueError(f"{type(base).__name__}.forward takes no KV cache, so it has no prefix to export.")
     was_training = base.training
     base.eval()
     try:
         with torch.no_grad():
-            base(inputs_embeds=prompt.unsqueeze(0).to(base.dtype), use_cache=True, **{keyword: cache})
+            cache, _ = prompt_cache(base, prompt)
     finally:
         base.train(was_training)
     layers = [(layer.keys, layer.values) for layer in cache.layers]

@@ -559,6 +559,7 @@ def test_every_registered_method_can_be_built_and_is_compared_with_registered_me
         (["cost", "--model", "smollm2"], "benchmarks.cost.ratios", ["--model", "smollm2"]),
         (["cost", "svgd-scaling", "--repeats", "1"], "benchmarks.cost.svgd_scaling", ["--repeats", "1"]),
         (["cost", "shared-prefix", "--cells", "4,8,2"], "benchmarks.cost.shared_prefix", ["--cells", "4,8,2"]),
+        (["cost", "rank", "--entries", "2"], "benchmarks.cost.rank", ["--entries", "2"]),
         (["study", "prompt-steps", "--lr", "0.1"], "benchmarks.studies.prompt_steps", ["--lr", "0.1"]),
         (["study", "transfer-inits"], "benchmarks.studies.transfer_inits", []),
     ],
@@ -622,6 +623,29 @@ def test_the_shared_prefix_grid_keeps_each_measure_apart_and_resumes_its_cells(m
     assert [r["num_virtual_tokens"] for r in saved["records"]] == [10, 100]
     assert [r["num_virtual_tokens"] for r in saved["scoring"]] == [10, 20]
     assert saved["scoring"][0]["command"].startswith("python -m benchmarks cost shared-prefix --measure scoring")
+
+
+def test_the_rank_cost_scores_as_the_peft_loop_and_resumes_its_cells(monkeypatch, tmp_path, capsys):
+    """`cost rank` on a tiny decoder: rank's scores equal the peft PROMPT_TUNING loop's, the record states its bound,
+    a cell already measured is skipped, and the report renders it."""
+    from conftest import TINY_MODELS
+
+    from benchmarks.cost import rank, ratios
+    from benchmarks.cost.tables import rank_table
+
+    loads = []
+    monkeypatch.setattr(ratios, "_load_base", lambda args: loads.append(args) or TINY_MODELS["llama"].build())
+    output = tmp_path / "rank.json"
+    common = ["--entries", "2", "--examples", "6", "--rounds", "2", "--threads", "1", "--output", str(output)]
+    rank.main(["--cells", "4,8,4", *common])
+    records = rank.main(["--cells", "4,8,4", "6,5,2", *common])
+    assert len(loads) == 2 and [r["num_virtual_tokens"] for r in records] == [4, 6]
+    first = records[0]
+    assert first["max_relative_score_difference"] < 1e-5
+    assert first["positions"] == pytest.approx((4 + 6 * 8) / (6 * 12))
+    assert first["command"] == "python -m benchmarks cost rank --cells 4,8,4 " + " ".join(common)
+    table = "\n".join(rank_table(json.loads(output.read_text())))
+    assert "| 4 | 8 | 4 | 0.72 |" in table and "| 6 | 5 | 2 |" in table
 
 
 def test_an_unknown_study_is_refused_with_the_names_there_are(capsys):

@@ -398,7 +398,10 @@ def test_rank_pads_examples_of_any_length_and_scores_each_label_token(lm, tmp_pa
     for length in (3, 9, 5, 6, 4):
         ids = torch.randint(3, 64, (length,), generator=g).tolist()
         if lm.kind == "causal":
-            rows.append({"input_ids": ids, "labels": [-100] * (length - 2) + ids[-2:]})
+            # one example also scores its first token, which the prompt's last position predicts
+            rows.append(
+                {"input_ids": ids, "labels": [ids[0] if length == 5 else -100] + [-100] * (length - 3) + ids[-2:]}
+            )
         else:
             rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": ids[: length % 3 + 1]})
     model = prompt_tuning(lm, tmp_path)
@@ -408,21 +411,31 @@ def test_rank_pads_examples_of_any_length_and_scores_each_label_token(lm, tmp_pa
     assert score == pytest.approx(sum(s * n for s, n in zip(alone, tokens)) / sum(tokens), rel=1e-5)
 
 
-def test_rank_on_the_shared_prefix_path_scores_as_concatenation(tmp_path):
-    """A 20-token prompt on batches of 8: the scorer shares the prompt's keys and values, and scores as peft's
-    concatenating PROMPT_TUNING does."""
+def test_rank_runs_each_prompt_once_for_every_batch_and_scores_as_concatenation(tmp_path):
+    """On a decoder-only model each prompt runs once, alone, and every batch runs after its keys and values with
+    logits only where a label token is predicted; the score is stock peft's concatenating PROMPT_TUNING's."""
     tiny = TINY_MODELS["llama"]
     library = PromptLibrary(tiny.saved(tmp_path))
-    library.add("p", torch.randn(20, 32, generator=torch.Generator().manual_seed(0)))
-    rows = examples_with_label(tiny, 5, count=8)
+    for name, seed in (("p", 0), ("q", 1)):
+        library.add(name, torch.randn(20, 32, generator=torch.Generator().manual_seed(seed)))
+    rows = examples_with_label(tiny, 5, count=24)
+    rows[3]["labels"][0] = rows[3]["input_ids"][0]  # a label on the first token: the prompt's last position predicts it
     model = prompt_tuning(tiny, tmp_path, num_virtual_tokens=20)
-    calls = []
-    model.get_base_model().register_forward_pre_hook(
-        lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    base = model.get_base_model()
+    calls, projected = [], []
+    base.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(
+            (kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[:2]
+        ),
+        with_kwargs=True,
     )
-    score = dict(library.rank(model, rows, include_current=False, batch_size=8, progress=False))["p"]
-    assert calls == [1, 8]  # the prompt once, then the rows
-    assert score == pytest.approx(reference_score(tiny, tmp_path, library["p"].prompt, rows), rel=1e-5)
+    base.lm_head.register_forward_pre_hook(lambda module, args: projected.append(tuple(args[0].shape[:2])))
+    scores = dict(library.rank(model, rows, include_current=False, batch_size=8, progress=False))
+    # per prompt: the prompt alone, then three batches of 8 rows of 7 tokens
+    assert calls == [(1, 20), (8, 7), (8, 7), (8, 7)] * 2
+    assert projected == [(1, 1), (8, 1), (8, 1), (8, 1)] * 2  # the prompt's last position; each row's label position
+    for name in ("p", "q"):
+        assert scores[name] == pytest.approx(reference_score(tiny, tmp_path, library[name].prompt, rows), rel=1e-5)
 
 
 def test_rank_restores_every_module_mode_and_adds_no_hooks_under_gradient_checkpointing(tmp_path):

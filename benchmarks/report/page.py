@@ -11,7 +11,7 @@ from typing import Optional
 
 from benchmarks.core import selection
 from benchmarks.core.harness import load_records
-from benchmarks.cost.tables import shared_prefix_tables, svgd_scaling_table
+from benchmarks.cost.tables import rank_table, shared_prefix_tables, svgd_scaling_table
 from benchmarks.report import causal, minilm
 from benchmarks.report.common import records_frame
 from benchmarks.suites.budgets import CausalBudget, suite_budget
@@ -75,6 +75,15 @@ def _cost_section(results_dir: Path, figures: Path, out: Path) -> list[str]:
             "SmolLM2-135M, 2 CPU threads (`benchmarks/results/shared_prefix.json`).",
             "",
             *shared_prefix_tables(json.loads(shared_path.read_text())),
+        ]
+    rank_path = results_dir / "rank.json"
+    if rank_path.exists():
+        lines += [
+            "## `PromptLibrary.rank`: cost next to a peft PROMPT_TUNING scoring loop",
+            "",
+            "SmolLM2-135M (`benchmarks/results/rank.json`).",
+            "",
+            *rank_table(json.loads(rank_path.read_text())),
         ]
     scaling_path = results_dir / "svgd_scaling.json"
     if scaling_path.exists():

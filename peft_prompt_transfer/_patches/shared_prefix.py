@@ -16,6 +16,7 @@ including the first input token, which the last prompt position predicts.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any, Optional, Union
 
@@ -183,6 +184,45 @@ def _run(base: nn.Module, keyword: str, cache: DynamicCache, positions: torch.Te
     if positions.numel() == 0:
         keep = 1  # nothing is needed: the cheapest the model can do
     return base(**inputs, **{keyword: cache}, logits_to_keep=keep)
+
+
+def prompt_cache(base: nn.Module, prompt: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """One prompt `[P, d]` run through the decoder-only `base` alone: its keys and values at every layer, which no
+    input changes, and the logits of its last position, which predict the first input token. Computed once, they
+    serve any number of batches (`forward_after_prompt`) and exports (`export_kv_prefix`)."""
+    cache = DynamicCache(config=base.config)
+    output = base(
+        inputs_embeds=prompt.unsqueeze(0).to(base.get_input_embeddings().weight.dtype),
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_keyword(base): cache},
+    )
+    return cache, output.logits[0, -1]
+
+
+def forward_after_prompt(
+    base: nn.Module,
+    cache: DynamicCache,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    logits_to_keep: Union[int, torch.Tensor] = 0,
+) -> Any:
+    """`base`'s forward of a batch of rows after the prompt whose `cache` `prompt_cache` computed, as the shared
+    path's second call: the prompt's keys and values gathered to the rows (a copy: the forward appends the rows' own
+    to the cache it gets) and the attention mask extended by its P ones. `logits_to_keep` counts the rows'
+    positions."""
+    batch_size = input_ids.shape[0]
+    rows = copy.deepcopy(cache)
+    rows.batch_select_indices(torch.zeros(batch_size, dtype=torch.long, device=input_ids.device))
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    prefix_mask = attention_mask.new_ones(batch_size, cache.get_seq_length())
+    return base(
+        input_ids=input_ids,
+        attention_mask=torch.cat((prefix_mask, attention_mask), dim=1),
+        logits_to_keep=logits_to_keep,
+        **{cache_keyword(base): rows},
+    )
 
 
 def _joined_hidden_states(prefix: Any, outputs: Any, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -244,10 +244,11 @@ class PromptLibrary:
         model's own prompt (what it uses now) is ranked too, as `CURRENT_PROMPT` ("<current prompt>"): the start
         without transfer.
 
-        It costs one forward pass of the examples per entry (N entries x K examples); on a decoder-only model the
-        prompt runs once per batch where that pays (the shared-prefix path: at batch 8, prompts of 19 tokens or
-        more): on SmolLM2 at batch 8, 0.93 of the concatenated forward's time for 20-token entries and 0.60 for
-        100-token ones (docs/guides/prompt-library.md). Sequence classifiers are refused: their head is new, so a
+        It costs one forward pass of the examples per entry (N entries x K examples). On a decoder-only model that
+        can share a prompt's keys and values, each entry's prompt runs once, every batch runs after its keys and
+        values, and only the positions that predict a label token get logits: on SmolLM2 at batch 8, 0.62 of the
+        time of scoring each entry with peft `PROMPT_TUNING` for 20-token entries and 0.32 for 100-token ones
+        (docs/guides/prompt-library.md). Sequence classifiers are refused: their head is new, so a
         loss before training ranks nothing.
 
         Args:

@@ -1,12 +1,16 @@
 """Scoring prompts on a new task's examples: the frozen model's loss on the labels with each prompt in front.
 
-This is SPoT's choice of a source prompt without training (the lowest loss before the first step). Every prompt is
-scored through this package's own forward: a residual adapter in inference mode holds nothing but a fixed prompt,
-so a scorer is one such adapter over the model's base model, its prompt replaced by each candidate in turn. On a
-decoder-only model that forward runs the prompt once per batch and shares its keys and values with the rows where
-that pays (`shared_prefix="auto"`: at batch 8, prompts of 19 tokens or more; docs/guides/shared-prefix.md), so
-scoring N prompts on K examples costs N·K forward passes of the examples and, per batch, one of each prompt (on
-SmolLM2 at batch 8: 0.93 of the concatenated forward's time for 20-token prompts, 0.60 for 100-token ones).
+This is SPoT's choice of a source prompt without training (the lowest loss before the first step). Scoring N
+prompts on K examples costs N·K forward passes of the examples:
+
+- On a decoder-only model that can share a prompt's keys and values (the shared-prefix rule,
+  docs/guides/shared-prefix.md), each prompt runs through the model once, alone, and every batch of examples runs
+  after its keys and values, so no batch runs the prompt's positions again; only the positions that predict a
+  label token get logits (the vocabulary-sized projection is a fifth of SmolLM2-135M's forward per position). The
+  loss is the one the concatenated forward gives, to float rounding.
+- Otherwise (seq2seq models, and decoders whose cache or rope scaling cannot be shared) the prompt goes in front of
+  every example through this package's own forward: a residual adapter in inference mode holds nothing but a fixed
+  prompt, so a scorer is one such adapter over the model's base model, its prompt replaced by each candidate in turn.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 from tqdm.auto import tqdm
 
 from .._compat import enum_value
+from .._patches.shared_prefix import forward_after_prompt, prompt_cache, why_not_shared
 from ..base import unsharded_around
 from ..residual import ResidualPromptConfig
 from .fingerprint import base_model_of
@@ -155,6 +160,8 @@ class PromptScorer:
     @torch.no_grad()
     def _score(self, prompt: torch.Tensor, bar: tqdm) -> float:
         scorer = self._scorer(prompt.shape[0]).eval()
+        if self.task_type == "CAUSAL_LM" and why_not_shared(scorer, None, {}) is None:
+            return self._score_after_prompt(prompt, bar)
         weight = scorer.prompt_encoder[SCORER_ADAPTER].embedding.weight
         weight.copy_(prompt.to(device=weight.device, dtype=weight.dtype))
         device = weight.device
@@ -168,6 +175,34 @@ class PromptScorer:
                 logits = scorer(**batch, labels=labels).logits
             scored = labels != -100  # only the label positions go to float32, not the whole vocabulary everywhere
             total += torch.nn.functional.cross_entropy(logits[scored].float(), labels[scored], reduction="sum").item()
+            count += int(scored.sum())
+            bar.update()
+        return total / count
+
+    def _score_after_prompt(self, prompt: torch.Tensor, bar: tqdm) -> float:
+        """`_score` on a decoder-only model: the prompt's keys and values computed once, every batch run after them,
+        and logits only where a label token is predicted (position t predicts token t+1; the prompt's last position
+        predicts token 0)."""
+        weight = self.base.get_input_embeddings().weight
+        cache, first_logits = prompt_cache(self.base, prompt.to(device=weight.device, dtype=weight.dtype))
+        total, count = 0.0, 0
+        for batch in self.batches:
+            batch = {key: value.to(weight.device) for key, value in batch.items()}
+            labels = batch.pop("labels")
+            scored = labels != -100
+            logits, targets = [], []
+            positions = scored[:, 1:].any(dim=0).nonzero().flatten()
+            if positions.numel():
+                kept = forward_after_prompt(self.base, cache, **batch, logits_to_keep=positions).logits
+                predicted = scored[:, positions + 1]
+                logits.append(kept[predicted])
+                targets.append(labels[:, positions + 1][predicted])
+            first = scored[:, 0]
+            if first.any():
+                logits.append(first_logits.expand(int(first.sum()), -1))
+                targets.append(labels[first, 0])
+            logits = torch.cat(logits).float()
+            total += torch.nn.functional.cross_entropy(logits, torch.cat(targets), reduction="sum").item()
             count += int(scored.sum())
             bar.update()
         return total / count
