@@ -625,6 +625,20 @@ def test_the_shared_prefix_grid_keeps_each_measure_apart_and_resumes_its_cells(m
     assert saved["scoring"][0]["command"].startswith("python -m benchmarks cost shared-prefix --measure scoring")
 
 
+def test_a_memory_worker_runs_in_a_fresh_process_and_a_failure_names_it(monkeypatch, tmp_path):
+    from benchmarks.cost.ratios import in_fresh_process
+
+    (tmp_path / "worker_ok.py").write_text(
+        'import json, os\nprint("loading")\nprint(json.dumps({"pid": os.getpid(), "offline": os.environ["HF_HUB_OFFLINE"]}))\n'
+    )
+    (tmp_path / "worker_bad.py").write_text('raise RuntimeError("the worker ran out of memory")\n')
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    measured = in_fresh_process(["worker_ok"], "ok")
+    assert measured["pid"] != os.getpid() and measured["offline"] == "1"
+    with pytest.raises(SystemExit, match="bad failed:(.|\n)*the worker ran out of memory"):
+        in_fresh_process(["worker_bad"], "bad")
+
+
 def test_the_rank_cost_scores_as_the_peft_loop_and_resumes_its_cells(monkeypatch, tmp_path, capsys):
     """`cost rank` on a tiny decoder: rank's scores equal the peft PROMPT_TUNING loop's, the record states its bound,
     a cell already measured is skipped, and the report renders it."""

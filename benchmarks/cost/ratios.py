@@ -167,6 +167,21 @@ def measure_memory(method: str, args, config=None) -> dict:
     }
 
 
+def in_fresh_process(module_and_options: list[str], name: str) -> dict:
+    """Run `python -m <module> <options>` (a measurement's `--memory-worker`) in a fresh process, so that the peak
+    memory it reports is its own, and return the JSON its last output line holds; a failure stops the measurement
+    with the worker's error."""
+    result = subprocess.run(
+        [sys.executable, "-m", *module_and_options],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def interleaved_seconds(calls: dict, rounds: int, warmup: int) -> dict:
     """Seconds of each call in each of `rounds` rounds; each round runs every call once, starting one later than
     the round before (so no call always follows the same one)."""
@@ -275,17 +290,10 @@ def main(argv=None) -> list[dict]:
         for i, a in enumerate(given)
         if a != "--output" and not a.startswith("--output=") and not (i and given[i - 1] == "--output")
     ]
-    memory = {}
-    for method in args.methods:
-        result = subprocess.run(
-            [sys.executable, "-m", "benchmarks.cost.ratios", *forwarded, "--memory-worker", method],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, HF_HUB_OFFLINE="1"),
-        )
-        if result.returncode != 0:
-            raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
-        memory[method] = json.loads(result.stdout.strip().splitlines()[-1])
+    memory = {
+        method: in_fresh_process(["benchmarks.cost.ratios", *forwarded, "--memory-worker", method], method)
+        for method in args.methods
+    }
     times = measure_times(args)
     from benchmarks.core.harness import versions
 

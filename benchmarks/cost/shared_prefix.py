@@ -43,8 +43,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 
 from benchmarks.cost.ratios import (
@@ -54,6 +52,7 @@ from benchmarks.cost.ratios import (
     _inputs,
     _load_base,
     _synchronize,
+    in_fresh_process,
     interleaved_seconds,
     measure_memory,
     peft_config,
@@ -167,9 +166,7 @@ def memory_cell(args, num_virtual_tokens: int, length: int, batch_size: int) -> 
     cell_args = _cell_args(args, num_virtual_tokens, length, batch_size)
     peaks = {}
     for name in _configs(args, cell_args):
-        command = [
-            sys.executable,
-            "-m",
+        options = [
             "benchmarks",
             "cost",
             "shared-prefix",
@@ -187,10 +184,7 @@ def memory_cell(args, num_virtual_tokens: int, length: int, batch_size: int) -> 
             "--memory-worker",
             name,
         ]
-        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        if result.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
-        peaks[name] = json.loads(result.stdout.strip().splitlines()[-1])
+        peaks[name] = in_fresh_process(options, name)
     reference = peaks["PROMPT_TUNING"]["peak_training_mb"]
     # the logits the forward returns: B·(P+L) rows of the vocabulary in float32, on either path
     logits_mb = batch_size * (num_virtual_tokens + length) * peaks["PROMPT_TUNING"]["vocab_size"] * 4 / 2**20
