@@ -6,6 +6,8 @@ Tolerances (fp32): loss and logits within 1e-5 relative, gradients within 1e-4 r
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import GENERATIVE_MODELS, TINY_MODELS, ListDataset, make_trainer
@@ -237,6 +239,48 @@ def test_auto_falls_back_and_on_refuses_where_sharing_is_not_exact(setup, reason
         else:
             assert model(**batch, **kwargs).loss.isfinite()
             assert calls == [4]  # concatenated: one call with every row
+
+
+def test_a_decoder_whose_forward_takes_no_logits_to_keep_concatenates_and_ranks(tmp_path):
+    """A decoder whose forward has no `logits_to_keep` (TrOCR's, Whisper's) is not shared: "on" says why, and a
+    prompt library ranks on it by concatenation, with the concatenated scores."""
+    from peft import PromptTuningConfig
+
+    from peft_prompt_transfer import PromptLibrary
+
+    def without_logits_to_keep(base):
+        original, signature = base.forward, inspect.signature(base.forward)
+
+        def forward(*args, logits_to_keep=0, **kwargs):  # every position's logits, whatever is asked
+            return original(*args, **kwargs)
+
+        forward.__signature__ = signature.replace(
+            parameters=[p for p in signature.parameters.values() if p.name != "logits_to_keep"]
+        )
+        base.forward = forward
+        return base
+
+    config = ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS, shared_prefix="on")
+    model = get_peft_model(without_logits_to_keep(_base("llama")), config)
+    with pytest.raises(ValueError, match="shared_prefix='on', but .*forward takes no logits_to_keep"):
+        model(**_batch("right"))
+
+    base = without_logits_to_keep(_base("llama"))
+    user_model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS))
+    prompt = torch.randn(VIRTUAL_TOKENS, base.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    library = PromptLibrary(base)
+    library.add("p", prompt)
+    calls = _calls(user_model)
+    batch = _batch("right")
+    rows = [
+        {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+        for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ]
+    score = dict(library.rank(user_model, rows, include_current=False, progress=False))["p"]
+    assert calls == [len(rows)]  # the prompt in front of every example, in one call
+    user_model.prompt_encoder["default"].embedding.weight.data.copy_(prompt)
+    with torch.no_grad():
+        assert score == pytest.approx(user_model(**batch).loss.item(), rel=1e-5)
 
 
 def test_the_rule_follows_what_changes_after_the_first_forward():

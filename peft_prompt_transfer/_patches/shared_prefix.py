@@ -17,6 +17,7 @@ including the first input token, which the last prompt position predicts.
 from __future__ import annotations
 
 import copy
+import inspect
 import weakref
 from typing import Any, Optional, Union
 
@@ -96,6 +97,10 @@ def _architecture(base: nn.Module) -> tuple[Optional[str], Optional[str]]:
             reason = "the base model is an encoder-decoder"
         elif keyword is None:
             reason = f"{type(base).__name__}.forward takes no KV cache"
+        elif base.can_generate() and "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            # a language model's shared calls keep the logits of chosen positions only (a few decoders, TrOCR's or
+            # Whisper's, cannot); a classifier's pool one position and take no such argument
+            reason = f"{type(base).__name__}.forward takes no logits_to_keep"
         elif rope in _LENGTH_DEPENDENT_ROPE:
             reason = f"its rope scaling ({rope!r}) depends on the total sequence length"
         else:
@@ -110,9 +115,9 @@ def _architecture(base: nn.Module) -> tuple[Optional[str], Optional[str]]:
 def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwargs: dict[str, Any]) -> Optional[str]:
     """Why this forward of a causal LM cannot take the shared-prefix path, or None if it can.
 
-    The rule reads the model and its config: an encoder-decoder, a forward without a KV cache, a cache whose layers
-    are not plain or sliding-window key/value layers (recurrent state), rope scaling that depends on the total
-    length (these four, the architecture, are read once per model), dropout active in training mode (rows would share
+    The rule reads the model and its config: an encoder-decoder, a forward without a KV cache (or, for a language
+    model, without `logits_to_keep`), a cache whose layers are not plain or sliding-window key/value layers (recurrent state), rope
+    scaling that depends on the total length (these, the architecture, are read once per model), dropout active in training mode (rows would share
     the dropout masks of the prompt positions), gradient checkpointing in training (transformers' checkpointed layers
     drop the cache argument), `output_attentions`, and a cache passed by the caller.
     """
