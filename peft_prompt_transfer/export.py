@@ -13,9 +13,9 @@ from peft import utils as peft_utils
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from ._compat import PACKAGE_NAME, cache_keyword, is_ours, prompt_tuning_config_like
-from ._patches.shared_prefix import prompt_cache
 from .files import save_safetensors
 from .model_card import loading_snippet
+from .prompt_kv import prompt_cache
 
 
 def export_prompt_tuning(

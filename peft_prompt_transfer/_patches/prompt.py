@@ -103,7 +103,7 @@ def _wrap_seq2seq_forward(original):
 def _takes_shared_path(
     peft_model, why_not: Callable, input_ids, inputs_embeds, output_attentions, task_ids, kwargs: dict
 ) -> bool:
-    """Whether this forward shares the prompt (`shared_prefix` and the rule in `shared_prefix.py`); with "on", an
+    """Whether this forward shares the prompt (`shared_prefix` and the rule in `prompt_kv.py`); with "on", an
     error that says why it cannot."""
     config = peft_model.active_peft_config
     mode = shared_prefix_mode(config)

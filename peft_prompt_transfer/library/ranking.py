@@ -24,8 +24,8 @@ from peft import PeftModelForCausalLM, PeftModelForSeq2SeqLM
 from tqdm.auto import tqdm
 
 from .._compat import enum_value
-from .._patches.shared_prefix import forward_after_prompt, prompt_cache, why_not_shared
 from ..base import unsharded_around
+from ..prompt_kv import forward_after_prompt, prompt_cache, why_not_shared
 from ..residual import ResidualPromptConfig
 from .fingerprint import base_model_of
 
