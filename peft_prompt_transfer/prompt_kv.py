@@ -110,10 +110,11 @@ def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwa
     """Why this forward of a causal LM cannot take the shared-prefix path, or None if it can.
 
     The rule reads the model and its config: an encoder-decoder, a forward without a KV cache (or, for a language
-    model, without `logits_to_keep`), a cache whose layers are not plain or sliding-window key/value layers (recurrent state), rope
-    scaling that depends on the total length (these, the architecture, are read once per model), dropout active in training mode (rows would share
-    the dropout masks of the prompt positions), gradient checkpointing in training (transformers' checkpointed layers
-    drop the cache argument), `output_attentions`, and a cache passed by the caller.
+    model, without `logits_to_keep`), a cache whose layers are not plain or sliding-window key/value layers
+    (recurrent state), rope scaling that depends on the total length (these, the architecture, are read once per
+    model), dropout active in training mode (rows would share the dropout masks of the prompt positions), gradient
+    checkpointing in training (transformers' checkpointed layers drop the cache argument), `output_attentions`, and
+    a cache passed by the caller.
     """
     base = peft_model.base_model
     keyword, reason = _architecture(base)
@@ -139,10 +140,13 @@ def prompt_cache(base: nn.Module, prompt: torch.Tensor) -> tuple[DynamicCache, t
     input changes, and the logits of its last position, which predict the first input token. Computed once, they
     serve any number of batches (`forward_after_prompt`) and exports (`export_kv_prefix`)."""
     cache = DynamicCache(config=base.config)
+    # the last position's logits only, where the forward can be asked (a decoder the rule refuses, exported by
+    # `export_kv_prefix`, may take no `logits_to_keep`)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
     output = base(
         inputs_embeds=prompt.unsqueeze(0).to(base.get_input_embeddings().weight.dtype),
         use_cache=True,
-        logits_to_keep=1,
+        **keep,
         **{cache_keyword(base): cache},
     )
     return cache, output.logits[0, -1]

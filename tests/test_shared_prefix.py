@@ -242,16 +242,18 @@ def test_auto_falls_back_and_on_refuses_where_sharing_is_not_exact(setup, reason
 
 
 def test_a_decoder_whose_forward_takes_no_logits_to_keep_concatenates_and_ranks(tmp_path):
-    """A decoder whose forward has no `logits_to_keep` (TrOCR's, Whisper's) is not shared: "on" says why, and a
-    prompt library ranks on it by concatenation, with the concatenated scores."""
+    """A decoder whose forward has no `logits_to_keep` (TrOCR's, Whisper's) is not shared: "on" says why, a prompt
+    library ranks on it by concatenation, with the concatenated scores, and `export_kv_prefix` never asks for it."""
     from peft import PromptTuningConfig
 
-    from peft_prompt_transfer import PromptLibrary
+    from peft_prompt_transfer import PromptLibrary, export_kv_prefix
 
     def without_logits_to_keep(base):
         original, signature = base.forward, inspect.signature(base.forward)
 
-        def forward(*args, logits_to_keep=0, **kwargs):  # every position's logits, whatever is asked
+        def forward(*args, **kwargs):
+            if "logits_to_keep" in kwargs:
+                raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
             return original(*args, **kwargs)
 
         forward.__signature__ = signature.replace(
@@ -264,6 +266,8 @@ def test_a_decoder_whose_forward_takes_no_logits_to_keep_concatenates_and_ranks(
     model = get_peft_model(without_logits_to_keep(_base("llama")), config)
     with pytest.raises(ValueError, match="shared_prefix='on', but .*forward takes no logits_to_keep"):
         model(**_batch("right"))
+    export_kv_prefix(model, tmp_path / "kv-prefix")
+    assert (tmp_path / "kv-prefix" / "adapter_model.safetensors").exists()
 
     base = without_logits_to_keep(_base("llama"))
     user_model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS))

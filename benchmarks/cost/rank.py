@@ -6,9 +6,9 @@ Each cell `P,L,B` ranks `--entries` prompts of P tokens (sampled vocabulary embe
 L tokens whose last token is the one label token scored, as a verbalised classification task is, in batches of B.
 Both ways run once each in each of `--rounds` interleaved rounds (`ratios.interleaved_seconds`); the ratio is the
 median over rounds of the paired per-round ratio with a 95% bootstrap interval (`ratios.ratio_with_interval`). The
-record keeps the largest relative difference between the two ways' scores, and the bound
-`(P + K·L) / (K·(P+L))`: the positions `rank` runs (each prompt once, then the rows after its keys and values) over
-the concatenated loop's, for K examples.
+record keeps the largest relative difference between the two ways' scores, and `(P + K·L) / (K·(P+L))`: the positions `rank` runs
+(each prompt once, then the rows after its keys and values) over the concatenated loop's, for K examples. `rank`
+can take less time than that, since it also skips the logits of positions that predict no label.
 
 Cells already in `--output` are kept and skipped, so an interrupted grid resumes where it stopped; each record names
 the command that measured it.

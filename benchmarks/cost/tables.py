@@ -127,7 +127,7 @@ def rank_table(report: dict) -> list[str]:
         f"each), in batches of B, on {first['threads']} CPU threads: `PromptLibrary.rank` (each prompt run once, every batch after its keys and values, "
         "logits only where a label is predicted) against each entry copied into a peft PROMPT_TUNING model and "
         "scored batch by batch with labels; the median over interleaved rounds of the paired ratio [95% interval]. "
-        '"positions" is the bound (P + K·L) / (K·(P+L)) for K examples; "scores differ" is the largest relative '
+        '"positions" is (P + K·L) / (K·(P+L)), the positions rank runs over those the loop runs, for K examples; "scores differ" is the largest relative '
         "difference between the two ways' scores.",
         "",
         *sorted({f"- `{r['command']}`" for r in records}),
