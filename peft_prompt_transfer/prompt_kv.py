@@ -106,13 +106,18 @@ def _architecture(base: nn.Module) -> tuple[Optional[str], Optional[str]]:
     return _ARCHITECTURES[base]
 
 
+def why_architecture_cannot_share(base: nn.Module) -> Optional[str]:
+    """Why no forward of the model `base` can share a prompt's keys and values, whatever its mode and inputs (None if
+    its architecture can): an encoder-decoder, a forward without a KV cache (or, for a language model, without
+    `logits_to_keep`), a cache whose layers are not key/value layers, or rope scaling that depends on the total
+    length. Read once per model. A frozen model in eval mode, as `PromptLibrary.rank` runs it, needs nothing more."""
+    return _architecture(base)[1]
+
+
 def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwargs: dict[str, Any]) -> Optional[str]:
     """Why this forward of a causal LM cannot take the shared-prefix path, or None if it can.
 
-    The rule reads the model and its config: an encoder-decoder, a forward without a KV cache (or, for a language
-    model, without `logits_to_keep`), a cache whose layers are not plain or sliding-window key/value layers
-    (recurrent state), rope scaling that depends on the total length (these, the architecture, are read once per
-    model), dropout active in training mode (rows would share the dropout masks of the prompt positions), gradient
+    The rule reads the model and its config: the architecture (`why_architecture_cannot_share`), dropout active in training mode (rows would share the dropout masks of the prompt positions), gradient
     checkpointing in training (transformers' checkpointed layers drop the cache argument), `output_attentions`, and
     a cache passed by the caller.
     """

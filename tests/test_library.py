@@ -19,6 +19,7 @@ from peft_prompt_transfer import (
     ResidualPromptConfig,
     export_prompt_tuning,
 )
+from peft_prompt_transfer.library import ranking
 
 N_TOKENS = 4
 
@@ -411,9 +412,15 @@ def test_rank_pads_examples_of_any_length_and_scores_each_label_token(lm, tmp_pa
     assert score == pytest.approx(sum(s * n for s, n in zip(alone, tokens)) / sum(tokens), rel=1e-5)
 
 
-def test_rank_runs_each_prompt_once_for_every_batch_and_scores_as_concatenation(tmp_path):
+def test_rank_runs_each_prompt_once_for_every_batch_and_scores_as_concatenation(tmp_path, monkeypatch):
     """On a decoder-only model each prompt runs once, alone, and every batch runs after its keys and values with
-    logits only where a label token is predicted; the score is stock peft's concatenating PROMPT_TUNING's."""
+    logits only where a label token is predicted, the base model run directly (no second PeftModel is wrapped around
+    it); the score is stock peft's concatenating PROMPT_TUNING's."""
+
+    def no_scorer(self, num_virtual_tokens):
+        raise AssertionError("a scorer PeftModel was built on a decoder that shares the prompt")
+
+    monkeypatch.setattr(ranking.PromptScorer, "_scorer", no_scorer)
     tiny = TINY_MODELS["llama"]
     library = PromptLibrary(tiny.saved(tmp_path))
     for name, seed in (("p", 0), ("q", 1)):

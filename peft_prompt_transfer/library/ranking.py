@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .._compat import enum_value
 from ..base import unsharded_around
-from ..prompt_kv import forward_after_prompt, prompt_cache, why_not_shared
+from ..prompt_kv import forward_after_prompt, prompt_cache, why_architecture_cannot_share
 from ..residual import ResidualPromptConfig
 from .fingerprint import base_model_of
 
@@ -108,8 +108,9 @@ class PromptScorer:
     """Scores fixed prompts `[num_virtual_tokens, token_dim]` on tokenized examples: the mean negative
     log-likelihood per label token with the prompt in front of every example, the model frozen and in eval mode.
 
-    It wraps the model's base model in a second `PeftModel` (prompt-learning adapters change nothing in the base
-    model), restores the base model's training mode and `requires_grad` flags afterwards, and keeps a model's own
+    A decoder-only model that can share a prompt's keys and values runs its base model directly (see the module's
+    docstring); any other model's base model is wrapped in a second `PeftModel` (prompt-learning adapters change
+    nothing in the base model). It restores the base model's training mode and `requires_grad` flags afterwards, and keeps a model's own
     adapters untouched."""
 
     def __init__(self, model: torch.nn.Module, examples: Any, batch_size: int = 8):
@@ -159,9 +160,9 @@ class PromptScorer:
 
     @torch.no_grad()
     def _score(self, prompt: torch.Tensor, bar: tqdm) -> float:
-        scorer = self._scorer(prompt.shape[0]).eval()
-        if self.task_type == "CAUSAL_LM" and why_not_shared(scorer, None, {}) is None:
+        if self.task_type == "CAUSAL_LM" and why_architecture_cannot_share(self.base) is None:
             return self._score_after_prompt(prompt, bar)
+        scorer = self._scorer(prompt.shape[0]).eval()
         weight = scorer.prompt_encoder[SCORER_ADAPTER].embedding.weight
         weight.copy_(prompt.to(device=weight.device, dtype=weight.dtype))
         device = weight.device
@@ -182,7 +183,8 @@ class PromptScorer:
     def _score_after_prompt(self, prompt: torch.Tensor, bar: tqdm) -> float:
         """`_score` on a decoder-only model: the prompt's keys and values computed once, every batch run after them,
         and logits only where a label token is predicted (position t predicts token t+1; the prompt's last position
-        predicts token 0)."""
+        predicts token 0). The frozen base model runs alone, in eval mode (`score_all` restores its modes)."""
+        self.base.eval()
         weight = self.base.get_input_embeddings().weight
         cache, first_logits = prompt_cache(self.base, prompt.to(device=weight.device, dtype=weight.dtype))
         total, count = 0.0, 0
