@@ -659,7 +659,7 @@ def test_the_rank_cost_scores_as_the_peft_loop_and_resumes_its_cells(monkeypatch
     assert first["positions"] == pytest.approx((4 + 6 * 8) / (6 * 12))
     assert first["command"] == "python -m benchmarks cost rank --cells 4,8,4 " + " ".join(common)
     table = "\n".join(rank_table(json.loads(output.read_text())))
-    assert "| 4 | 8 | 4 | 0.72 |" in table and "| 6 | 5 | 2 |" in table
+    assert "| 4 | 8 | 4 | 2 | 6 | 1 | 0.72 |" in table and "| 6 | 5 | 2 | 2 | 6 | 1 |" in table
 
 
 def test_an_unknown_study_is_refused_with_the_names_there_are(capsys):

@@ -121,24 +121,24 @@ def shared_prefix_tables(report: dict) -> list[str]:
 def rank_table(report: dict) -> list[str]:
     """`PromptLibrary.rank` against a peft PROMPT_TUNING scoring loop (`rank.json`) as Markdown lines."""
     records = _by_cell(report["records"])
-    first = records[0]
     lines = [
-        f"{first['entries']} entries of P tokens ranked on {first['examples']} examples of L tokens (one label token "
-        f"each), in batches of B, on {first['threads']} CPU threads: `PromptLibrary.rank` (each prompt run once, every batch after its keys and values, "
-        "logits only where a label is predicted) against each entry copied into a peft PROMPT_TUNING model and "
-        "scored batch by batch with labels; the median over interleaved rounds of the paired ratio [95% interval]. "
-        '"positions" is (P + K·L) / (K·(P+L)), the positions rank runs over those the loop runs, for K examples; "scores differ" is the largest relative '
-        "difference between the two ways' scores.",
+        "N entries of P tokens ranked on K examples of L tokens (one label token each), in batches of B, on the given "
+        "CPU threads: `PromptLibrary.rank` (each prompt run once, every batch after its keys and values, logits only "
+        "where a label is predicted) against each entry copied into a peft PROMPT_TUNING model and scored batch by "
+        'batch with labels; the median over interleaved rounds of the paired ratio [95% interval]. "positions" is '
+        '(P + K·L) / (K·(P+L)), the positions rank runs over those the loop runs; "scores differ" is the largest '
+        "relative difference between the two ways' scores.",
         "",
         *sorted({f"- `{r['command']}`" for r in records}),
         "",
-        "| P | L | B | positions | rank s | PROMPT_TUNING loop s | rank / PROMPT_TUNING loop | scores differ |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| P | L | B | N | K | threads | positions | rank s | PROMPT_TUNING loop s | rank / PROMPT_TUNING loop "
+        "| scores differ |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         lines.append(
-            f"| {r['num_virtual_tokens']} | {r['seq_len']} | {r['batch_size']} | {r['positions']:.2f} | "
-            f"{r['rank_seconds']:.1f} | {r['prompt_tuning_seconds']:.1f} | {_interval(r['rank_over_prompt_tuning'])} | "
-            f"{r['max_relative_score_difference']:.0e} |"
+            f"| {r['num_virtual_tokens']} | {r['seq_len']} | {r['batch_size']} | {r['entries']} | {r['examples']} | "
+            f"{r['threads']} | {r['positions']:.2f} | {r['rank_seconds']:.1f} | {r['prompt_tuning_seconds']:.1f} | "
+            f"{_interval(r['rank_over_prompt_tuning'])} | {r['max_relative_score_difference']:.0e} |"
         )
     return [*lines, ""]
