@@ -3,10 +3,11 @@ folder or downloaded from a Hub repo."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -41,25 +42,45 @@ def save_json(value: Any, path: str) -> None:
     _write_atomically(path, write)
 
 
-def local_or_hub_file(location: str, filename: str, revision: Optional[str], what: str, how_to_fix: str) -> str:
-    """The path of `filename` in the folder `location`, or downloaded from the Hub repo `location` at `revision`.
+def hub_download_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` checked against `huggingface_hub.hf_hub_download`'s keywords (`subfolder`, `token`, `cache_dir`,
+    `local_files_only`, ...), as peft's `from_pretrained` forwards them; a `TypeError` names any other."""
+    from huggingface_hub import hf_hub_download
+
+    accepted = set(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename", "revision", "repo_type"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise TypeError(
+            f"Unexpected keyword argument(s) {unknown}. The Hub options are huggingface_hub.hf_hub_download's: "
+            f"{sorted(accepted)} (and revision=)."
+        )
+    return dict(options)
+
+
+def local_or_hub_file(
+    location: str, filename: str, revision: Optional[str], what: str, how_to_fix: str, **hub_options: Any
+) -> str:
+    """The path of `filename` in the folder `location` (in its `subfolder`, if given), or downloaded from the Hub
+    repo `location` at `revision`, with `hub_options` (`hub_download_options`).
 
     Raises `FileNotFoundError` naming `what` was sought, what was tried, and `how_to_fix`."""
     if os.path.isdir(location):
-        path = os.path.join(location, filename)
+        folder = os.path.join(location, hub_options.get("subfolder") or "")
+        path = os.path.join(folder, filename)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"The {what} directory {location!r} has no {filename}. {how_to_fix}")
+            raise FileNotFoundError(f"The {what} directory {folder!r} has no {filename}. {how_to_fix}")
         return path
     if os.path.exists(location):
         raise FileNotFoundError(f"{location!r} is a file, not a {what} directory. {how_to_fix}")
     from huggingface_hub import hf_hub_download
 
     try:
-        return hf_hub_download(repo_id=location, filename=filename, revision=revision)
+        return hf_hub_download(repo_id=location, filename=filename, revision=revision, **hub_options)
     except Exception as exc:  # offline, unknown repo, invalid id, missing file: all mean "not found here"
         at_revision = f" at revision {revision!r}" if revision else ""
+        in_subfolder = f" (subfolder {hub_options['subfolder']!r})" if hub_options.get("subfolder") else ""
         raise FileNotFoundError(
-            f"Cannot find the {what} {location!r}: it is not a local directory, and downloading {filename} from "
-            f"the Hugging Face Hub repo {location!r}{at_revision} failed ({type(exc).__name__}: {exc}). {how_to_fix} "
-            "(check the name, the network and HF_HUB_OFFLINE)."
+            f"Cannot find the {what} {location!r}: it is not a local directory, and downloading {filename}"
+            f"{in_subfolder} from the Hugging Face Hub repo {location!r}{at_revision} failed ({type(exc).__name__}: "
+            f"{exc}). {how_to_fix} (check the name, the network and HF_HUB_OFFLINE)."
         ) from exc

@@ -67,7 +67,10 @@ def publish(mirrors: Path, repo_id: str, versions: list[Path]) -> list[str]:
         if commits:
             _git(repo, "rm", "-r", "--quiet", ".")
         for path in folder.iterdir():
-            shutil.copy2(path, repo / path.name)
+            if path.is_dir():  # a subfolder (`subfolder=` on the client)
+                shutil.copytree(path, repo / path.name)
+            else:
+                shutil.copy2(path, repo / path.name)
         _git(repo, "add", "--all")
         _git(repo, "commit", "--quiet", "-m", f"version {number}")
         _git(repo, "tag", f"v{number}")
@@ -186,10 +189,12 @@ def _client(spec_path: str) -> None:
     - `target_config` and `expected_prompt`: a Bayesian target built for training with these BayesianPromptConfig
       fields starts from this prompt, which is also its regulariser's anchor; or
     - `target_config` and `expected_error`: building it raises FileNotFoundError matching this regex; or
-    - `library`, `revision` and `expected_prompts`: PromptLibrary.from_pretrained(library, revision=revision) holds
-      these entries (name -> prompt), in this order, and ranks them on `examples` as `expected_ranking` says; or
+    - `library`, `revision` and `expected_prompts`: PromptLibrary.from_pretrained(library, revision=revision,
+      **hub_options) holds these entries (name -> prompt), in this order, and ranks them on `examples` as
+      `expected_ranking` says; or
     - `library_adapters`, `revision` and `expected_prompts`: PromptLibrary.from_adapters(base, library_adapters,
-      revision=revision) (entry name -> Hub repo id) holds these entries.
+      revision=revision, **hub_options) (entry name -> Hub repo id) holds these entries.
+    `hub_options` (optional) are the Hub keywords (`subfolder`, `token`, ...).
     """
     import re
 
@@ -202,13 +207,17 @@ def _client(spec_path: str) -> None:
     for check in torch.load(spec_path):
         base = getattr(transformers, check["auto_class"]).from_pretrained(check["base"]).eval()
         if "library_adapters" in check:
-            library = PromptLibrary.from_adapters(base, check["library_adapters"], revision=check["revision"])
+            library = PromptLibrary.from_adapters(
+                base, check["library_adapters"], revision=check["revision"], **check.get("hub_options", {})
+            )
             assert library.names == list(check["expected_prompts"]), f"{check['name']}: {library.names}"
             for name, prompt in check["expected_prompts"].items():
                 torch.testing.assert_close(library[name].prompt, prompt, rtol=0, atol=1e-6)
                 assert library[name].origin["source"] == check["library_adapters"][name]
         elif "library" in check:
-            library = PromptLibrary.from_pretrained(check["library"], revision=check["revision"])
+            library = PromptLibrary.from_pretrained(
+                check["library"], revision=check["revision"], **check.get("hub_options", {})
+            )
             assert library.names == list(check["expected_prompts"]), f"{check['name']}: {library.names}"
             for name, prompt in check["expected_prompts"].items():
                 torch.testing.assert_close(library[name].prompt, prompt, rtol=0, atol=0)

@@ -11,6 +11,7 @@ intercepted, and what it would upload is compared with what `save_pretrained` wr
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +317,50 @@ def test_prompt_library_from_adapters_on_the_hub_at_a_revision(hub, tmp_path):
         [
             dict(check, name="library from the adapter at v1", revision="v1", expected_prompts={"res": prompts[0]}),
             dict(check, name="library from the adapter at main", revision=None, expected_prompts={"res": prompts[1]}),
+        ],
+        tmp_path,
+    )
+
+
+def test_prompt_library_and_its_adapters_from_hub_subfolders_with_a_token(hub, tmp_path):
+    """One repo holds a library and an adapter in subfolders: from_pretrained and from_adapters read them with
+    subfolder= (and token=, passed on to the download as peft passes it)."""
+    base, folders, prompts = library_versions(tmp_path)
+    tiny = TINY_MODELS["llama"]
+    torch.manual_seed(5)
+    adapter = get_peft_model(
+        tiny.saved(tmp_path), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)
+    )
+    nested = tmp_path / "nested"
+    shutil.copytree(folders[0], nested / "library")
+    adapter.save_pretrained(nested / "adapter")
+    hub.publish("org/nested", [nested])
+    examples = [{"input_ids": [3, 4, 5, 6], "labels": [-100, -100, -100, 6]}]
+    ranking = [
+        name
+        for name, _ in PromptLibrary.from_pretrained(folders[0]).rank(
+            base, examples, include_current=False, progress=False
+        )
+    ]
+    check = dict(client_base(tiny, tmp_path), revision=None)
+    hub.check(
+        [
+            dict(
+                check,
+                name="library in a subfolder",
+                library="org/nested",
+                hub_options={"subfolder": "library", "token": "hf_local_test_token"},
+                examples=examples,
+                expected_prompts=prompts[0],
+                expected_ranking=ranking,
+            ),
+            dict(
+                check,
+                name="adapter in a subfolder",
+                library_adapters={"res": "org/nested"},
+                hub_options={"subfolder": "adapter", "token": "hf_local_test_token"},
+                expected_prompts={"res": adapter.prompt_encoder["default"].inference_prompt().detach()},
+            ),
         ],
         tmp_path,
     )

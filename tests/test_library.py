@@ -96,10 +96,11 @@ def test_the_source_that_fits_ranks_first_on_a_constructed_task(lm, tmp_path):
         assert scores[name] == pytest.approx(expected, rel=1e-5)
 
 
-def test_rank_leaves_the_model_as_it_was(tmp_path):
-    tiny = TINY_MODELS["llama"]
+@pytest.mark.parametrize("kind", ["llama", "t5"])  # the base model run directly; a scorer PeftModel around it
+def test_rank_leaves_the_model_as_it_was(kind, tmp_path):
+    tiny = TINY_MODELS[kind]
     model = get_peft_model(
-        tiny.saved(tmp_path), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)
+        tiny.saved(tmp_path), ResidualPromptConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS)
     )
     model.train()
     batch = PromptLibrary_batch(examples_with_label(tiny, 5))
@@ -334,7 +335,7 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     cls = TINY_MODELS["bert"]
     classifier = get_peft_model(cls.saved(tmp_path), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
     cls_library = PromptLibrary(cls.saved(tmp_path))
-    with pytest.raises(ValueError, match="A sequence classifier's head is new"):
+    with pytest.raises(ValueError, match="A classifier's head is new.*Encoder models .* cannot be ranked"):
         cls_library.rank(classifier, [{"input_ids": [3, 4], "labels": [5, 6]}], progress=False)
     with pytest.raises(FileNotFoundError, match="has no prompt_library.json"):
         PromptLibrary.from_pretrained(tmp_path)
@@ -445,14 +446,15 @@ def test_rank_runs_each_prompt_once_for_every_batch_and_scores_as_concatenation(
         assert scores[name] == pytest.approx(reference_score(tiny, tmp_path, library[name].prompt, rows), rel=1e-5)
 
 
-def test_rank_restores_every_module_mode_and_adds_no_hooks_under_gradient_checkpointing(tmp_path):
-    tiny = TINY_MODELS["llama"]
+@pytest.mark.parametrize("kind", ["llama", "t5"])  # the base model run directly; a scorer PeftModel around it
+def test_rank_restores_every_module_mode_and_adds_no_hooks_under_gradient_checkpointing(kind, tmp_path):
+    tiny = TINY_MODELS[kind]
     model = prompt_tuning(tiny, tmp_path)
     base = model.get_base_model()
     base.gradient_checkpointing_enable()
     model.enable_input_require_grads()
     model.train()
-    base.model.layers[0].eval()  # a model partly in eval mode comes back as it was
+    list(base.children())[-1].eval()  # a model partly in eval mode comes back as it was
     modes = {name: module.training for name, module in base.named_modules()}
     hooks = len(base.get_input_embeddings()._forward_hooks)
     library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": prompt_tuning(tiny, tmp_path, seed=4)})
@@ -538,3 +540,159 @@ def test_prompt_gives_an_entry_or_the_rescaled_mean_fitted_to_a_length(tmp_path)
     mean = library.prompt(["a", "b"])
     expected_norm = torch.stack([library["a"].prompt, library["b"].prompt]).norm(dim=-1).mean()
     assert mean.norm(dim=-1).mean() == pytest.approx(expected_norm.item(), rel=1e-5)
+
+
+def test_rank_takes_tensors_arrays_and_rows_with_a_batch_dimension(tmp_path):
+    """A Dataset in numpy or torch format, numpy rows and rows a tokenizer returned with return_tensors="pt" ([1, L])
+    score as the same rows as lists; a class index, text and a batch of rows get a clear error."""
+    import numpy as np
+    from datasets import Dataset
+
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": prompt_tuning(tiny, tmp_path, seed=1)})
+    target = prompt_tuning(tiny, tmp_path)
+    rows = examples_with_label(tiny, 5)
+    expected = library.rank(target, rows, progress=False)
+    dataset = Dataset.from_list([dict(row, text="unused") for row in rows])
+    formats = {
+        "numpy Dataset": dataset.with_format("numpy"),
+        "torch Dataset": dataset.with_format("torch"),
+        "numpy rows": [{key: np.array(value) for key, value in row.items()} for row in rows],
+        "[1, L] tensors": [{key: torch.tensor([value]) for key, value in row.items()} for row in rows],
+    }
+    for name, examples in formats.items():
+        assert library.rank(target, examples, progress=False) == expected, name
+    with pytest.raises(ValueError, match=r"Example 0 has labels=1, a class index"):
+        library.rank(target, [{"input_ids": torch.tensor([3, 4]), "labels": torch.tensor(1)}], progress=False)
+    with pytest.raises(ValueError, match=r"Example 0 has labels=' positive', text; rank takes tokenized examples"):
+        library.rank(target, [{"input_ids": [3, 4], "labels": " positive"}], progress=False)
+    with pytest.raises(
+        ValueError, match=r"Example 0 has input_ids=\[\[3, 4\], \[5, 6\]\]; rank takes one example per row"
+    ):
+        library.rank(target, [{"input_ids": torch.tensor([[3, 4], [5, 6]]), "labels": [5, 6]}], progress=False)
+
+
+def test_the_current_prompt_is_not_an_entry_and_the_top_entries_skip_it(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    for name, seed in (("p", 0), ("q", 1)):
+        library.add(name, torch.randn(N_TOKENS, 32, generator=torch.Generator().manual_seed(seed)))
+    target = prompt_tuning(tiny, tmp_path)
+    ranking = library.rank(target, examples_with_label(tiny, 5), progress=False)
+    with pytest.raises(ValueError, match=r"'<current prompt>' is the model's own start.*leave the prompt as it is"):
+        library.initialize(target, [name for name, _ in ranking[:2]] + [CURRENT_PROMPT])
+    top = [name for name, _ in ranking if name != CURRENT_PROMPT][:2]  # the recipe the message gives
+    assert sorted(top) == ["p", "q"]
+    torch.testing.assert_close(library.initialize(target, top), library.prompt(top))
+
+
+def test_seq2seq_prompt_tuning_with_peft_defaults_gets_the_fix_in_every_message(tmp_path):
+    """peft puts a seq2seq PROMPT_TUNING prompt on the decoder too by default; the library takes encoder prompts,
+    and says so as a source, as the model ranked, and as the model initialised."""
+    tiny = TINY_MODELS["t5"]
+    default = get_peft_model(tiny.saved(tmp_path), PromptTuningConfig(task_type=tiny.task_type, num_virtual_tokens=2))
+    assert default.peft_config["default"].num_transformer_submodules == 2
+    both = (
+        r"puts a prompt on both the encoder and the decoder \(num_transformer_submodules=2, peft's default for seq2seq"
+    )
+    with pytest.raises(ValueError, match=rf"Adapter 'a' {both}.*num_transformer_submodules=1\)"):
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": default})
+    library = PromptLibrary(tiny.saved(tmp_path))
+    library.add("p", torch.randn(2, 32))
+    rows = examples_with_label(tiny, 5)
+    with pytest.raises(ValueError, match=rf"The model's own PROMPT_TUNING adapter {both}.*include_current=False"):
+        library.rank(default, rows, progress=False)
+    assert [name for name, _ in library.rank(default, rows, include_current=False, progress=False)] == ["p"]
+    with pytest.raises(ValueError, match="holds a prompt for the encoder and one for the decoder"):
+        library.initialize(default, "p")
+
+
+def test_a_p_tuning_adapter_is_refused_with_a_fix_that_works(tmp_path):
+    from peft import PromptEncoderConfig
+
+    tiny = TINY_MODELS["llama"]
+    p_tuning = get_peft_model(
+        tiny.saved(tmp_path), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)
+    )
+    with pytest.raises(ValueError, match=re.escape("library.add(name, model.eval().get_prompt(batch_size=1)[0])")):
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"pt": p_tuning})
+    library = PromptLibrary(tiny.saved(tmp_path))
+    library.add("pt", p_tuning.eval().get_prompt(batch_size=1)[0])  # the fix: the prompt the model sees
+    target = prompt_tuning(tiny, tmp_path)
+    library.initialize(target, "pt")
+    batch = PromptLibrary_batch(examples_with_label(tiny, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval()(**batch).logits, p_tuning(**batch).logits)
+    with pytest.raises(ValueError, match="The model's own adapter is a P_TUNING adapter.*include_current=False"):
+        library.rank(p_tuning, examples_with_label(tiny, 5), progress=False)
+
+
+def test_adapters_made_for_another_model_warn_when_the_library_is_built(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    other = prompt_tuning(tiny, tmp_path)
+    with torch.no_grad():  # a checkpoint whose training moved the input embeddings
+        weight = other.get_input_embeddings().weight
+        weight.add_(0.05 * weight.pow(2).mean().sqrt() * torch.randn_like(weight))
+    with pytest.warns(UserWarning, match="Adapter 'other' is live on a model whose input embeddings are not those of"):
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"other": other})
+    same = prompt_tuning(tiny, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"same": same})
+    bigger = tiny.saved(tmp_path)
+    bigger.resize_token_embeddings(80)
+    get_peft_model(bigger, ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)).save_pretrained(
+        tmp_path / "residual-80"
+    )
+    with pytest.warns(UserWarning, match="was made for a base model with a vocabulary of 80 tokens, but base_model"):
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"res": tmp_path / "residual-80"})
+
+
+def test_names_and_metadata_that_would_not_save_are_refused(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    with pytest.raises(ValueError, match="is not '__metadata__', got '__metadata__'"):
+        library.add("__metadata__", torch.zeros(N_TOKENS, 32))
+    with pytest.raises(ValueError, match=re.escape("label_words is a list of words, one per label, got the string")):
+        library.add("a", torch.zeros(N_TOKENS, 32), label_words=" positive")
+    assert library.names == []
+
+
+def test_a_model_on_the_meta_device_gets_a_clear_error():
+    from transformers import AutoModelForCausalLM
+
+    tiny = TINY_MODELS["llama"]
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(tiny.build().config)
+    with pytest.raises(ValueError, match="input embeddings are on the meta device.*load or materialise the weights"):
+        PromptLibrary(empty)
+
+
+def test_initialize_returns_what_it_wrote_in_the_adapters_dtype(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    library = PromptLibrary(tiny.saved(tmp_path))
+    library.add("p", torch.randn(N_TOKENS, 32, generator=torch.Generator().manual_seed(0)))
+    target = prompt_tuning(tiny, tmp_path).to(torch.bfloat16)
+    written = library.initialize(target, "p")
+    assert written.dtype == torch.bfloat16
+    assert torch.equal(written, target.prompt_encoder["default"].embedding.weight.detach())
+
+
+def test_libraries_and_adapters_load_from_a_subfolder_and_hub_options_are_checked(tmp_path):
+    tiny = TINY_MODELS["llama"]
+    source = prompt_tuning(tiny, tmp_path, seed=1)
+    source.save_pretrained(tmp_path / "repo" / "adapters" / "a")
+    library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": tmp_path / "repo"}, subfolder="adapters/a")
+    assert torch.equal(library["a"].prompt, source.prompt_encoder["default"].embedding.weight.detach())
+    assert library["a"].origin["subfolder"] == "adapters/a"
+    library.save_pretrained(tmp_path / "repo" / "library")
+    loaded = PromptLibrary.from_pretrained(tmp_path / "repo", subfolder="library")
+    assert torch.equal(loaded["a"].prompt, library["a"].prompt)
+    with pytest.raises(
+        FileNotFoundError, match="The prompt library directory .*repo/other' has no prompt_library.json"
+    ):
+        PromptLibrary.from_pretrained(tmp_path / "repo", subfolder="other")
+    with pytest.raises(TypeError, match=r"Unexpected keyword argument\(s\) \['revison'\]. The Hub options are"):
+        PromptLibrary.from_pretrained(tmp_path / "repo", revison="v1")
+    with pytest.raises(TypeError, match=r"Unexpected keyword argument\(s\) \['tokens'\]"):
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": tmp_path / "repo"}, tokens="x")

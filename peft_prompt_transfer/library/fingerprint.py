@@ -4,8 +4,9 @@ A soft prompt is a point in one model's embedding space. The shape alone does no
 apart (SmolLM2-135M and SmolLM2-135M-Instruct share it), so a library also records a sample of the input embedding
 matrix: `FINGERPRINT_TOKENS` rows spread over the vocabulary, their first `FINGERPRINT_DIMS` entries. Two models match
 when every sampled value agrees within `FINGERPRINT_TOLERANCE` of the sample's RMS: loose enough for the same
-checkpoint loaded in bfloat16 or float16 (relative rounding below 0.4%), tight enough for a fine-tuned copy, whose
-training moves embeddings by more.
+checkpoint loaded in bfloat16 or float16 (relative rounding below 0.4%), tight enough for a copy whose training moved
+the input embeddings by more. A fine-tune that left the input embeddings alone (frozen embeddings, a merged LoRA on
+other modules) has the same fingerprint: the input embeddings are all it reads.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def whole_input_embeddings(model: torch.nn.Module) -> Iterator[torch.Tensor]:
     """The input embedding matrix `[vocab_size, hidden_size]`, whole also when it is sharded: gathered under
     DeepSpeed ZeRO-3 (a collective there, as under FSDP2: every rank must call it)."""
     weight = base_model_of(model).get_input_embeddings().weight
+    if weight.device.type == "meta":
+        raise ValueError(
+            "The model's input embeddings are on the meta device: its weights are not loaded yet (a model built "
+            "under init_empty_weights, or before FSDP materialises it). A prompt library reads them: load or "
+            "materialise the weights first."
+        )
     if hasattr(weight, "ds_shape") and weight.numel() == 0:  # a ZeRO-3 partition
         import deepspeed
 
@@ -67,6 +74,17 @@ def fingerprints_match(recorded: dict[str, Any], found: dict[str, Any]) -> bool:
     return bool(((expected - actual).abs() <= FINGERPRINT_TOLERANCE * scale).all())
 
 
+def same_base_model(recorded: dict[str, Any], model: torch.nn.Module) -> bool:
+    """Whether `model`'s input embeddings are those of the model `recorded` describes: the same size, vocabulary and
+    fingerprint."""
+    found = describe_base_model(model)
+    return (
+        found["hidden_size"] == recorded["hidden_size"]
+        and found["vocab_size"] == recorded["vocab_size"]
+        and fingerprints_match(recorded["fingerprint"], found["fingerprint"])
+    )
+
+
 def check_base_model(recorded: dict[str, Any], model: torch.nn.Module, what: str) -> None:
     """Refuse a model whose embeddings have another size than the one `what` was made for; warn on another
     vocabulary or fingerprint (a model with added tokens, another checkpoint of the same size)."""
@@ -87,7 +105,7 @@ def check_base_model(recorded: dict[str, Any], model: torch.nn.Module, what: str
     elif not fingerprints_match(recorded["fingerprint"], found["fingerprint"]):
         warnings.warn(
             f"{what} was made for {made_for!r}, and this model's input embeddings differ from that model's: it is "
-            "another checkpoint of the same size (a base model and its Instruct version differ this way), on which "
-            "the prompts are not what they were trained to be. Use the model the library was made for.",
+            "another checkpoint of the same size (one whose training moved the input embeddings), on which the "
+            "prompts are not what they were trained to be. Use the model the library was made for.",
             stacklevel=3,
         )

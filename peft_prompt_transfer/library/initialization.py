@@ -67,19 +67,21 @@ def one_prompt_per_entry(model: PeftModel, adapter_name: str) -> bool:
 
 
 @torch.no_grad()
-def write_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[torch.Tensor]) -> None:
+def write_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Write `prompts` (each `[prompt_length, token_dim]`, already fitted) where the adapter keeps its trainable
     prompt.
 
     One prompt: peft `PROMPT_TUNING` (exactly the prompt the model sees), residual (the MLP's input, as the paper
     initialises it: the model sees `MLP(P) + P`) and a Bayesian target (its prompt; a decomposed target's `S`, with
     `U V` reset to all ones so that the prompt is `S`). One per entry (`one_prompt_per_entry`): ComPT's first source
-    prompts, a Bayesian source's particles. Sharded (FSDP2) prompts are written whole."""
+    prompts, a Bayesian source's particles. Sharded (FSDP2) prompts are written whole. Returns what was written, in
+    the adapter's dtype, on the CPU."""
     with gathered_parameters(model.prompt_encoder[adapter_name]):
-        _write_whole_prompts(model, adapter_name, prompts)
+        written = _write_whole_prompts(model, adapter_name, prompts)
+    return [prompt.to("cpu", copy=True) for prompt in written]
 
 
-def _write_whole_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[torch.Tensor]) -> None:
+def _write_whole_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     config = model.peft_config[adapter_name]
     kind = _kind(model, adapter_name)
     encoder = model.prompt_encoder[adapter_name]
@@ -110,8 +112,9 @@ def _write_whole_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[
         if kind == "PROMPT_TUNING" and (config.num_transformer_submodules or 1) != 1:
             raise ValueError(
                 "This PROMPT_TUNING adapter holds a prompt for the encoder and one for the decoder "
-                f"(num_transformer_submodules={config.num_transformer_submodules}); library entries are encoder "
-                "prompts. Build it with num_transformer_submodules=1."
+                f"(num_transformer_submodules={config.num_transformer_submodules}, peft's default for seq2seq models); "
+                "library entries are encoder prompts. Build it with PromptTuningConfig(..., "
+                "num_transformer_submodules=1)."
             )
         (prompt,) = prompts
         weight.copy_(prompt)
@@ -124,3 +127,4 @@ def _write_whole_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[
             f"initialize writes a prompt the adapter trains directly; a {kind} adapter makes its prompt another way. "
             "Use peft PROMPT_TUNING or one of this package's methods."
         )
+    return prompts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -20,8 +21,8 @@ from .._compat import PACKAGE_NAME
 from .._version import __version__
 from ..bayesian.config import BayesianPromptConfig
 from ..bayesian.posterior import ADAPTER_WEIGHTS_NAME, PARTICLES_KEY
-from ..files import local_or_hub_file, save_json, save_safetensors
-from .fingerprint import base_model_of, check_base_model, describe_base_model
+from ..files import hub_download_options, local_or_hub_file, save_json, save_safetensors
+from .fingerprint import base_model_of, check_base_model, describe_base_model, same_base_model
 from .initialization import fit_length, mean_prompt, one_prompt_per_entry, prompt_length, warn_on_length, write_prompts
 from .ranking import PromptScorer
 from .reading import NamedPrompt, current_prompt, live_adapter_prompts, saved_adapter_prompts
@@ -117,6 +118,7 @@ class PromptLibrary:
         adapters: Mapping[str, AdapterSource],
         metadata: Optional[Mapping[str, Mapping[str, Any]]] = None,
         revision: Optional[str] = None,
+        **hub_options: Any,
     ) -> PromptLibrary:
         """A library of the prompts of `adapters`, for `base_model`.
 
@@ -129,7 +131,16 @@ class PromptLibrary:
             metadata (`dict`, *optional*): an adapter's or an entry's name (`name/task`) -> `{"template": ...,
                 "label_words": [...]}`, recorded with the entries that name gives (an entry's own over its adapter's).
             revision (`str`, *optional*): The Hub revision of every repo id in `adapters`.
+            hub_options: Passed to `huggingface_hub.hf_hub_download` for every saved adapter, as peft's
+                `from_pretrained` passes them: `subfolder` (also in a local folder), `token`, `cache_dir`,
+                `local_files_only`, ...
+
+        A live `PeftModel` whose base model is not `base_model` (another embedding size, vocabulary or fingerprint)
+        warns: its prompts were trained for another model. A saved adapter records no more than its base model's name
+        (and, for this package's adapters, its vocabulary size, which is checked), so pass the base model the saved
+        adapters were trained on.
         """
+        hub_options = hub_download_options(hub_options)
         library = cls(base_model)
         metadata = {name: dict(fields) for name, fields in (metadata or {}).items()}
         for name, fields in metadata.items():
@@ -140,11 +151,21 @@ class PromptLibrary:
                     "length, task type and origin are read from the adapter)."
                 )
         word_embeddings = base_model_of(base_model).get_input_embeddings()
+        made_for = library.base_model_record.get("name_or_path")
         for name, source in adapters.items():
+            if isinstance(source, PeftModel) and not same_base_model(library.base_model_record, source):
+                warnings.warn(
+                    f"Adapter {name!r} is live on a model whose input embeddings are not those of base_model "
+                    f"({made_for!r}): its prompts were trained for that other model, and would be recorded as prompts "
+                    "for this one. Pass the base model the adapters were trained on.",
+                    stacklevel=2,
+                )
             prompts: Iterator[NamedPrompt] = (
                 live_adapter_prompts(name, source)
                 if isinstance(source, PeftModel)
-                else saved_adapter_prompts(name, source, word_embeddings, revision)
+                else saved_adapter_prompts(
+                    name, source, word_embeddings, library.base_model_record, revision, hub_options
+                )
             )
             for named in prompts:
                 # an adapter's metadata applies to each of its entries; an entry's own (`name/task`) overrides it
@@ -168,10 +189,19 @@ class PromptLibrary:
         label_words: Optional[Sequence[str]] = None,
     ) -> LibraryEntry:
         """Add a prompt `[num_virtual_tokens, token_dim]` under a new `name`; returns its entry."""
-        if not isinstance(name, str) or not name or name.startswith("<"):
-            raise ValueError(f"An entry name is a non-empty string that does not start with '<', got {name!r}.")
+        if not isinstance(name, str) or not name or name.startswith("<") or name == "__metadata__":
+            # "<...>" names are rank's (CURRENT_PROMPT); "__metadata__" is the safetensors header's own key
+            raise ValueError(
+                f"An entry name is a non-empty string that does not start with '<' and is not '__metadata__', got "
+                f"{name!r}."
+            )
         if name in self._entries:
             raise ValueError(f"The library already has an entry named {name!r}; choose another name.")
+        if isinstance(label_words, str):
+            raise ValueError(
+                f"Entry {name!r}: label_words is a list of words, one per label, got the string {label_words!r}; pass "
+                f"[{label_words!r}] if the task has one label word."
+            )
         hidden = self.base_model_record["hidden_size"]
         if prompt.dim() != 2 or prompt.shape[1] != hidden or prompt.shape[0] == 0:
             raise ValueError(
@@ -216,6 +246,12 @@ class PromptLibrary:
 
     def _chosen(self, names: Union[str, Sequence[str]]) -> list[LibraryEntry]:
         names = [names] if isinstance(names, str) else list(names)
+        if CURRENT_PROMPT in names:
+            raise ValueError(
+                f"{CURRENT_PROMPT!r} is the model's own start, which rank ranks next to the entries; it is not an "
+                "entry. When it ranks first, no entry fits better than starting fresh: leave the prompt as it is. To "
+                "take the top entries, skip it: [name for name, _ in ranking if name != CURRENT_PROMPT][:3]."
+            )
         if not names:
             raise ValueError(
                 "No entries chosen" + ("." if self._entries else ": the library is empty; add prompts with add().")
@@ -324,8 +360,8 @@ class PromptLibrary:
         prompts = [fit_length(entry.prompt, length) for entry in entries]
         if not one_prompt_per_entry(model, adapter_name):
             prompts = [prompts[0] if len(prompts) == 1 else mean_prompt(prompts)]
-        write_prompts(model, adapter_name, prompts)
-        return (torch.stack(prompts) if len(prompts) > 1 else prompts[0]).clone()
+        written = write_prompts(model, adapter_name, prompts)
+        return torch.stack(written) if len(written) > 1 else written[0]
 
     def save_as_posterior(
         self, names: Sequence[str], save_directory: Union[str, os.PathLike], task_type: Optional[str] = None
@@ -403,13 +439,24 @@ class PromptLibrary:
         )
 
     @classmethod
-    def from_pretrained(cls, location: Union[str, os.PathLike], revision: Optional[str] = None) -> PromptLibrary:
-        """Load a library from a folder `save_pretrained` wrote or a Hub repo id (at `revision`)."""
+    def from_pretrained(
+        cls, location: Union[str, os.PathLike], revision: Optional[str] = None, **hub_options: Any
+    ) -> PromptLibrary:
+        """Load a library from a folder `save_pretrained` wrote or a Hub repo id (at `revision`).
+
+        Args:
+            location (`str` or `os.PathLike`): A local folder or a Hub repo id.
+            revision (`str`, *optional*): The Hub revision (branch, tag or commit).
+            hub_options: Passed to `huggingface_hub.hf_hub_download`, as peft's `from_pretrained` passes them:
+                `subfolder` (also in a local folder), `token`, `cache_dir`, `local_files_only`, ...
+        """
         location = os.fspath(location)
+        hub_options = hub_download_options(hub_options)
         if not os.path.isdir(location):
-            revision = _pinned_revision(location, revision)  # both files from one commit, even if a push lands between
+            # both files from one commit, even if a push lands between them
+            revision = _pinned_revision(location, revision, hub_options)
         try:
-            with open(_library_file(location, LIBRARY_CONFIG_NAME, revision), encoding="utf-8") as file:
+            with open(_library_file(location, LIBRARY_CONFIG_NAME, revision, hub_options), encoding="utf-8") as file:
                 record = json.load(file)
         except json.JSONDecodeError as exc:
             raise ValueError(
@@ -428,7 +475,7 @@ class PromptLibrary:
                 f"{LIBRARY_FORMAT_VERSION}. Upgrade: pip install -U {PACKAGE_NAME}."
             )
         try:
-            prompts = load_file(_library_file(location, LIBRARY_WEIGHTS_NAME, revision))
+            prompts = load_file(_library_file(location, LIBRARY_WEIGHTS_NAME, revision, hub_options))
         except SafetensorError as exc:
             raise ValueError(
                 f"The library at {location!r} is damaged: {LIBRARY_WEIGHTS_NAME} cannot be read ({exc}). Save it "
@@ -478,16 +525,19 @@ class PromptLibrary:
         return str(commit)
 
 
-def _pinned_revision(repo_id: str, revision: Optional[str]) -> Optional[str]:
-    """The commit a Hub revision points at now; the revision itself when the Hub cannot be asked (offline, with the
-    files cached: they then come from one download anyway)."""
+def _pinned_revision(repo_id: str, revision: Optional[str], hub_options: dict[str, Any]) -> Optional[str]:
+    """The commit a Hub revision points at now; the revision itself when the Hub cannot or must not be asked
+    (`local_files_only`, offline with the files cached: they then come from one download anyway)."""
+    if hub_options.get("local_files_only"):
+        return revision
     try:
-        return HfApi().model_info(repo_id, revision=revision).sha or revision
+        api = HfApi(endpoint=hub_options.get("endpoint"), token=hub_options.get("token"))
+        return api.model_info(repo_id, revision=revision).sha or revision
     except Exception:  # offline, unknown repo: `_library_file` says what is missing
         return revision
 
 
-def _library_file(location: str, filename: str, revision: Optional[str]) -> str:
+def _library_file(location: str, filename: str, revision: Optional[str], hub_options: dict[str, Any]) -> str:
     return local_or_hub_file(
         location,
         filename,
@@ -495,4 +545,5 @@ def _library_file(location: str, filename: str, revision: Optional[str]) -> str:
         "prompt library",
         "Point PromptLibrary.from_pretrained at the folder or Hub repo id that PromptLibrary.save_pretrained or "
         "push_to_hub wrote",
+        **hub_options,
     )

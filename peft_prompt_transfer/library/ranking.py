@@ -16,7 +16,7 @@ prompts on K examples costs N·K forward passes of the examples:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -46,32 +46,55 @@ def task_type_of(model: torch.nn.Module) -> str:
     if task_type not in SCORED_TASK_TYPES:
         raise ValueError(
             f"rank scores a prompt by the frozen model's loss on the labels, which needs a causal or seq2seq language "
-            f"model; this one is a {task_type} model. A sequence classifier's head is new, so its loss before "
-            "training says nothing about how well a source prompt fits: rank with the language model the classifier "
-            "is built on and the task phrased as text (a template and label words), then initialize the "
-            "classifier's prompt from the winner."
+            f"model; this one is a {task_type} model. A classifier's head is new, so its loss before training says "
+            "nothing about how well a source prompt fits. For a classifier on a decoder-only model (Llama, Qwen, "
+            "SmolLM2, ...), rank with the causal LM of the same checkpoint (AutoModelForCausalLM) and the task phrased "
+            "as text (a template and label words), then initialize the classifier's prompt from the winner. Encoder "
+            "models (BERT, RoBERTa: a masked LM is not scored either) cannot be ranked: initialize their prompt from "
+            "an entry you choose."
         )
     return task_type
+
+
+def _token_ids(value: Any, key: str, index: int) -> list[int]:
+    """One example's `key` as a list of ints: from a list, a tensor or a numpy array, also of shape `[1, L]` (a
+    tokenizer called with `return_tensors=`); a clear error for a class index or a batch."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # a tensor or a numpy array
+        value = value.tolist()
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple)):
+        value = value[0]  # [1, L]: one example with a batch dimension
+    if isinstance(value, str):
+        raise ValueError(
+            f"Example {index} has {key}={value!r}, text; rank takes tokenized examples: tokenize it, as the Trainer "
+            "takes it (input_ids, attention_mask and labels: the label tokens, -100 elsewhere)."
+        )
+    if key == "labels" and not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"Example {index} has labels={value!r}, a class index; rank needs the label tokens (a list of token ids, "
+            "-100 where nothing is scored), as a language model is trained on them."
+        )
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, (list, tuple)) for v in value):
+        raise ValueError(
+            f"Example {index} has {key}={value!r}; rank takes one example per row, its {key} a list of token ids (a "
+            "1-D tensor or array, or [1, L]). Pass a batch's rows one by one."
+        )
+    return [int(v) for v in value]
 
 
 def _rows(examples: Any, causal: bool) -> list[dict[str, list[int]]]:
     """The examples as lists of token ids, checked: `input_ids` and `labels` (and optionally `attention_mask`)."""
     rows = []
     for index, example in enumerate(examples):
-        if not isinstance(example, Mapping) or "input_ids" not in example or "labels" not in example:
+        if not isinstance(example, Mapping) or example.get("input_ids") is None or example.get("labels") is None:
             found = sorted(example) if isinstance(example, Mapping) else type(example).__name__
             raise ValueError(
                 f"Example {index} has no input_ids and labels (found {found}). rank takes tokenized examples as the "
                 "Trainer does: input_ids, attention_mask and labels (the tokens to score, -100 elsewhere)."
             )
-        labels = example["labels"]
-        if not isinstance(labels, (Sequence, torch.Tensor)) or isinstance(labels, str):
-            raise ValueError(
-                f"Example {index} has labels={labels!r}, a class index; rank needs the label tokens (a list of token "
-                "ids, -100 where nothing is scored), as a language model is trained on them."
-            )
         row = {
-            key: [int(v) for v in example[key]] for key in ("input_ids", "attention_mask", "labels") if key in example
+            key: _token_ids(example[key], key, index)
+            for key in ("input_ids", "attention_mask", "labels")
+            if example.get(key) is not None
         }
         if not any(label != -100 for label in row["labels"]):
             raise ValueError(f"Example {index} has no label token to score (every label is -100).")

@@ -13,6 +13,7 @@ Each adapter gives one or more named prompts `[num_virtual_tokens, token_dim]`, 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -60,17 +61,34 @@ def _encoder_prompts(name: str, encoder: torch.nn.Module, config: PeftConfig, or
             yield NamedPrompt(name, encoder.inference_prompt().float().cpu(), task_type, origin)
 
 
+# peft's prompt methods whose prompt `PeftModel.get_prompt` gives as input embeddings, which `add` takes
+_OTHER_INPUT_PROMPTS = ("P_TUNING", "MULTITASK_PROMPT_TUNING")
+# peft's default for a seq2seq PROMPT_TUNING adapter: a prompt in front of the encoder's input and the decoder's
+_BOTH_STACKS = (
+    "puts a prompt on both the encoder and the decoder (num_transformer_submodules={}, peft's default for seq2seq "
+    "models); a library entry is one prompt in front of the input"
+)
+
+
 def _check_prompt_tuning(name: str, config: PeftConfig) -> None:
-    if enum_value(config.peft_type) != PROMPT_TUNING and not is_ours(config):
-        raise ValueError(
-            f"Adapter {name!r} is a {enum_value(config.peft_type)} adapter; a prompt library takes {ACCEPTED}. Export "
-            "a prompt another method makes as a PROMPT_TUNING adapter first, or leave it out."
+    peft_type = enum_value(config.peft_type)
+    if peft_type != PROMPT_TUNING and not is_ours(config):
+        how = (
+            "Add the prompt it gives the model instead: library.add(name, model.eval().get_prompt(batch_size=1)[0])"
+            + (
+                " (with task_ids=torch.tensor([task]) for a task's prompt)"
+                if peft_type == _OTHER_INPUT_PROMPTS[1]
+                else ""
+            )
+            + "."
+            if peft_type in _OTHER_INPUT_PROMPTS
+            else "Its prompt is not input embeddings (prefix tuning's are keys and values), or it has none: leave it out."
         )
+        raise ValueError(f"Adapter {name!r} is a {peft_type} adapter; a prompt library takes {ACCEPTED}. {how}")
     if (config.num_transformer_submodules or 1) != 1:
         raise ValueError(
-            f"Adapter {name!r} puts a prompt on both the encoder and the decoder (num_transformer_submodules="
-            f"{config.num_transformer_submodules}); a library entry is one prompt in front of the input. Train it with "
-            "num_transformer_submodules=1."
+            f"Adapter {name!r} {_BOTH_STACKS.format(config.num_transformer_submodules)}. Train it with "
+            "PromptTuningConfig(..., num_transformer_submodules=1)."
         )
 
 
@@ -94,14 +112,17 @@ def saved_adapter_prompts(
     name: str,
     location: Union[str, os.PathLike],
     word_embeddings: torch.nn.Module,
+    base_model_record: dict[str, Any],
     revision: Optional[str] = None,
+    hub_options: Optional[dict[str, Any]] = None,
 ) -> Iterator[NamedPrompt]:
-    """The prompts of an adapter saved in a folder or a Hub repo (`save_pretrained`, `export_prompt_tuning`).
+    """The prompts of an adapter saved in a folder or a Hub repo (`save_pretrained`, `export_prompt_tuning`), read
+    with `hub_options` (`hub_download_options`).
 
     This package's adapters are rebuilt in inference mode from their files alone, so the base model is never
-    wrapped or changed."""
+    wrapped or changed. Their recorded vocabulary size is checked against `base_model_record`'s."""
     location = os.fspath(location)
-    hub = {"revision": revision} if revision else {}
+    hub = {**(hub_options or {}), **({"revision": revision} if revision else {})}
     try:
         config = PeftConfig.from_pretrained(location, **hub)
     except Exception as exc:
@@ -115,8 +136,21 @@ def saved_adapter_prompts(
             "folder save_pretrained wrote, a reachable Hub repo id, or the PeftModel itself."
         ) from exc
     _check_prompt_tuning(name, config)
+    vocab_size = getattr(config, "base_vocab_size", None)
+    if vocab_size is not None and vocab_size != base_model_record["vocab_size"]:
+        warnings.warn(
+            f"Adapter {name!r} at {location!r} was made for a base model with a vocabulary of {vocab_size} tokens, but "
+            f"base_model ({base_model_record.get('name_or_path')!r}) has {base_model_record['vocab_size']}: unless it "
+            "is the same model with added tokens, its prompts were trained for another model. Pass the base model "
+            "the adapters were trained on.",
+            stacklevel=3,
+        )
     weights = load_peft_weights(location, device="cpu", **hub)
-    origin = {"source": location, **({"revision": revision} if revision else {})}
+    origin = {
+        "source": location,
+        **({"revision": revision} if revision else {}),
+        **({"subfolder": hub["subfolder"]} if hub.get("subfolder") else {}),
+    }
     if not is_ours(config):
         if "prompt_embeddings" not in weights:
             raise ValueError(
@@ -141,7 +175,20 @@ def current_prompt(model: torch.nn.Module, task: Optional[Union[int, str]] = Non
             "PeftModel you will train (a PROMPT_TUNING adapter or one of this package's), or include_current=False."
         )
     config = model.peft_config[model.active_adapter]
-    _check_prompt_tuning("the model's own", config)
+    peft_type = enum_value(config.peft_type)
+    if peft_type != PROMPT_TUNING and not is_ours(config):
+        raise ValueError(
+            f"The model's own adapter is a {peft_type} adapter: rank ranks the start of a peft PROMPT_TUNING adapter "
+            "or one of this package's next to the entries (and initialize writes entries only into those). Rank "
+            "the entries alone with include_current=False."
+        )
+    if (config.num_transformer_submodules or 1) != 1:
+        raise ValueError(
+            f"The model's own PROMPT_TUNING adapter {_BOTH_STACKS.format(config.num_transformer_submodules)}, so "
+            "neither can its start be ranked next to the entries nor can an entry be written into it. Build it with "
+            "PromptTuningConfig(..., num_transformer_submodules=1), or rank the entries alone with "
+            "include_current=False."
+        )
     encoder = model.prompt_encoder[model.active_adapter]
     with torch.no_grad(), gathered_parameters(encoder):
         if is_ours(config):
