@@ -696,3 +696,35 @@ def test_libraries_and_adapters_load_from_a_subfolder_and_hub_options_are_checke
         PromptLibrary.from_pretrained(tmp_path / "repo", revison="v1")
     with pytest.raises(TypeError, match=r"Unexpected keyword argument\(s\) \['tokens'\]"):
         PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": tmp_path / "repo"}, tokens="x")
+
+
+def test_an_entry_in_a_prompt_tuning_model_gives_what_its_adapter_gives(tmp_path):
+    """What each kind of adapter gives a library is the prompt its model sees: copied into stock peft PROMPT_TUNING,
+    the entry gives the adapter's own logits (a ComPT task's through its task_ids)."""
+    tiny = TINY_MODELS["llama"]
+    base = lambda: tiny.saved(tmp_path)  # noqa: E731
+    torch.manual_seed(0)
+    residual = get_peft_model(base(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS))
+    compt = get_peft_model(
+        base(),
+        ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, task_names=["a", "b"], num_source_prompts=2),
+    )
+    for model in (residual, compt):  # away from their initialisation, so that each part of the prompt matters
+        with torch.no_grad():
+            for parameter in model.prompt_encoder["default"].parameters():
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    batch = PromptLibrary_batch(examples_with_label(tiny, 5, count=4))
+    library = PromptLibrary.from_adapters(base(), {"residual": residual, "compt": compt})
+    expected = {"residual": residual.eval()(**batch).logits}
+    for index, task in enumerate(["a", "b"]):
+        expected[f"compt/{task}"] = compt.eval()(**batch, task_ids=torch.full((4,), index)).logits
+    assert not torch.allclose(expected["compt/a"], expected["compt/b"])  # each task's own composition matters
+    raw = prompt_tuning(tiny, tmp_path)
+    with torch.no_grad():  # residual's MLP input alone is not what its model sees
+        raw.prompt_encoder["default"].embedding.weight.copy_(residual.prompt_encoder["default"].embedding.weight)
+        assert not torch.allclose(raw.eval()(**batch).logits, expected["residual"])
+    for name, logits in expected.items():
+        target = prompt_tuning(tiny, tmp_path)
+        library.initialize(target, name)
+        with torch.no_grad():
+            torch.testing.assert_close(target.eval()(**batch).logits, logits.detach(), msg=name)
