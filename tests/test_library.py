@@ -75,6 +75,19 @@ def reference_score(tiny, tmp_path, prompt: torch.Tensor, rows: list[dict]) -> f
         return model(**PromptLibrary_batch(rows)).loss.item()
 
 
+def residual_and_compt(tiny, tmp_path) -> tuple[PeftModel, PeftModel]:
+    """A residual adapter and a ComPT adapter of tasks "a" and "b" on `tiny`, after `torch.manual_seed(0)`."""
+    torch.manual_seed(0)
+    residual = get_peft_model(
+        tiny.saved(tmp_path), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)
+    )
+    compt = get_peft_model(
+        tiny.saved(tmp_path),
+        ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, task_names=["a", "b"], num_source_prompts=2),
+    )
+    return residual, compt
+
+
 @pytest.fixture(params=["llama", "gpt2", "t5"])
 def lm(request):
     return TINY_MODELS[request.param]
@@ -164,12 +177,7 @@ def test_an_entry_of_another_length_is_tiled_or_cut_with_a_warning(tmp_path):
 def test_every_kind_of_adapter_gives_its_prompts_saved_or_live(tmp_path):
     tiny = TINY_MODELS["llama"]
     base = lambda: tiny.saved(tmp_path)  # noqa: E731
-    torch.manual_seed(0)
-    residual = get_peft_model(base(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS))
-    compt = get_peft_model(
-        base(),
-        ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, task_names=["a", "b"], num_source_prompts=2),
-    )
+    residual, compt = residual_and_compt(tiny, tmp_path)
     source = get_peft_model(
         base(), BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, num_particles=3)
     )
@@ -703,12 +711,7 @@ def test_an_entry_in_a_prompt_tuning_model_gives_what_its_adapter_gives(tmp_path
     the entry gives the adapter's own logits (a ComPT task's through its task_ids)."""
     tiny = TINY_MODELS["llama"]
     base = lambda: tiny.saved(tmp_path)  # noqa: E731
-    torch.manual_seed(0)
-    residual = get_peft_model(base(), ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS))
-    compt = get_peft_model(
-        base(),
-        ComPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, task_names=["a", "b"], num_source_prompts=2),
-    )
+    residual, compt = residual_and_compt(tiny, tmp_path)
     for model in (residual, compt):  # away from their initialisation, so that each part of the prompt matters
         with torch.no_grad():
             for parameter in model.prompt_encoder["default"].parameters():
