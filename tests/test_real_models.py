@@ -111,3 +111,62 @@ def test_smollm2_from_its_gguf_package_with_a_residual_prompt(tmp_path, monkeypa
         loaded = PeftModel.from_pretrained(load_causal_lm("smollm2")[1], tmp_path / folder).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_smollm2_library_ranks_a_fitting_prompt_first_as_stock_peft_scores_it(tmp_path, monkeypatch):
+    """On SmolLM2-135M a library ranks a prompt trained on the task above an untrained one and the model's own start,
+    each score equal to stock peft PROMPT_TUNING's loss with that prompt (rank runs the prompt once, the examples after
+    its keys and values); the real checkpoint in bfloat16 passes the base-model fingerprint without a warning."""
+    import warnings
+
+    from peft import PromptTuningConfig
+
+    from benchmarks.core.models import load_causal_lm
+    from peft_prompt_transfer import CURRENT_PROMPT, PromptLibrary
+
+    monkeypatch.setenv(
+        "PEFT_PROMPT_TRANSFER_CACHE", os.environ.get("PEFT_PROMPT_TRANSFER_CACHE", str(tmp_path / "cache"))
+    )
+    tokenizer, base = load_causal_lm("smollm2")
+
+    def examples(reviews: list[tuple[str, str]]) -> list[dict]:
+        rows = []
+        for review, label in reviews:
+            prefix = tokenizer(f"{review} sentiment:")["input_ids"]
+            answer = tokenizer(f" {label}", add_special_tokens=False)["input_ids"]
+            rows.append({"input_ids": prefix + answer, "labels": [-100] * len(prefix) + answer})
+        return rows
+
+    train = examples([("great movie", "positive"), ("awful plot", "negative"), ("loved it", "positive")])
+    new = examples([("a wonderful cast", "positive"), ("boring and long", "negative")])
+
+    def prompt_tuning(seed: int) -> PeftModel:
+        torch.manual_seed(seed)
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, prompt_tuning_init="SAMPLE_VOCAB")
+        return get_peft_model(load_causal_lm("smollm2")[1], config)
+
+    trained = prompt_tuning(1)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(8):
+        for row in train:
+            loss = trained(**{key: torch.tensor([value]) for key, value in row.items()}).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    library = PromptLibrary.from_adapters(base, {"trained": trained, "untrained": prompt_tuning(2)})
+    target = prompt_tuning(3)
+    ranking = library.rank(target, new, batch_size=2, progress=False)
+    assert ranking[0][0] == "trained", ranking
+    reference = prompt_tuning(0).eval()
+    for name, score in ranking:
+        prompt = target.prompt_encoder["default"].embedding.weight if name == CURRENT_PROMPT else library[name].prompt
+        reference.prompt_encoder["default"].embedding.weight.data.copy_(prompt)
+        with torch.no_grad():
+            losses = [reference(**{key: torch.tensor([value]) for key, value in row.items()}).loss for row in new]
+        tokens = [sum(label != -100 for label in row["labels"]) for row in new]
+        expected = sum(loss.item() * count for loss, count in zip(losses, tokens)) / sum(tokens)
+        assert score == pytest.approx(expected, rel=1e-5), name
+    in_bf16 = load_causal_lm("smollm2")[1].to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        library.rank(in_bf16, new, include_current=False, progress=False)
