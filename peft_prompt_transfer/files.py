@@ -47,7 +47,14 @@ def hub_download_options(options: Mapping[str, Any]) -> dict[str, Any]:
     `local_files_only`, ...), as peft's `from_pretrained` forwards them; a `TypeError` names any other."""
     from huggingface_hub import hf_hub_download
 
-    accepted = set(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename", "revision", "repo_type"}
+    # what names the file is the caller's; `dry_run` returns no path to read
+    accepted = set(inspect.signature(hf_hub_download).parameters) - {
+        "repo_id",
+        "filename",
+        "revision",
+        "repo_type",
+        "dry_run",
+    }
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise TypeError(
@@ -65,7 +72,7 @@ def local_or_hub_file(
 
     Raises `FileNotFoundError` naming `what` was sought, what was tried, and `how_to_fix`."""
     if os.path.isdir(location):
-        folder = os.path.join(location, hub_options.get("subfolder") or "")
+        folder = os.path.join(location, hub_options["subfolder"]) if hub_options.get("subfolder") else location
         path = os.path.join(folder, filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"The {what} directory {folder!r} has no {filename}. {how_to_fix}")

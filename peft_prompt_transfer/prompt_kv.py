@@ -117,9 +117,10 @@ def why_architecture_cannot_share(base: nn.Module) -> Optional[str]:
 def why_not_shared(peft_model: nn.Module, output_attentions: Optional[bool], kwargs: dict[str, Any]) -> Optional[str]:
     """Why this forward of a causal LM cannot take the shared-prefix path, or None if it can.
 
-    The rule reads the model and its config: the architecture (`why_architecture_cannot_share`), dropout active in training mode (rows would share the dropout masks of the prompt positions), gradient
-    checkpointing in training (transformers' checkpointed layers drop the cache argument), `output_attentions`, and
-    a cache passed by the caller.
+    The rule reads the model and its config: the architecture (`why_architecture_cannot_share`), dropout active in
+    training mode (rows would share the dropout masks of the prompt positions), gradient checkpointing in training
+    (transformers' checkpointed layers drop the cache argument), `output_attentions`, and a cache passed by the
+    caller.
     """
     base = peft_model.base_model
     keyword, reason = _architecture(base)

@@ -148,11 +148,12 @@ def olah_server(mirrors: Path, work_dir: Path) -> Iterator[str]:
 
 
 def run_client(endpoint: str, spec_path: Path, work_dir: Path) -> subprocess.CompletedProcess:
-    """Run the checks saved in `spec_path` in a fresh interpreter that talks to the Hub at `endpoint`, with an
-    empty Hugging Face cache and an empty working directory (so a repo id can only resolve on the server)."""
+    """Run the checks saved in `spec_path` in a fresh interpreter that talks to the Hub at `endpoint`, with the
+    Hugging Face cache of `work_dir` (empty on the first run there) and an empty working directory (so a repo id can
+    only resolve on the server or from that cache)."""
     home = work_dir / "hf_home"
     cwd = work_dir / "client_cwd"
-    cwd.mkdir()
+    cwd.mkdir(exist_ok=True)
     # the client imports the same peft_prompt_transfer as the tests, whether or not it is installed
     package_root = Path(importlib.util.find_spec("peft_prompt_transfer").origin).parents[1]
     env = dict(

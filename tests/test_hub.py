@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import hub_server
 import pytest
@@ -37,11 +38,12 @@ class Hub:
     def publish(self, repo_id: str, versions: list[Path]) -> list[str]:
         return hub_server.publish(self.mirrors, repo_id, versions)
 
-    def check(self, checks: list[dict], work_dir: Path) -> None:
-        """Run `checks` in a fresh interpreter against this Hub; every one must pass."""
+    def check(self, checks: list[dict], work_dir: Path, endpoint: Optional[str] = None) -> None:
+        """Run `checks` in a fresh interpreter against this Hub (or `endpoint`), with the Hugging Face cache of
+        `work_dir`; every one must pass."""
         spec = work_dir / "checks.pt"
         torch.save(checks, spec)
-        result = hub_server.run_client(self.url, spec, work_dir)
+        result = hub_server.run_client(endpoint or self.url, spec, work_dir)
         assert result.returncode == 0, f"the Hub client failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         done = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
         assert done == [f"ok {check['name']}" for check in checks], result.stdout
@@ -322,9 +324,10 @@ def test_prompt_library_from_adapters_on_the_hub_at_a_revision(hub, tmp_path):
     )
 
 
-def test_prompt_library_and_its_adapters_from_hub_subfolders_with_a_token(hub, tmp_path):
+def test_prompt_library_and_its_adapters_from_hub_subfolders_and_then_from_the_cache_alone(hub, tmp_path):
     """One repo holds a library and an adapter in subfolders: from_pretrained and from_adapters read them with
-    subfolder= (and token=, passed on to the download as peft passes it)."""
+    subfolder=, and then again with local_files_only=True from the cache alone, nothing answering at the endpoint
+    (peft's own weight loader would ask the Hub whether the file exists, and look in the subfolder twice)."""
     base, folders, prompts = library_versions(tmp_path)
     tiny = TINY_MODELS["llama"]
     torch.manual_seed(5)
@@ -342,27 +345,35 @@ def test_prompt_library_and_its_adapters_from_hub_subfolders_with_a_token(hub, t
             base, examples, include_current=False, progress=False
         )
     ]
-    check = dict(client_base(tiny, tmp_path), revision=None)
+    library = dict(
+        client_base(tiny, tmp_path),
+        revision=None,
+        library="org/nested",
+        examples=examples,
+        expected_prompts=prompts[0],
+        expected_ranking=ranking,
+    )
+    adapters = dict(
+        client_base(tiny, tmp_path),
+        revision=None,
+        library_adapters={"res": "org/nested"},
+        expected_prompts={"res": adapter.prompt_encoder["default"].inference_prompt().detach()},
+    )
     hub.check(
         [
-            dict(
-                check,
-                name="library in a subfolder",
-                library="org/nested",
-                hub_options={"subfolder": "library", "token": "hf_local_test_token"},
-                examples=examples,
-                expected_prompts=prompts[0],
-                expected_ranking=ranking,
-            ),
-            dict(
-                check,
-                name="adapter in a subfolder",
-                library_adapters={"res": "org/nested"},
-                hub_options={"subfolder": "adapter", "token": "hf_local_test_token"},
-                expected_prompts={"res": adapter.prompt_encoder["default"].inference_prompt().detach()},
-            ),
+            dict(library, name="library in a subfolder", hub_options={"subfolder": "library"}),
+            dict(adapters, name="adapter in a subfolder", hub_options={"subfolder": "adapter"}),
         ],
         tmp_path,
+    )
+    cached = {"local_files_only": True}
+    hub.check(  # the same cache, and nothing answers at the endpoint
+        [
+            dict(library, name="library from the cache", hub_options={"subfolder": "library", **cached}),
+            dict(adapters, name="adapter from the cache", hub_options={"subfolder": "adapter", **cached}),
+        ],
+        tmp_path,
+        endpoint="http://127.0.0.1:9",
     )
 
 

@@ -567,6 +567,8 @@ def test_rank_takes_tensors_arrays_and_rows_with_a_batch_dimension(tmp_path):
         "torch Dataset": dataset.with_format("torch"),
         "numpy rows": [{key: np.array(value) for key, value in row.items()} for row in rows],
         "[1, L] tensors": [{key: torch.tensor([value]) for key, value in row.items()} for row in rows],
+        "lists of one row tensor": [{key: [torch.tensor(value)] for key, value in row.items()} for row in rows],
+        "lists of numpy scalars": [{key: list(np.array(value)) for key, value in row.items()} for row in rows],
     }
     for name, examples in formats.items():
         assert library.rank(target, examples, progress=False) == expected, name
@@ -578,6 +580,10 @@ def test_rank_takes_tensors_arrays_and_rows_with_a_batch_dimension(tmp_path):
         ValueError, match=r"Example 0 has input_ids=\[\[3, 4\], \[5, 6\]\]; rank takes one example per row"
     ):
         library.rank(target, [{"input_ids": torch.tensor([[3, 4], [5, 6]]), "labels": [5, 6]}], progress=False)
+    with pytest.raises(ValueError, match=r"Example 0 has input_ids holding 3.5, which is not a token id"):
+        library.rank(target, [{"input_ids": torch.tensor([3.5, 4.0]), "labels": [5, 6]}], progress=False)
+    with pytest.raises(ValueError, match=r"Example 0 has 2 input_ids but an attention_mask of 3"):
+        library.rank(target, [{"input_ids": [3, 4], "attention_mask": [1, 1, 1], "labels": [5, 6]}], progress=False)
 
 
 def test_the_current_prompt_is_not_an_entry_and_the_top_entries_skip_it(tmp_path):
@@ -615,24 +621,39 @@ def test_seq2seq_prompt_tuning_with_peft_defaults_gets_the_fix_in_every_message(
         library.initialize(default, "p")
 
 
-def test_a_p_tuning_adapter_is_refused_with_a_fix_that_works(tmp_path):
-    from peft import PromptEncoderConfig
+@pytest.mark.parametrize(
+    "kind, method", [("llama", "P_TUNING"), ("llama", "MULTITASK_PROMPT_TUNING"), ("t5", "P_TUNING")]
+)
+def test_other_peft_prompt_adapters_are_refused_with_a_fix_that_works(kind, method, tmp_path):
+    """The message gives the code that adds the input's part of the prompt such an adapter gives the model: copied
+    into stock PROMPT_TUNING it gives that adapter's logits (on a seq2seq model peft's P-tuning also prompts the
+    decoder, which the entry leaves out)."""
+    from peft import MultitaskPromptTuningConfig, PromptEncoderConfig
 
-    tiny = TINY_MODELS["llama"]
-    p_tuning = get_peft_model(
-        tiny.saved(tmp_path), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)
+    tiny = TINY_MODELS[kind]
+    multitask = method == "MULTITASK_PROMPT_TUNING"
+    config = (
+        MultitaskPromptTuningConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS, num_tasks=2)
+        if multitask
+        else PromptEncoderConfig(task_type=tiny.task_type, num_virtual_tokens=N_TOKENS)
     )
-    with pytest.raises(ValueError, match=re.escape("library.add(name, model.eval().get_prompt(batch_size=1)[0])")):
-        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"pt": p_tuning})
+    other = get_peft_model(tiny.saved(tmp_path), config).eval()
+    task = ", task_ids=torch.tensor([task])" if multitask else ""
+    fix = f"library.add(name, model.eval().get_prompt(batch_size=1{task})[0, :{N_TOKENS}])"
+    with pytest.raises(ValueError, match=re.escape(f"Adapter 'other' is a {method} adapter") + ".*" + re.escape(fix)):
+        PromptLibrary.from_adapters(tiny.saved(tmp_path), {"other": other})
     library = PromptLibrary(tiny.saved(tmp_path))
-    library.add("pt", p_tuning.eval().get_prompt(batch_size=1)[0])  # the fix: the prompt the model sees
+    task_ids = {"task_ids": torch.tensor([1])} if multitask else {}
+    library.add("other", other.get_prompt(batch_size=1, **task_ids)[0, :N_TOKENS])  # the fix, task 1
     target = prompt_tuning(tiny, tmp_path)
-    library.initialize(target, "pt")
-    batch = PromptLibrary_batch(examples_with_label(tiny, 5))
-    with torch.no_grad():
-        torch.testing.assert_close(target.eval()(**batch).logits, p_tuning(**batch).logits)
-    with pytest.raises(ValueError, match="The model's own adapter is a P_TUNING adapter.*include_current=False"):
-        library.rank(p_tuning, examples_with_label(tiny, 5), progress=False)
+    library.initialize(target, "other")
+    with pytest.raises(ValueError, match=f"The model's own adapter is a {method} adapter.*include_current=False"):
+        library.rank(other, examples_with_label(tiny, 5), progress=False)
+    if tiny.kind == "causal":
+        batch = PromptLibrary_batch(examples_with_label(tiny, 5))
+        batch_task_ids = {"task_ids": torch.ones(len(batch["input_ids"]), dtype=torch.long)} if multitask else {}
+        with torch.no_grad():
+            torch.testing.assert_close(target.eval()(**batch).logits, other(**batch, **batch_task_ids).logits)
 
 
 def test_adapters_made_for_another_model_warn_when_the_library_is_built(tmp_path):
@@ -731,3 +752,43 @@ def test_an_entry_in_a_prompt_tuning_model_gives_what_its_adapter_gives(tmp_path
         library.initialize(target, name)
         with torch.no_grad():
             torch.testing.assert_close(target.eval()(**batch).logits, logits.detach(), msg=name)
+
+
+def test_hub_options_reach_every_download(tmp_path, monkeypatch):
+    """token= (and the other Hub options) go to each file's download and to the revision lookup, for a library and
+    for an adapter given by repo id."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import peft.config
+
+    tiny = TINY_MODELS["llama"]
+    prompt_tuning(tiny, tmp_path, seed=1).save_pretrained(tmp_path / "adapter")
+    PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": tmp_path / "adapter"}).save_pretrained(tmp_path / "lib")
+    repos = {"org/library": tmp_path / "lib", "org/adapter": tmp_path / "adapter"}
+    downloads, lookups = [], []
+
+    def download(repo_id, filename, subfolder=None, revision=None, token=None, cache_dir=None, user_agent=None):
+        downloads.append((repo_id, filename, token, cache_dir))
+        return str(repos[repo_id] / filename)
+
+    def model_info(api, repo_id, revision=None):
+        lookups.append((repo_id, api.token))
+        return SimpleNamespace(sha="0" * 40)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(peft.config, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.chdir(tmp_path / "lib")  # no folder named like the repo ids
+    options = {"token": "hf_secret", "cache_dir": str(tmp_path / "cache")}
+    library = PromptLibrary.from_pretrained("org/library", **options)
+    PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": "org/adapter"}, **options)
+    assert library.names == ["a"]
+    assert lookups == [("org/library", "hf_secret")]
+    assert {(repo, name) for repo, name, _, _ in downloads} == {
+        ("org/library", "prompt_library.json"),
+        ("org/library", "prompt_library.safetensors"),
+        ("org/adapter", "adapter_config.json"),
+        ("org/adapter", "adapter_model.safetensors"),
+    }
+    assert all(downloaded[2:] == ("hf_secret", str(tmp_path / "cache")) for downloaded in downloads), downloads

@@ -16,7 +16,7 @@ prompts on K examples costs N·K forward passes of the examples:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -56,13 +56,24 @@ def task_type_of(model: torch.nn.Module) -> str:
     return task_type
 
 
+def _as_list(value: Any) -> Any:
+    """A tensor or a numpy array as nested lists, any other sequence (a range, ...) as a list; anything else as is."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        return value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, (str, list, tuple)):
+        return list(value)
+    return value
+
+
 def _token_ids(value: Any, key: str, index: int) -> list[int]:
     """One example's `key` as a list of ints: from a list, a tensor or a numpy array, also of shape `[1, L]` (a
-    tokenizer called with `return_tensors=`); a clear error for a class index or a batch."""
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):  # a tensor or a numpy array
-        value = value.tolist()
-    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (list, tuple)):
-        value = value[0]  # [1, L]: one example with a batch dimension
+    tokenizer called with `return_tensors=`); a clear error for a class index, text, a batch or values that are not
+    token ids."""
+    value = _as_list(value)
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        inner = _as_list(value[0])
+        if isinstance(inner, (list, tuple)):
+            value = inner  # [1, L]: one example with a batch dimension
     if isinstance(value, str):
         raise ValueError(
             f"Example {index} has {key}={value!r}, text; rank takes tokenized examples: tokenize it, as the Trainer "
@@ -73,12 +84,19 @@ def _token_ids(value: Any, key: str, index: int) -> list[int]:
             f"Example {index} has labels={value!r}, a class index; rank needs the label tokens (a list of token ids, "
             "-100 where nothing is scored), as a language model is trained on them."
         )
-    if not isinstance(value, (list, tuple)) or any(isinstance(v, (list, tuple)) for v in value):
+    if isinstance(value, (list, tuple)):
+        value = [_as_list(v) for v in value]  # numpy or 0-d torch scalars as Python numbers
+    if not isinstance(value, list) or any(isinstance(v, (list, tuple)) for v in value):
         raise ValueError(
             f"Example {index} has {key}={value!r}; rank takes one example per row, its {key} a list of token ids (a "
             "1-D tensor or array, or [1, L]). Pass a batch's rows one by one."
         )
-    return [int(v) for v in value]
+    if key == "attention_mask":
+        return [int(v) for v in value]
+    wrong = next((v for v in value if not isinstance(v, int) or isinstance(v, bool)), None)
+    if wrong is not None:
+        raise ValueError(f"Example {index} has {key} holding {wrong!r}, which is not a token id (an integer).")
+    return value
 
 
 def _rows(examples: Any, causal: bool) -> list[dict[str, list[int]]]:
@@ -86,7 +104,11 @@ def _rows(examples: Any, causal: bool) -> list[dict[str, list[int]]]:
     rows = []
     for index, example in enumerate(examples):
         if not isinstance(example, Mapping) or example.get("input_ids") is None or example.get("labels") is None:
-            found = sorted(example) if isinstance(example, Mapping) else type(example).__name__
+            found = (
+                sorted(key for key, value in example.items() if value is not None)
+                if isinstance(example, Mapping)
+                else type(example).__name__
+            )
             raise ValueError(
                 f"Example {index} has no input_ids and labels (found {found}). rank takes tokenized examples as the "
                 "Trainer does: input_ids, attention_mask and labels (the tokens to score, -100 elsewhere)."
@@ -96,6 +118,11 @@ def _rows(examples: Any, causal: bool) -> list[dict[str, list[int]]]:
             for key in ("input_ids", "attention_mask", "labels")
             if example.get(key) is not None
         }
+        if "attention_mask" in row and len(row["attention_mask"]) != len(row["input_ids"]):
+            raise ValueError(
+                f"Example {index} has {len(row['input_ids'])} input_ids but an attention_mask of "
+                f"{len(row['attention_mask'])}; they go together, one mask value per token."
+            )
         if not any(label != -100 for label in row["labels"]):
             raise ValueError(f"Example {index} has no label token to score (every label is -100).")
         if causal and len(row["labels"]) != len(row["input_ids"]):
@@ -133,8 +160,8 @@ class PromptScorer:
 
     A decoder-only model that can share a prompt's keys and values runs its base model directly (see the module's
     docstring); any other model's base model is wrapped in a second `PeftModel` (prompt-learning adapters change
-    nothing in the base model). It restores the base model's training mode and `requires_grad` flags afterwards, and keeps a model's own
-    adapters untouched."""
+    nothing in the base model). It restores the base model's training mode and `requires_grad` flags afterwards,
+    and keeps a model's own adapters untouched."""
 
     def __init__(self, model: torch.nn.Module, examples: Any, batch_size: int = 8):
         self.task_type = task_type_of(model)

@@ -20,10 +20,12 @@ from typing import Any, Optional, Union
 
 import torch
 from peft import PeftConfig, PeftModel
-from peft.utils import load_peft_weights
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, load_peft_weights
+from safetensors.torch import load_file
 
 from .._compat import encoder_class, enum_value, is_ours
 from ..base import gathered_parameters
+from ..files import local_or_hub_file
 
 PROMPT_TUNING = "PROMPT_TUNING"
 ACCEPTED = "peft PROMPT_TUNING adapters (export_prompt_tuning writes them too) and this package's adapters"
@@ -73,14 +75,10 @@ _BOTH_STACKS = (
 def _check_prompt_tuning(name: str, config: PeftConfig) -> None:
     peft_type = enum_value(config.peft_type)
     if peft_type != PROMPT_TUNING and not is_ours(config):
+        task_ids = ", task_ids=torch.tensor([task])" if peft_type == "MULTITASK_PROMPT_TUNING" else ""
         how = (
-            "Add the prompt it gives the model instead: library.add(name, model.eval().get_prompt(batch_size=1)[0])"
-            + (
-                " (with task_ids=torch.tensor([task]) for a task's prompt)"
-                if peft_type == _OTHER_INPUT_PROMPTS[1]
-                else ""
-            )
-            + "."
+            "Add the prompt it gives the model (the input's part of it) instead: library.add(name, "
+            f"model.eval().get_prompt(batch_size=1{task_ids})[0, :{config.num_virtual_tokens}])."
             if peft_type in _OTHER_INPUT_PROMPTS
             else "Its prompt is not input embeddings (prefix tuning's are keys and values), or it has none: leave it out."
         )
@@ -145,7 +143,8 @@ def saved_adapter_prompts(
             "the adapters were trained on.",
             stacklevel=3,
         )
-    weights = load_peft_weights(location, device="cpu", **hub)
+        config.base_vocab_size = None  # warned here, with the adapter's name; the encoder built below would again
+    weights = _adapter_weights(location, revision, hub_options or {})
     origin = {
         "source": location,
         **({"revision": revision} if revision else {}),
@@ -164,6 +163,21 @@ def saved_adapter_prompts(
     encoder = encoder_class(config)(config, word_embeddings)
     encoder._load_adapter_state_dict(weights)
     yield from _encoder_prompts(name, encoder, config, origin)
+
+
+def _adapter_weights(location: str, revision: Optional[str], hub_options: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An adapter's weights from a folder (peft's `load_peft_weights`) or a Hub repo. From the Hub,
+    `adapter_model.safetensors` is fetched with every one of `hub_options` (peft's loader asks the Hub whether the file
+    exists without `local_files_only` or `endpoint`, and looks for a subfolder's file in the subfolder twice offline);
+    a repo without it falls back to peft's loader, which also reads a pickled `adapter_model.bin`."""
+    hub = {**hub_options, **({"revision": revision} if revision else {})}
+    if os.path.isdir(location):
+        return load_peft_weights(location, device="cpu", **hub)
+    try:
+        path = local_or_hub_file(location, SAFETENSORS_WEIGHTS_NAME, revision, "adapter", "", **hub_options)
+    except FileNotFoundError:
+        return load_peft_weights(location, device="cpu", **hub)
+    return load_file(path, device="cpu")
 
 
 def current_prompt(model: torch.nn.Module, task: Optional[Union[int, str]] = None) -> torch.Tensor:
