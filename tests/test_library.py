@@ -569,6 +569,7 @@ def test_rank_takes_tensors_arrays_and_rows_with_a_batch_dimension(tmp_path):
         "[1, L] tensors": [{key: torch.tensor([value]) for key, value in row.items()} for row in rows],
         "lists of one row tensor": [{key: [torch.tensor(value)] for key, value in row.items()} for row in rows],
         "lists of numpy scalars": [{key: list(np.array(value)) for key, value in row.items()} for row in rows],
+        "bool masks": [dict(row, attention_mask=torch.ones(len(row["input_ids"]), dtype=torch.bool)) for row in rows],
     }
     for name, examples in formats.items():
         assert library.rank(target, examples, progress=False) == expected, name
@@ -584,6 +585,8 @@ def test_rank_takes_tensors_arrays_and_rows_with_a_batch_dimension(tmp_path):
         library.rank(target, [{"input_ids": torch.tensor([3.5, 4.0]), "labels": [5, 6]}], progress=False)
     with pytest.raises(ValueError, match=r"Example 0 has 2 input_ids but an attention_mask of 3"):
         library.rank(target, [{"input_ids": [3, 4], "attention_mask": [1, 1, 1], "labels": [5, 6]}], progress=False)
+    with pytest.raises(ValueError, match=r"Example 0 has an attention_mask holding 2; a mask is 1 for a token"):
+        library.rank(target, [{"input_ids": [3, 4], "attention_mask": [1, 2], "labels": [5, 6]}], progress=False)
 
 
 def test_the_current_prompt_is_not_an_entry_and_the_top_entries_skip_it(tmp_path):
@@ -617,7 +620,7 @@ def test_seq2seq_prompt_tuning_with_peft_defaults_gets_the_fix_in_every_message(
     with pytest.raises(ValueError, match=rf"The model's own PROMPT_TUNING adapter {both}.*include_current=False"):
         library.rank(default, rows, progress=False)
     assert [name for name, _ in library.rank(default, rows, include_current=False, progress=False)] == ["p"]
-    with pytest.raises(ValueError, match="holds a prompt for the encoder and one for the decoder"):
+    with pytest.raises(ValueError, match=rf"This PROMPT_TUNING adapter {both}.*num_transformer_submodules=1\)"):
         library.initialize(default, "p")
 
 
@@ -673,8 +676,13 @@ def test_adapters_made_for_another_model_warn_when_the_library_is_built(tmp_path
     get_peft_model(bigger, ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS)).save_pretrained(
         tmp_path / "residual-80"
     )
-    with pytest.warns(UserWarning, match="was made for a base model with a vocabulary of 80 tokens, but base_model"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         PromptLibrary.from_adapters(tiny.saved(tmp_path), {"res": tmp_path / "residual-80"})
+    vocabulary = [str(w.message) for w in caught if "vocabulary" in str(w.message)]
+    assert len(vocabulary) == 1, vocabulary  # said once, with the adapter's name, not again by its encoder
+    assert "Adapter 'res' at" in vocabulary[0]
+    assert "was made for a base model with a vocabulary of 80 tokens, but base_model" in vocabulary[0]
 
 
 def test_names_and_metadata_that_would_not_save_are_refused(tmp_path):
@@ -725,6 +733,8 @@ def test_libraries_and_adapters_load_from_a_subfolder_and_hub_options_are_checke
         PromptLibrary.from_pretrained(tmp_path / "repo", revison="v1")
     with pytest.raises(TypeError, match=r"Unexpected keyword argument\(s\) \['tokens'\]"):
         PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": tmp_path / "repo"}, tokens="x")
+    with pytest.raises(TypeError, match=r"Unexpected keyword argument\(s\) \['dry_run'\]"):  # it returns no file
+        PromptLibrary.from_pretrained(tmp_path / "repo", dry_run=True)
 
 
 def test_an_entry_in_a_prompt_tuning_model_gives_what_its_adapter_gives(tmp_path):

@@ -13,6 +13,7 @@ from peft import PeftModel
 from .._compat import enum_value
 from ..base import gathered_parameters
 from ..bayesian.decomposition import initial_task_factors
+from .reading import BOTH_STACKS
 
 
 def fit_length(prompt: torch.Tensor, num_virtual_tokens: int) -> torch.Tensor:
@@ -111,10 +112,8 @@ def _write_whole_prompts(model: PeftModel, adapter_name: str, prompts: Sequence[
     elif kind in ("PROMPT_TUNING", "RESIDUAL_PROMPT_TUNING", "BAYESIAN_PROMPT_TUNING"):
         if kind == "PROMPT_TUNING" and (config.num_transformer_submodules or 1) != 1:
             raise ValueError(
-                "This PROMPT_TUNING adapter holds a prompt for the encoder and one for the decoder "
-                f"(num_transformer_submodules={config.num_transformer_submodules}, peft's default for seq2seq models); "
-                "library entries are encoder prompts. Build it with PromptTuningConfig(..., "
-                "num_transformer_submodules=1)."
+                f"This PROMPT_TUNING adapter {BOTH_STACKS.format(config.num_transformer_submodules)}. Build it with "
+                "PromptTuningConfig(..., num_transformer_submodules=1)."
             )
         (prompt,) = prompts
         weight.copy_(prompt)

@@ -92,6 +92,12 @@ def _token_ids(value: Any, key: str, index: int) -> list[int]:
             "1-D tensor or array, or [1, L]). Pass a batch's rows one by one."
         )
     if key == "attention_mask":
+        wrong = next((v for v in value if v not in (0, 1)), None)  # True, 1.0 and tensors' 1 are 1
+        if wrong is not None:
+            raise ValueError(
+                f"Example {index} has an attention_mask holding {wrong!r}; a mask is 1 for a token the model attends "
+                "to and 0 for padding. Pass the attention_mask the tokenizer returned."
+            )
         return [int(v) for v in value]
     wrong = next((v for v in value if not isinstance(v, int) or isinstance(v, bool)), None)
     if wrong is not None:

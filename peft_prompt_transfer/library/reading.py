@@ -66,7 +66,7 @@ def _encoder_prompts(name: str, encoder: torch.nn.Module, config: PeftConfig, or
 # peft's prompt methods whose prompt `PeftModel.get_prompt` gives as input embeddings, which `add` takes
 _OTHER_INPUT_PROMPTS = ("P_TUNING", "MULTITASK_PROMPT_TUNING")
 # peft's default for a seq2seq PROMPT_TUNING adapter: a prompt in front of the encoder's input and the decoder's
-_BOTH_STACKS = (
+BOTH_STACKS = (
     "puts a prompt on both the encoder and the decoder (num_transformer_submodules={}, peft's default for seq2seq "
     "models); a library entry is one prompt in front of the input"
 )
@@ -85,7 +85,7 @@ def _check_prompt_tuning(name: str, config: PeftConfig) -> None:
         raise ValueError(f"Adapter {name!r} is a {peft_type} adapter; a prompt library takes {ACCEPTED}. {how}")
     if (config.num_transformer_submodules or 1) != 1:
         raise ValueError(
-            f"Adapter {name!r} {_BOTH_STACKS.format(config.num_transformer_submodules)}. Train it with "
+            f"Adapter {name!r} {BOTH_STACKS.format(config.num_transformer_submodules)}. Train it with "
             "PromptTuningConfig(..., num_transformer_submodules=1)."
         )
 
@@ -198,7 +198,7 @@ def current_prompt(model: torch.nn.Module, task: Optional[Union[int, str]] = Non
         )
     if (config.num_transformer_submodules or 1) != 1:
         raise ValueError(
-            f"The model's own PROMPT_TUNING adapter {_BOTH_STACKS.format(config.num_transformer_submodules)}, so "
+            f"The model's own PROMPT_TUNING adapter {BOTH_STACKS.format(config.num_transformer_submodules)}, so "
             "neither can its start be ranked next to the entries nor can an entry be written into it. Build it with "
             "PromptTuningConfig(..., num_transformer_submodules=1), or rank the entries alone with "
             "include_current=False."
