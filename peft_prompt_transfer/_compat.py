@@ -33,7 +33,7 @@ PACKAGE_NAME = "peft-prompt-transfer"
 IMPORT_LINE = "import peft_prompt_transfer"
 # [min, max) of each library whose internals we hook into; pyproject.toml declares the same ranges (tested)
 SUPPORTED_VERSIONS = {
-    "peft": (Version("0.20.0"), Version("0.22.0")),
+    "peft": (Version("0.20.0"), Version("0.23.0")),
     "transformers": (Version("5.17.0"), Version("5.26.0")),
 }
 INSTALLED_VERSIONS = {"peft": Version(peft.__version__), "transformers": Version(transformers.__version__)}

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModelForCausalLM
+from peft import PeftModelForCausalLM, PromptTuningConfig
 
-from peft_prompt_transfer import _compat, _patches
-from peft_prompt_transfer._patches import generation
+from peft_prompt_transfer import ResidualPromptConfig, _compat, _patches
+from peft_prompt_transfer._patches import generation, persistence
 
 PACKAGE = Path(__file__).resolve().parent.parent / "peft_prompt_transfer"
 
@@ -79,10 +79,15 @@ def test_the_cache_translation_stands_down_once_peft_reads_cache(monkeypatch):
         cache = model_kwargs.get("cache")
         return {"cache": cache, **model_kwargs}
 
+    def as_peft_0_22(self, *args, task_ids=None, **model_kwargs):  # peft 0.22 asks its helper for the name
+        cache_name = get_transformers_cache_name()  # noqa: F821 (read as source, never called)
+        return model_kwargs.get(cache_name)
+
     def still_old(self, *args, task_ids=None, **model_kwargs):
         return model_kwargs.get("past_key_values")
 
     assert generation.reads_cache_keyword(stand_in)
+    assert generation.reads_cache_keyword(as_peft_0_22)
     assert not generation.reads_cache_keyword(still_old)
     original = _patches.installed_patches()[generation.CAUSAL_PREPARE_TARGET]
     if original is not None:  # the peft we run on needs the translation
@@ -94,6 +99,18 @@ def test_the_cache_translation_stands_down_once_peft_reads_cache(monkeypatch):
     monkeypatch.setattr(generation, "transformers_passes_cache", lambda: True)
     monkeypatch.setattr(PeftModelForCausalLM, "prepare_inputs_for_generation", still_old)
     assert generation.causal_generation_needed()
+
+
+@pytest.mark.skipif(not persistence.peft_checks_adapter_keys(), reason="peft < 0.22 does not check adapter keys")
+def test_peft_key_check_leaves_our_encoder_keys_to_the_encoder():
+    """Patch 16: for our configs, peft's key check keeps only the base model's keys; for peft's own, it is peft's."""
+    from peft import peft_model
+
+    keys = ["prompt_embeddings", "reparameterization.down_weight", "base_model.model.score.modules_to_save.x.weight"]
+    ours = ResidualPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    assert peft_model._filter_expected_adapter_keys(keys, ours) == keys[2:]
+    theirs = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    assert peft_model._filter_expected_adapter_keys(keys, theirs) == keys[1:]
 
 
 def _run(tmp_path: Path, script: str) -> subprocess.CompletedProcess:

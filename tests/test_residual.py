@@ -456,7 +456,8 @@ def test_state_dict_has_prompt_and_training_state():
 def test_sequence_classification_head_is_saved_and_exported(tmp_path):
     tiny = TINY_MODELS["bert"]
     model = trained_model(tiny, tmp_path)
-    assert set(model.peft_config["default"].modules_to_save) == {"classifier", "score"}
+    # peft's task-head names (peft 0.22 adds "pre_classifier", DistilBERT's)
+    assert {"classifier", "score"} <= set(model.peft_config["default"].modules_to_save)
     model.save_pretrained(tmp_path / "adapter")
     export_prompt_tuning(model, tmp_path / "exported")
     for folder in ("adapter", "exported"):

@@ -25,14 +25,15 @@ only while upstream still needs it (its gate), and is disabled as its kind says 
 | 13 | `PeftModel.from_pretrained`, `PeftModel._check_new_adapter_config`, `PeftModel.set_requires_grad` | `persistence.py` | loading our adapters for training (convenience) | peft refuses trainable loads of prompt methods, whose encoders save only the inference prompt; ours save their whole training state, so `from_pretrained(..., is_trainable=True)` builds the model in training mode and loads with `load_adapter(..., is_trainable=True)` (mirrors peft 0.21.2) |
 | 14 | `PeftModel.create_or_update_model_card`, `PeftModel.push_to_hub` | `persistence.py` | model cards that name this plugin (convenience; uses `_upload_modified_files`) | the card gets our tag and install/import lines; `push_to_hub` overwrites the card with a transformers template, so ours is put back just before the upload |
 | 15 | `transformers.Trainer._get_dataloader` | `trainer.py` | the Trainer's task_ids column (convenience) | for adapters that take `task_ids`, `task_ids` joins the columns `remove_unused_columns=True` keeps and the collator is wrapped in `TaskIdsCollator` for the call (TRL's collators drop unknown keys) |
+| 16 | `_filter_expected_adapter_keys` (a function of `peft.peft_model`) | `persistence.py` | peft's adapter key check on our adapters (convenience; only while peft's `load_adapter` checks keys: `strict_adapter_check`, peft >= 0.22) | peft excuses only a prompt method's top-level keys; ours nest some (a residual MLP's `reparameterization.*`), so every load warned of unexpected keys. For our adapters, the keys outside the base model (`base_model.`) are left to the encoder, which loads and checks them |
 
 Two process-wide torch optimizer hooks live with the methods that need them, since they act on the methods' own
 parameters:
 
 | # | hook | file | scope |
 |---|---|---|---|
-| 16 | `torch.optim.optimizer.register_optimizer_step_post_hook` | `compt/model.py` | ComPT's temperature clock counts the steps of optimizers that hold the encoder's parameters (or, as under DeepSpeed ZeRO or FSDP1, step flattened copies of them); another optimizer in the process leaves it alone |
-| 17 | `torch.optim.optimizer.register_optimizer_step_pre_hook` | `bayesian/step_transform.py` | SVGD's gradient transform: acts only on parameters that carry a registered transform (a Bayesian source's particles), in whichever optimizer holds them |
+| 17 | `torch.optim.optimizer.register_optimizer_step_post_hook` | `compt/model.py` | ComPT's temperature clock counts the steps of optimizers that hold the encoder's parameters (or, as under DeepSpeed ZeRO or FSDP1, step flattened copies of them); another optimizer in the process leaves it alone |
+| 18 | `torch.optim.optimizer.register_optimizer_step_pre_hook` | `bayesian/step_transform.py` | SVGD's gradient transform: acts only on parameters that carry a registered transform (a Bayesian source's particles), in whichever optimizer holds them |
 
 The supported peft and transformers ranges are in `_compat.SUPPORTED_VERSIONS` (and, tested equal, in
 `pyproject.toml`); importing the plugin next to a version outside them warns with the command that installs a
@@ -48,7 +49,15 @@ from typing import Optional
 from .._compat import check_versions
 from .generation import CAUSAL_GENERATION, SEQ2SEQ_GENERATION
 from .patching import PatchGroup, install_groups
-from .persistence import ATOMIC_SAVE, CLEAR_LOAD_ERRORS, HUB_CARDS, PERSISTENCE, STATE_DICT_HOOKS, TRAINABLE_LOADS
+from .persistence import (
+    ADAPTER_KEY_CHECK,
+    ATOMIC_SAVE,
+    CLEAR_LOAD_ERRORS,
+    HUB_CARDS,
+    PERSISTENCE,
+    STATE_DICT_HOOKS,
+    TRAINABLE_LOADS,
+)
 from .prompt import PROMPT, SEQ2SEQ_FORWARD, SHARED_PREFIX
 from .trainer import TRAINER_TASK_IDS
 
@@ -63,6 +72,7 @@ GROUPS: tuple[PatchGroup, ...] = (
     STATE_DICT_HOOKS,
     ATOMIC_SAVE,
     CLEAR_LOAD_ERRORS,
+    ADAPTER_KEY_CHECK,
     TRAINABLE_LOADS,
     HUB_CARDS,
     TRAINER_TASK_IDS,

@@ -27,14 +27,14 @@ def reads_cache_keyword(prepare: Any) -> bool:
     """Whether the source of peft's `prepare_inputs_for_generation` reads the `cache` keyword.
 
     peft up to 0.21.2 looks only for `past_key_values`; a release that learns transformers' new name has the string
-    `"cache"` in this function. Without readable source, assume it does not (the patch then runs, as it must on every
-    release we know).
+    `"cache"` in this function, or asks peft's own `get_transformers_cache_name()` for it (peft 0.22). Without
+    readable source, assume it does not (the patch then runs, as it must on every release before 0.22).
     """
     try:
         source = inspect.getsource(getattr(prepare, PATCH_MARKER, prepare))
     except (OSError, TypeError):
         return False
-    return re.search(r"""["']cache["']""", source) is not None
+    return re.search(r"""["']cache["']|get_transformers_cache_name\(""", source) is not None
 
 
 def causal_generation_needed() -> bool:

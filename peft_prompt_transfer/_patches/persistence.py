@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -108,6 +109,30 @@ def _wrap_load_adapter(original):
             ) from err
 
     return load_adapter
+
+
+# the upstream function that decides which keys of a loaded adapter peft's key check may ignore (peft >= 0.22)
+FILTER_EXPECTED_KEYS_TARGET = "peft.peft_model:_filter_expected_adapter_keys"
+
+
+def peft_checks_adapter_keys() -> bool:
+    """Whether peft's `load_adapter` checks the loaded keys against the model (`strict_adapter_check`, peft 0.22)."""
+    from peft import PeftModel
+
+    return "strict_adapter_check" in inspect.signature(PeftModel.load_adapter).parameters
+
+
+def _wrap_filter_expected_adapter_keys(original):
+    def _filter_expected_adapter_keys(keys: list[str], config) -> list[str]:
+        kept = original(keys, config)
+        if not is_ours(config):
+            return kept
+        # peft loads a prompt method's state through its encoder and excuses only top-level keys; ours nest theirs
+        # (`reparameterization.down_weight`, a residual MLP's), so every load warned of "unexpected adapter keys". The
+        # encoder reads its own keys (and raises on a missing or misshapen one); the base model's stay checked.
+        return [key for key in kept if key.startswith("base_model.")]
+
+    return _filter_expected_adapter_keys
 
 
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token")
@@ -297,6 +322,18 @@ CLEAR_LOAD_ERRORS = PatchGroup(
     lost=(
         "a damaged adapter_model.safetensors or adapter_config.json raises peft's own error, which does not name "
         "the file: save the adapter again, or delete it from the Hub cache and download it again."
+    ),
+)
+
+ADAPTER_KEY_CHECK = PatchGroup(
+    name="peft's adapter key check on our adapters",
+    kind="convenience",
+    patches=(Patch(FILTER_EXPECTED_KEYS_TARGET, _wrap_filter_expected_adapter_keys, ("keys", "config")),),
+    needed=peft_checks_adapter_keys,
+    lost=(
+        'loading a residual, ComPT or Bayesian adapter warns of "unexpected adapter keys" that are its prompt '
+        "encoder's own, loaded and checked by the encoder: the warning is harmless (pass "
+        'strict_adapter_check="ignore" to silence it).'
     ),
 )
 
