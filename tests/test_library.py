@@ -322,6 +322,34 @@ def test_each_method_starts_where_it_keeps_its_prompt(tmp_path):
         library.initialize(source, ["p0", "p1"])
 
 
+def test_a_bayesian_target_starts_from_the_particle_that_fits(tmp_path):
+    """The recipe of docs/methods/bayesian.md#start-from-the-best-particle, on a saved posterior: the particle that
+    fits the target ranks first, the target starts there and its anchor stays the posterior mean."""
+    tiny = TINY_MODELS["llama"]
+    fives, sevens = trained_prompt(tiny, tmp_path, 5, seed=1), trained_prompt(tiny, tmp_path, 7, seed=2)
+    entries = PromptLibrary.from_adapters(
+        tiny.saved(tmp_path), {"fives": fives, "sevens": sevens, "fresh": prompt_tuning(tiny, tmp_path, seed=3)}
+    )
+    posterior = entries.save_as_posterior(["fives", "sevens", "fresh"], tmp_path / "posterior")
+    base = tiny.saved(tmp_path)
+    target = get_peft_model(
+        base,
+        BayesianPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=N_TOKENS, stage="target", posterior=posterior),
+    )
+    particles = PromptLibrary.from_adapters(base, {"posterior": posterior})
+    rows = examples_with_label(tiny, 7, seed=7)
+    ranking = particles.rank(target, rows, include_current=False, progress=False)
+    assert [name for name, _ in ranking][0] == "posterior/particle-1"
+    particles.initialize(target, ranking[0][0])
+    encoder = target.prompt_encoder["default"]
+    assert torch.equal(encoder.embedding.weight.detach(), entries["sevens"].prompt)
+    mean = torch.stack([entries[name].prompt for name in ("fives", "sevens", "fresh")]).mean(0)
+    torch.testing.assert_close(encoder.mean(), mean)
+    with torch.no_grad():  # the start is the particle's: the target's loss is the particle's score
+        loss = target(**PromptLibrary_batch(rows)).loss.item()
+    assert loss == pytest.approx(ranking[0][1], rel=1e-5)
+
+
 def test_bad_input_gets_a_clear_error(tmp_path):
     tiny = TINY_MODELS["llama"]
     library = PromptLibrary.from_adapters(tiny.saved(tmp_path), {"a": prompt_tuning(tiny, tmp_path)})
