@@ -125,7 +125,7 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
             the paper's "prompts sampled from the posterior"), or `"sample"` (a draw from the Gaussian with the
             particles' mean and per-entry variance). The default departs from the paper so that the start does not
             depend on a draw: on SmolLM2 a target from one particle showed no accuracy difference from one from the
-            mean (docs/evidence.md#smollm2-claim-2). Better than either: the particle that fits the target, which
+            mean (docs/evidence.md#smollm2-claim-2). Better than the mean: the particle that fits the target, which
             needs the target's examples and so is not a config value. Rank the posterior's particles with
             [`PromptLibrary`] and `initialize` the target from the first (docs/methods/bayesian.md, "Start from the
             best particle"); on SmolLM2 it beat the mean by 5 to 18 points on three of four unseen targets
@@ -192,7 +192,7 @@ class BayesianPromptConfig(TransferPromptLearningConfig):
         metadata={
             "help": "Target stage: 'mean' (default: the particles' mean; departs from the paper, no accuracy "
             "difference measured), 'particle:random' (the paper's: one particle drawn), 'particle:<k>' or 'sample'. "
-            "Better on SmolLM2 than all of them: the particle PromptLibrary.rank puts first on the target's examples "
+            "Better than 'mean' on SmolLM2: the particle PromptLibrary.rank puts first on the target's examples "
             "(docs/methods/bayesian.md#start-from-the-best-particle)."
         },
     )
