@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,48 @@ def test_a_source_stage_killed_mid_training_resumes_from_its_checkpoint_and_ends
     assert resumed.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(resumed[name], reference[name])
+
+
+def test_a_transfer_run_records_which_build_of_its_source_stage_it_started_from(tmp_path, monkeypatch):
+    """Two builds of one source stage share a folder name; the digest of the weights tells them apart."""
+    from safetensors.torch import save_file
+
+    from benchmarks.core import runner
+    from benchmarks.core.models import CACHE_ENV
+    from benchmarks.core.sources import stage_weights_digest
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    spec = RunSpec("library_best", "smollm2", ("mr",), 13, 1e-2, 4, sources=("sst2", "cola"))
+    folder = source_stage(spec).folder()
+
+    def build(seed: int) -> str:
+        for task in spec.sources:
+            (folder / task).mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(seed)
+            save_file({"prompt_embeddings": torch.randn(4, 8)}, folder / task / "adapter_model.safetensors")
+            (folder / task / "README.md").write_text(f"built with seed {seed}")  # not weights: not digested
+        return stage_weights_digest(folder)
+
+    first = build(0)
+    assert build(0) == first and len(first) == 12  # the same weights, the same digest
+    second = build(1)
+    assert second != first
+
+    class StubBackbone:
+        def base_model(self, num_labels, seed):
+            return None
+
+    ranking = {"ranking": [["sst2", 0.4]]}
+    monkeypatch.setitem(
+        runner.METHODS, "library_best", replace(runner.METHODS["library_best"], build=lambda *args: ("model", ranking))
+    )
+    model, details = runner.build_model(StubBackbone(), spec, train_set=None)
+    assert details == {"ranking": [["sst2", 0.4]], "source_weights": second}
+    baseline = RunSpec("prompt_tuning", "smollm2", ("mr",), 13, 1e-2, 4)  # no source stage, nothing to name
+    monkeypatch.setitem(
+        runner.METHODS, "prompt_tuning", replace(runner.METHODS["prompt_tuning"], build=lambda *args: ("model", {}))
+    )
+    assert runner.build_model(StubBackbone(), baseline, train_set=None) == ("model", {})
 
 
 def test_full_suite_covers_every_claim_method_and_seed():

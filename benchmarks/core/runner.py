@@ -14,8 +14,8 @@ from peft import get_peft_model
 
 import peft_prompt_transfer as ppt
 from benchmarks.core.backbone import Backbone
-from benchmarks.core.methods import METHODS
-from benchmarks.core.sources import label_offsets, num_labels
+from benchmarks.core.methods import METHODS, source_stage
+from benchmarks.core.sources import label_offsets, num_labels, stage_weights_digest
 from benchmarks.core.specs import FULL_DATA_DEV_EXAMPLES, RunSpec
 from benchmarks.core.tasks import TASKS, load_split
 from benchmarks.core.training import train
@@ -50,12 +50,17 @@ def evaluation_set(task: str, spec: RunSpec):
 
 
 def build_model(backbone: Backbone, spec: RunSpec, train_set) -> tuple:
-    """The model of a run on one task, with any transfer initialisation applied. Returns (model, details)."""
+    """The model of a run on one task, with any transfer initialisation applied. Returns (model, details); a
+    transfer method's details name the build of the source stage it started from (`stage_weights_digest`)."""
     method = METHODS[spec.method]
     if method.build is None:
         raise ValueError(f"{spec.method!r} trains several tasks together; it has no single-task model")
     base = backbone.base_model(TASKS[spec.tasks[0]].num_labels, spec.seed)
-    return method.build(backbone, spec, base, train_set)
+    model, details = method.build(backbone, spec, base, train_set)
+    stage = source_stage(spec)
+    if stage is not None:
+        details = {**details, "source_weights": stage_weights_digest(stage.folder())}
+    return model, details
 
 
 def score(record: dict, backbone: Backbone, model, task: str, spec: RunSpec, dev, **kwargs) -> None:

@@ -3,6 +3,7 @@ every target run that transfers from them (`SourceSpec` says which stage, `ensur
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -44,6 +45,19 @@ def source_data(backbone: Backbone, source: SourceSpec, multitask: bool) -> dict
         seen = full.select(range(min(source.steps * source.batch_size, len(full))))
         data[task] = backbone.encode(seen, task, train=True, label_offset=offset)
     return data
+
+
+def stage_weights_digest(folder: Path) -> str:
+    """A digest of a built source stage's weights (every `*.safetensors` file under `folder`, with its path).
+
+    A stage's folder is named by its spec, so a stage trained again (after a lost cache) keeps the name, yet its
+    weights can differ from the first build's (SVGD compounds float rounding over its steps): a run records this
+    digest to say which build it started from."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def ensure_source(backbone: Backbone, source: SourceSpec) -> Path:
